@@ -1,0 +1,237 @@
+"""Map-style paired dataset, batch collation with presence masks, and rank-aware sampling.
+
+Bad items travel inside the batch (``batch["bad"]``) and are tallied by a :class:`BadItemLog`
+owned by the run, so counts are right with any number of workers and no global state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from modalign.data.decode import BadItem
+from modalign.data.manifest import Manifest, ManifestRow
+from modalign.data.modality import ModalitySpec
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class BadRecord:
+    item: str  # "<manifest>:<line>" or a shard key
+    modality: str
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.item} [{self.modality}] {self.reason}{detail}"
+
+
+@dataclass
+class BadItemLog:
+    """Counts of skipped items by reason, with the first few examples; warnings rate-limited."""
+
+    max_examples: int = 5
+    max_warnings: int = 10
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    _warned: int = 0
+
+    def add(self, records: Sequence[BadRecord]) -> None:
+        for rec in records:
+            self.counts[rec.reason] += 1
+            if len(self.examples) < self.max_examples:
+                self.examples.append(str(rec))
+            if self._warned < self.max_warnings:
+                self._warned += 1
+                suffix = (
+                    " (further bad items are only counted)"
+                    if self._warned == self.max_warnings
+                    else ""
+                )
+                log.warning("skipping bad item: %s%s", rec, suffix)
+
+    def add_counts(self, counts: Mapping[str, int], examples: Sequence[str] = ()) -> None:
+        self.counts.update(counts)
+        self.examples.extend(list(examples)[: max(0, self.max_examples - len(self.examples))])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no bad items"
+        reasons = ", ".join(f"{k}={v}" for k, v in self.counts.most_common())
+        first = "; ".join(self.examples)
+        return f"{self.total} bad items skipped ({reasons}); first: {first}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bad": self.total,
+            "bad_by_reason": dict(self.counts),
+            "examples": list(self.examples),
+        }
+
+
+class PairedDataset(Dataset):
+    """Rows of a manifest decoded into ``{modality: value}`` samples.
+
+    Index ``epoch * len(self) + i`` decodes row ``i`` with augmentation randomness seeded by
+    (seed, epoch, i), so results do not depend on worker count or order.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[ManifestRow],
+        modalities: Mapping[str, ModalitySpec],
+        train: bool = False,
+        seed: int = 0,
+        source: str = "",
+    ) -> None:
+        self.rows = list(rows)
+        self.modalities = dict(modalities)
+        self.train = train
+        self.seed = seed
+        self.source = source
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: Manifest,
+        modalities: Mapping[str, ModalitySpec],
+        train: bool = False,
+        seed: int = 0,
+    ) -> PairedDataset:
+        return cls(manifest.rows, modalities, train=train, seed=seed, source=str(manifest.path))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, i = divmod(int(index), len(self.rows))
+        row = self.rows[i]
+        rng = np.random.default_rng([self.seed, epoch, i])
+        sample: dict[str, Any] = {"id": row.id, "label": row.label, "index": i, "bad": []}
+        for name, spec in self.modalities.items():
+            if name not in row.values:
+                continue
+            try:
+                sample[name] = spec.load(row.values[name], self.train, rng)
+            except BadItem as exc:
+                where = f"{self.source}:{row.line}" if self.source else row.id
+                detail = exc.detail if spec.inline else row.values[name]
+                if exc.detail and exc.detail != detail:
+                    detail = f"{detail}: {exc.detail}"
+                sample["bad"].append(BadRecord(where, name, exc.reason, detail))
+        return sample
+
+
+class Collate:
+    """List of samples -> batch dict with stacked tensors and ``present`` masks.
+
+    Samples left with no modality after decoding are dropped (their bad records are kept).
+    """
+
+    def __init__(self, modalities: Mapping[str, ModalitySpec]) -> None:
+        self.modalities = dict(modalities)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        bad = [rec for s in samples for rec in s["bad"]]
+        kept = [s for s in samples if any(m in s for m in self.modalities)]
+        batch: Batch = {
+            "id": [s["id"] for s in kept],
+            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+            "label": [s["label"] for s in kept],
+            "present": {},
+            "bad": bad,
+        }
+        for name, spec in self.modalities.items():
+            mask = [name in s for s in kept]
+            if not any(mask):
+                continue
+            batch[name] = spec.collate([s[name] if name in s else spec.placeholder for s in kept])
+            batch["present"][name] = torch.tensor(mask, dtype=torch.bool)
+        return batch
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Global batches from a (seed, epoch) permutation, split contiguously across ranks.
+
+    Global batch ``b`` is ``perm[b*G:(b+1)*G]`` with ``G = batch_size * world_size``; rank ``r``
+    takes its ``batch_size`` slice, so gathering the ranks' features in rank order reproduces the
+    single-process batch exactly. Incomplete global batches are dropped (contrastive batches need
+    equal sizes on every rank). Indices are ``epoch * n + i`` (see :class:`PairedDataset`).
+    ``start_batch`` resumes mid-epoch without repeating or skipping data.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        epoch: int = 0,
+        start_batch: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.n, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world_size
+        self.seed, self.shuffle, self.epoch, self.start_batch = seed, shuffle, epoch, start_batch
+        self.drop_last = drop_last
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.n, self.global_batch)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=gen)
+        else:
+            perm = torch.arange(self.n)
+        offset = self.epoch * self.n
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            lo = b * self.global_batch + self.rank * self.batch_size
+            chunk = perm[lo : min(lo + self.batch_size, self.n)]
+            yield [offset + int(i) for i in chunk]
+
+
+def make_loader(
+    dataset: PairedDataset,
+    sampler: EpochBatchSampler | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> DataLoader:
+    """DataLoader over a paired dataset; without a sampler, items in order (evaluation)."""
+    collate = Collate(dataset.modalities)
+    if sampler is None:
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        pin_memory=False,
+    )

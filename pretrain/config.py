@@ -1,0 +1,108 @@
+"""Pretraining configuration sections: model, loss, optim, train, output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from modalign.data.config import DataConfig
+
+
+@dataclass
+class TowerConfig:
+    """One modality's tower. ``kind`` names a registered tower builder (see ``towers.py``)."""
+
+    kind: str = "timm_image"
+    arch: str = "resnet18"  # timm model name, or sentence-transformers path ("" = bundled MiniLM)
+    weights: str = (
+        ""  # local weights file (.safetensors or timm/torch checkpoint); "" = from scratch
+    )
+    lock: Literal["none", "all", "partial"] = "none"  # "partial": LiT-style, last groups train
+    unlocked_groups: int = 0
+    input_size: int = 224  # image side in pixels (image towers)
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    head: Literal["linear", "mlp"] = "linear"
+    grad_checkpointing: bool = False
+
+
+def _default_towers() -> dict[str, TowerConfig]:
+    return {
+        "image": TowerConfig(kind="timm_image", arch="resnet18"),
+        "audio": TowerConfig(kind="timm_audio", arch="resnet18", in_chans=1),
+        "text": TowerConfig(kind="sentence_transformer", arch="", lock="all"),
+    }
+
+
+@dataclass
+class ModelConfig:
+    modalities: list[str] = field(default_factory=lambda: ["image", "audio", "text"])
+    embed_dim: int = 256
+    towers: dict[str, TowerConfig] = field(default_factory=_default_towers)
+
+    def __post_init__(self) -> None:
+        missing = [m for m in self.modalities if m not in self.towers]
+        if missing:
+            raise ValueError(
+                f"model.modalities lists {missing} but model.towers has no entry for it; "
+                f"towers defined: {sorted(self.towers)}"
+            )
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["infonce", "siglip"] = "infonce"
+    pairs: Literal["all", "anchor"] = "all"  # "anchor": bind every modality to `anchor` (ImageBind)
+    anchor: str = "image"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+    siglip_init_scale: float = 10.0
+    siglip_init_bias: float = -10.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    decay_steps: int = 0  # cosine horizon in steps (independent of train.steps); 0 = no decay
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # per process (as in open_clip and Accelerate)
+    accum_steps: int = 1  # exact large-batch contrastive gradient over accum_steps micro-batches
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    val_every: int = 0  # steps between validation retrieval runs (needs data.val); 0 = off
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    compile: bool = False
+    deterministic: bool = False
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/pretrain"
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,110 @@
+"""The multimodal encoder (towers -> projection -> shared space) and the contrastive task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.data.config import DataConfig
+from modalign.data.modality import ImagePreset
+from modalign.pretrain.config import ModelConfig
+from modalign.pretrain.losses import ContrastiveLoss, LossOutput
+from modalign.pretrain.towers import TowerBuilder, build_tower, default_tower_builders, is_frozen
+
+
+def projection_head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+    return nn.Linear(in_dim, out_dim)
+
+
+class MultimodalEncoder(nn.Module):
+    """Per-modality preprocessor -> trunk -> head -> L2 normalisation, keyed by modality name.
+
+    ``encoder({"image": x, "text": ["a cat"]})`` -> ``{"image": (B, D), "text": (1, D)}``.
+    """
+
+    def __init__(
+        self, parts: Mapping[str, Any], embed_dim: int, head_kinds: Mapping[str, str]
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.preprocessors = nn.ModuleDict({m: p.preprocessor for m, p in parts.items()})
+        self.trunks = nn.ModuleDict({m: p.trunk for m, p in parts.items()})
+        self.heads = nn.ModuleDict(
+            {
+                m: projection_head(p.out_dim, embed_dim, head_kinds.get(m, "linear"))
+                for m, p in parts.items()
+            }
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.trunks.keys())
+
+    def train(self, mode: bool = True) -> MultimodalEncoder:
+        super().train(mode)
+        for trunk in self.trunks.values():
+            if is_frozen(trunk):
+                trunk.eval()
+        return self
+
+    def encode(self, modality: str, value: Any) -> torch.Tensor:
+        x = self.preprocessors[modality](value)
+        x = self.trunks[modality](x)
+        return F.normalize(
+            self.heads[modality](x.float() if x.dtype == torch.float64 else x), dim=-1
+        )
+
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {m: self.encode(m, inputs[m]) for m in self.modalities if m in inputs}
+
+
+@dataclass
+class BuiltModel:
+    encoder: MultimodalEncoder
+    image_preset: ImagePreset | None
+    external: dict[str, str] = field(default_factory=dict)
+
+
+def build_encoder(
+    cfg: ModelConfig, data_cfg: DataConfig, builders: Mapping[str, TowerBuilder] | None = None
+) -> BuiltModel:
+    """Build towers for ``cfg.modalities`` with the given (or default) tower builders."""
+    builders = dict(builders or default_tower_builders())
+    parts = {m: build_tower(m, cfg.towers[m], data_cfg, builders) for m in cfg.modalities}
+    encoder = MultimodalEncoder(parts, cfg.embed_dim, {m: cfg.towers[m].head for m in parts})
+    preset = next((p.image_preset for p in parts.values() if p.image_preset is not None), None)
+    external = {k: v for p in parts.values() for k, v in p.external.items()}
+    return BuiltModel(encoder, preset, external)
+
+
+@dataclass
+class TaskOutput:
+    loss: LossOutput
+    features: dict[str, torch.Tensor]
+
+
+class ContrastiveTask(nn.Module):
+    """Owns the encoder and the loss; ``batch_keys`` are the batch entries it reads."""
+
+    def __init__(self, encoder: MultimodalEncoder, loss: ContrastiveLoss) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.loss = loss
+
+    @property
+    def batch_keys(self) -> list[str]:
+        return [*self.encoder.modalities, "present"]
+
+    def forward(self, batch: Mapping[str, Any], features_only: bool = False) -> Any:
+        inputs = {m: batch[m] for m in self.encoder.modalities if m in batch}
+        features = self.encoder(inputs)
+        if features_only:
+            return features
+        return TaskOutput(self.loss(features, batch["present"]), features)

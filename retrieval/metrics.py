@@ -1,0 +1,266 @@
+"""Retrieval evaluation on embeddings (recall@k, mAP, ranks), memory bounded.
+
+Scores are inner products, so callers pass L2-normalised embeddings to get cosine similarity.
+A gallery item is a *positive* for a query iff their groups are equal; choose the groups to
+express the task:
+
+* class-level retrieval: group = class label;
+* instance-level retrieval: group = item id;
+* several captions per image: group = image id of each caption / image.
+
+Ties are broken deterministically and pessimistically: among gallery items with the same score,
+every negative ranks ahead of every positive. A degenerate model (e.g. a constant embedding) thus
+gets the worst possible ranks, never a lucky draw from sort order.
+
+Queries are processed in chunks of ``chunk_size`` rows, so peak memory is about
+``chunk_size * N`` scores plus the ``N * D`` gallery, never the full ``Q * N`` score matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from modalign.data.errors import UserInputError
+
+__all__ = ["NoPositivesError", "RetrievalMetrics", "retrieval_metrics"]
+
+# Rows of one group are ranked in blocks so the (rows, positives) and (rows, N) temporaries stay
+# a few tens of MB even when one group holds most of the gallery.
+_BLOCK_ELEMS = 1 << 22
+
+
+class NoPositivesError(UserInputError):
+    """No query has a positive in the gallery, so no metric can be computed."""
+
+
+@dataclass
+class RetrievalMetrics:
+    """Retrieval quality of one query set against one gallery.
+
+    Attributes:
+        recall: ``{k: fraction of queries with at least one positive in the top k}``.
+        precision_at_1: fraction of queries whose top-1 item is a positive (= recall@1).
+        map: mean over queries of average precision over the full ranking of the gallery.
+        median_rank: median 1-based rank of the first positive.
+        mean_rank: mean 1-based rank of the first positive.
+        queries: number of queries evaluated.
+        skipped: number of queries skipped because they have no positive in the gallery.
+    """
+
+    recall: dict[int, float]
+    precision_at_1: float
+    map: float
+    median_rank: float
+    mean_rank: float
+    queries: int
+    skipped: int = 0
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Flat JSON-ready dict: ``recall@K`` per k, ``map``, ranks and ``queries``."""
+        out: dict[str, float | int] = {f"recall@{k}": v for k, v in sorted(self.recall.items())}
+        out["map"] = self.map
+        out["median_rank"] = self.median_rank
+        out["mean_rank"] = self.mean_rank
+        out["queries"] = self.queries
+        return out
+
+
+@dataclass
+class _ChunkStats:
+    """Per-query results of one chunk (only for queries that have a positive)."""
+
+    first_rank: np.ndarray  # (q,) int64, 1-based
+    ap: np.ndarray  # (q,) float64
+    skipped: int
+
+
+def retrieval_metrics(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    query_groups: np.ndarray,
+    gallery_groups: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+    exclude: np.ndarray | None = None,
+) -> RetrievalMetrics:
+    """Rank the gallery for every query by inner product and score the rankings.
+
+    Args:
+        queries: ``(Q, D)`` query embeddings (L2-normalised by the caller for cosine).
+        gallery: ``(N, D)`` gallery embeddings.
+        query_groups: ``(Q,)`` int group of each query.
+        gallery_groups: ``(N,)`` int group of each gallery item; equal groups = positive.
+        ks: cut-offs for recall@k.
+        chunk_size: queries scored at once; peak memory is about ``chunk_size * N * 4`` bytes.
+        exclude: optional ``(Q,)`` gallery index to drop from each query's ranking (``-1`` =
+            none), e.g. the query itself in same-modality retrieval.
+
+    Returns:
+        :class:`RetrievalMetrics`. Queries without any positive are skipped and counted.
+
+    Raises:
+        UserInputError: on bad shapes, non-finite values or bad arguments.
+        NoPositivesError: when no query has a positive.
+    """
+    q, g, qg, gg, ex = _validate(queries, gallery, query_groups, gallery_groups, exclude)
+    ks = _validate_ks(ks)
+    if chunk_size < 1:
+        raise UserInputError(f"chunk_size must be >= 1, got {chunk_size}")
+    positives = _group_index(gg)
+    gallery_t = torch.from_numpy(g)
+    parts = [
+        _score_chunk(q[s:e], gallery_t, qg[s:e], ex[s:e], positives)
+        for s, e in _chunks(len(q), chunk_size)
+    ]
+    return _summarise(parts, ks)
+
+
+def _validate(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    query_groups: np.ndarray,
+    gallery_groups: np.ndarray,
+    exclude: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    q = _as_matrix(queries, "queries")
+    g = _as_matrix(gallery, "gallery")
+    if q.shape[1] != g.shape[1]:
+        raise UserInputError(
+            f"queries have dimension {q.shape[1]} but gallery has dimension {g.shape[1]}"
+        )
+    qg = _as_vector(query_groups, len(q), "query_groups")
+    gg = _as_vector(gallery_groups, len(g), "gallery_groups")
+    if exclude is None:
+        ex = np.full(len(q), -1, dtype=np.int64)
+    else:
+        ex = _as_vector(exclude, len(q), "exclude")
+        if ex.min() < -1 or ex.max() >= len(g):
+            raise UserInputError(f"exclude must hold gallery indices in [-1, {len(g) - 1}]")
+    return q, g, qg, gg, ex
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise UserInputError(f"{name} must be a non-empty (rows, dim) array, got shape {x.shape}")
+    # float32 halves memory and matches what encoders produce; copy only when needed
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UserInputError(f"{name} contain NaN or infinite values")
+    return x
+
+
+def _as_vector(x: np.ndarray, length: int, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.shape != (length,):
+        raise UserInputError(f"{name} must have shape ({length},), got {x.shape}")
+    if not np.issubdtype(x.dtype, np.integer):
+        raise UserInputError(f"{name} must be integers, got dtype {x.dtype}")
+    return x.astype(np.int64, copy=False)
+
+
+def _validate_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(sorted({int(k) for k in ks}))
+    if not out or out[0] < 1:
+        raise UserInputError(f"ks must be positive integers, got {list(ks)}")
+    return out
+
+
+def _group_index(gallery_groups: np.ndarray) -> dict[int, np.ndarray]:
+    """Map each group to the sorted gallery indices of its members."""
+    order = np.argsort(gallery_groups, kind="stable")
+    groups, starts = np.unique(gallery_groups[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {int(gr): order[s:e] for gr, s, e in zip(groups, starts, ends)}
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _score_chunk(
+    queries: np.ndarray,
+    gallery: torch.Tensor,
+    query_groups: np.ndarray,
+    exclude: np.ndarray,
+    positives: dict[int, np.ndarray],
+) -> _ChunkStats:
+    scores = (torch.from_numpy(queries) @ gallery.T).numpy()
+    rows = np.flatnonzero(exclude >= 0)
+    # -inf sits below every finite score, so an excluded item never outranks a positive
+    scores[rows, exclude[rows]] = -np.inf
+    # ascending sorted rows give "how many items score >= s" by one binary search
+    sorted_scores = torch.from_numpy(np.sort(scores, axis=1))
+    first, ap = [], []
+    skipped = 0
+    for group in np.unique(query_groups):
+        members = np.flatnonzero(query_groups == group)
+        pos = positives.get(int(group))
+        if pos is None:
+            skipped += len(members)
+            continue
+        step = max(1, _BLOCK_ELEMS // max(len(pos), scores.shape[1] // 4))
+        for start in range(0, len(members), step):
+            rows = members[start : start + step]
+            fr, a = _rank_positives(scores, sorted_scores, rows, pos, exclude)
+            skipped += len(rows) - len(fr)
+            first.append(fr)
+            ap.append(a)
+    return _ChunkStats(_cat(first, np.int64), _cat(ap, np.float64), skipped)
+
+
+def _rank_positives(
+    scores: np.ndarray,
+    sorted_scores: torch.Tensor,
+    rows: np.ndarray,
+    pos: np.ndarray,
+    exclude: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """First-positive rank and AP for query ``rows`` that share the positive set ``pos``.
+
+    With positives sorted by descending score ``a_1 >= ... >= a_P``, the pessimistic rank of the
+    i-th positive is ``i + #negatives(score >= a_i)``, and
+    ``#negatives(score >= a) = #all(score >= a) - #positives(score >= a)``.
+    """
+    n = scores.shape[1]
+    pos_scores = np.sort(scores[np.ix_(rows, pos)], axis=1)  # ascending
+    n_pos = len(pos) - np.isin(exclude[rows], pos).astype(np.int64)
+    desc = torch.from_numpy(pos_scores[:, ::-1].copy())
+    all_ge = n - torch.searchsorted(sorted_scores[torch.from_numpy(rows)], desc).numpy()
+    pos_ge = len(pos) - torch.searchsorted(torch.from_numpy(pos_scores), desc).numpy()
+    i = np.arange(1, len(pos) + 1)
+    ranks = i + all_ge - pos_ge
+    # an excluded positive (-inf) sorts last; mask it out of the AP sum
+    valid = i[None, :] <= n_pos[:, None]
+    ap_sum = np.where(valid, i / ranks, 0.0).sum(axis=1)
+    keep = n_pos > 0
+    return ranks[keep, 0].astype(np.int64), ap_sum[keep] / n_pos[keep]
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def _summarise(parts: list[_ChunkStats], ks: tuple[int, ...]) -> RetrievalMetrics:
+    first = np.concatenate([p.first_rank for p in parts])
+    ap = np.concatenate([p.ap for p in parts])
+    skipped = sum(p.skipped for p in parts)
+    if len(first) == 0:
+        raise NoPositivesError(
+            f"none of the {skipped} queries has a positive in the gallery: check that query "
+            "and gallery groups (labels / ids) refer to the same items"
+        )
+    return RetrievalMetrics(
+        recall={k: float(np.mean(first <= k)) for k in ks},
+        precision_at_1=float(np.mean(first <= 1)),
+        map=float(np.mean(ap)),
+        median_rank=float(np.median(first)),
+        mean_rank=float(np.mean(first)),
+        queries=len(first),
+        skipped=skipped,
+    )

@@ -233,11 +233,11 @@ class SpeechSynthesizer:
         self._tmpdir, self._lib_path = self._private_copy(src)
         self._finalizer = weakref.finalize(self, _remove_dir, self._tmpdir)
         try:
-            lib = self._load()
+            lib, voice_table = self._load()
             try:
                 self.sample_rate: int = lib.espeak_ng_GetSampleRate()
             finally:
-                self._unload(lib)
+                self._unload(lib, voice_table)
         except BaseException:
             self._finalizer()
             raise
@@ -277,8 +277,8 @@ class SpeechSynthesizer:
             "directory (is it mounted noexec?): " + "; ".join(errors)
         )
 
-    def _load(self) -> ctypes.CDLL:
-        """Load and initialise a pristine library image."""
+    def _load(self) -> tuple[ctypes.CDLL, int | None]:
+        """Load and initialise a pristine library image; returns it and its voice table."""
         lib = ctypes.CDLL(self._lib_path)
         try:
             _declare(lib)
@@ -301,19 +301,18 @@ class SpeechSynthesizer:
             lib.espeak_SetSynthCallback(self._callback)
             # Build the voice table now (espeak_SetVoiceByName would do it anyway): this call
             # returns the table's address, which espeak_Terminate never frees, see _unload.
-            lib._modalign_voice_table = lib.espeak_ListVoices(None)
+            voice_table = lib.espeak_ListVoices(None)
         except BaseException:
             _dlclose(lib)
             raise
-        return lib
+        return lib, voice_table
 
-    def _unload(self, lib: ctypes.CDLL) -> None:
-        """Terminate eSpeak, free what it leaks, and unload the image."""
+    def _unload(self, lib: ctypes.CDLL, voice_table: int | None) -> None:
+        """Terminate eSpeak, free the voice table it leaks, and unload the image."""
         try:
             lib.espeak_Terminate()
-            table = getattr(lib, "_modalign_voice_table", None)
-            if table and self._free is not None:
-                self._free(table)
+            if voice_table and self._free is not None:
+                self._free(voice_table)
         finally:
             _dlclose(lib)
 
@@ -373,7 +372,7 @@ class SpeechSynthesizer:
         with self._lock:
             if not self._finalizer.alive:
                 raise RuntimeError("SpeechSynthesizer is closed")
-            lib = self._load()
+            lib, voice_table = self._load()
             try:
                 if lib.espeak_SetVoiceByName(voice.encode("utf-8")) != _EE_OK:
                     raise SpeechInputError(
@@ -400,8 +399,8 @@ class SpeechSynthesizer:
                 pcm = b"".join(self._chunks)
             finally:
                 self._chunks.clear()
-                self._unload(lib)
-        return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+                self._unload(lib, voice_table)
+        return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / np.float32(32768.0)
 
     def close(self) -> None:
         """Delete the private library copy. Idempotent; later synthesize() calls raise."""

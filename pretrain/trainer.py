@@ -18,6 +18,7 @@ from modalign.data.dataset import BadItemLog, Batch, PairedDataset
 from modalign.data.errors import DataError, ModalignError
 from modalign.data.manifest import read_manifest
 from modalign.data.modality import ModalitySpec, default_modalities
+from modalign.data.stream import BatchStream
 from modalign.pretrain import checkpoint as ckpt
 from modalign.pretrain.bundle import encoder_state, save_bundle
 from modalign.pretrain.config import PretrainConfig

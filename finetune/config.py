@@ -27,7 +27,11 @@ class FinetuneConfig:
         ]
     )
     threshold: float = 0.5  # min pseudo-label confidence kept
+    zero_shot_temperature: float = 0.02
+    knn_k: int = 10
+    knn_iterations: int = 100
     balance: bool = True
+    balance_ratio: float = 1.5  # a class keeps at most ratio x the smallest class's count
     rounds: int = 1
     head: Literal["concat", "late", "gated", "transformer", "lowrank"] = "late"
     hidden: int = 256

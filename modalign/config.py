@@ -34,7 +34,7 @@ def builtin_configs() -> list[str]:
 def read_config_tree(name_or_path: str) -> dict[str, Any]:
     """YAML path, or the name of a built-in config -> raw mapping."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(
                 f"config file {name_or_path!r} not found; built-in configs: {', '.join(builtin_configs())}"

@@ -1,0 +1,153 @@
+"""A searchable corpus: one FAISS index per modality + item map + model fingerprint.
+
+Directory layout::
+
+    DIR/index.json      {"format": "modalign.corpus-index", "fingerprint", "model", "modalities", "dim"}
+    DIR/items.jsonl     {"id", "modality", "value" (path or text), "label"} per indexed vector
+    DIR/<modality>/     a saved :class:`~modalign.retrieval.index.VectorIndex`
+
+The whole directory is written next to the target and swapped in, so a half-written index
+never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modalign.data.errors import UserInputError
+from modalign.pretrain.checkpoint import atomic_dir
+from modalign.retrieval.embed import Embeddings
+from modalign.retrieval.index import VectorIndex
+
+FORMAT = "modalign.corpus-index"
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    modality: str
+    value: str
+    label: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        key = "text" if self.modality == "text" else "path"
+        out = {"id": self.id, "score": self.score, "modality": self.modality, key: self.value}
+        if self.label is not None:
+            out["label"] = self.label
+        return out
+
+
+def build_corpus_index(
+    emb: Mapping[str, Embeddings],
+    out_dir: str | Path,
+    fingerprint: str,
+    model_path: str = "",
+    factory: str = "auto",
+    device: str = "cpu",
+    memory_budget_bytes: int | None = None,
+    target_recall: float = 0.95,
+) -> dict[str, Any]:
+    """Index every modality in ``emb`` and save atomically; returns build stats per modality."""
+    out = Path(out_dir)
+    stats: dict[str, Any] = {}
+    with atomic_dir(out) as tmp:
+        items = []
+        for m, e in sorted(emb.items()):
+            index = VectorIndex.build(
+                e.vectors,
+                [f"{m}:{i}" for i in e.ids],
+                factory=factory,
+                device=device,
+                fingerprint=fingerprint,
+                memory_budget_bytes=memory_budget_bytes,
+                target_recall=target_recall,
+            )
+            index.save(tmp / m)
+            stats[m] = {"items": len(e), "factory": index.factory, **index.stats.__dict__}
+            items.extend(
+                {"id": i, "modality": m, "value": v, "label": lab}
+                for i, v, lab in zip(e.ids, e.values, e.labels)
+            )
+        (tmp / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+        dim = next(iter(emb.values())).vectors.shape[1]
+        meta = {
+            "format": FORMAT,
+            "fingerprint": fingerprint,
+            "model": model_path,
+            "modalities": sorted(emb),
+            "dim": dim,
+        }
+        (tmp / "index.json").write_text(json.dumps({**meta, "build": stats}, indent=2))
+    return stats
+
+
+class CorpusIndex:
+    """Load with :meth:`open`; :meth:`search` takes query vectors of one modality."""
+
+    def __init__(
+        self,
+        root: Path,
+        meta: dict[str, Any],
+        indexes: dict[str, VectorIndex],
+        items: dict[tuple[str, str], dict],
+    ) -> None:
+        self.root, self.meta, self.indexes, self.items = root, meta, indexes, items
+
+    @classmethod
+    def open(cls, directory: str | Path, expected_fingerprint: str | None = None) -> CorpusIndex:
+        root = Path(directory)
+        meta_file = root / "index.json"
+        if not meta_file.is_file():
+            raise UserInputError(
+                f"{root}: not a modalign index (no index.json); build one with `modalign index build`"
+            )
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserInputError(
+                f"{meta_file}: corrupt index metadata ({exc}); rebuild the index"
+            ) from None
+        if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+            raise UserInputError(
+                f"{root}: built with model {meta.get('fingerprint')}, but the query model is "
+                f"{expected_fingerprint}; rebuild the index with this model"
+            )
+        indexes = {
+            m: VectorIndex.load(root / m, expected_fingerprint=meta.get("fingerprint"))
+            for m in meta["modalities"]
+        }
+        items = {}
+        with (root / "items.jsonl").open(encoding="utf-8") as fh:
+            for line in fh:
+                r = json.loads(line)
+                items[(r["modality"], r["id"])] = r
+        return cls(root, meta, indexes, items)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.meta["modalities"])
+
+    def search(
+        self, vectors: np.ndarray, k: int = 10, targets: Sequence[str] | None = None
+    ) -> list[list[Hit]]:
+        """Top-k hits per query over the target modalities, merged by score."""
+        targets = list(targets or self.modalities)
+        unknown = [t for t in targets if t not in self.indexes]
+        if unknown:
+            raise UserInputError(f"the index has no {unknown} vectors; it has {self.modalities}")
+        per_query: list[list[Hit]] = [[] for _ in range(len(np.atleast_2d(vectors)))]
+        for m in targets:
+            res = self.indexes[m].search(vectors, k)
+            for q, (scores, ids) in enumerate(zip(res.scores, res.ids)):
+                for s, full_id in zip(scores, ids):
+                    item_id = full_id.split(":", 1)[1]
+                    r = self.items[(m, item_id)]
+                    per_query[q].append(Hit(item_id, float(s), m, r["value"], r.get("label")))
+        return [sorted(h, key=lambda x: -x.score)[:k] for h in per_query]

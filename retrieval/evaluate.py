@@ -1,0 +1,63 @@
+"""Cross-modal retrieval evaluation for every ordered modality pair of a corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from modalign.retrieval.embed import Embeddings
+from modalign.retrieval.metrics import retrieval_metrics
+
+Level = Literal["auto", "class", "instance"]
+
+
+def positive_groups(
+    emb: Mapping[str, Embeddings], level: Level = "auto"
+) -> tuple[dict[str, np.ndarray], str]:
+    """Integer group per item: its class (labels) or its item id (instance-level).
+
+    ``auto`` uses classes when every item has a label, else item ids.
+    """
+    labelled = all(lab is not None for e in emb.values() for lab in e.labels)
+    use_class = level == "class" or (level == "auto" and labelled)
+    if use_class and not labelled:
+        raise ValueError("class-level retrieval needs a label on every item")
+    keys = sorted(
+        {(lab if use_class else i) for e in emb.values() for lab, i in zip(e.labels, e.ids)},
+        key=str,
+    )
+    code = {k: n for n, k in enumerate(keys)}
+    groups = {
+        m: np.array(
+            [code[lab if use_class else i] for lab, i in zip(e.labels, e.ids)], dtype=np.int64
+        )
+        for m, e in emb.items()
+    }
+    return groups, "class" if use_class else "instance"
+
+
+def evaluate_pairs(
+    emb: Mapping[str, Embeddings],
+    level: Level = "auto",
+    ks: Sequence[int] = (1, 5, 10),
+    pairs: Sequence[tuple[str, str]] | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, Any]:
+    """Recall@K, mAP, median/mean rank for each ``query->gallery`` pair of modalities.
+
+    Returns the ``evaluate retrieval`` JSON shape: ``{"pairs": {"audio->image": {...}},
+    "queries": N, "level": "class"|"instance"}``.
+    """
+    groups, used = positive_groups(emb, level)
+    mods = sorted(emb)
+    pairs = pairs or [(q, g) for q in mods for g in mods if q != g]
+    result: dict[str, Any] = {"pairs": {}, "level": used}
+    for q, g in pairs:
+        metrics = retrieval_metrics(
+            emb[q].vectors, emb[g].vectors, groups[q], groups[g], ks=ks, chunk_size=chunk_size
+        )
+        result["pairs"][f"{q}->{g}"] = metrics.to_dict()
+    result["queries"] = len({i for e in emb.values() for i in e.ids})
+    return result

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORDS, tiny_overrides, write_tiny_corpus
 from modalign.cli import main
+
+from conftest import WORDS, tiny_overrides, write_tiny_corpus
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
@@ -40,62 +41,164 @@ def test_pretrain_writes_bundle_and_checkpoints(trained: tuple[Path, Path]) -> N
     assert meta["modalities"] == ["image", "audio", "text"] and meta["embed_dim"] == 16
 
 
-def test_evaluate_retrieval_json(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_retrieval_json(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest, out = trained
     res = run_json(capsys, ["evaluate", "retrieval", "--model", str(out), "--data", str(manifest)])
-    assert set(res["pairs"]) == {f"{a}->{b}" for a in ("audio", "image", "text") for b in ("audio", "image", "text") if a != b}
+    assert set(res["pairs"]) == {
+        f"{a}->{b}"
+        for a in ("audio", "image", "text")
+        for b in ("audio", "image", "text")
+        if a != b
+    }
     for metrics in res["pairs"].values():
         assert {"recall@1", "recall@5", "recall@10", "map", "median_rank"} <= set(metrics)
         assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1.0
     assert res["queries"] == 32 and res["level"] == "class"
 
 
-def test_index_and_search(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_index_and_search(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     manifest, out = trained
-    run_json(capsys, ["index", "build", "--model", str(out), "--data", str(manifest), "--out", str(tmp_path / "idx")])
-    res = run_json(capsys, ["search", "--index", str(tmp_path / "idx"), "--text", "the sound two", "-k", "4", "--target", "image"])
+    run_json(
+        capsys,
+        [
+            "index",
+            "build",
+            "--model",
+            str(out),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "idx"),
+        ],
+    )
+    res = run_json(
+        capsys,
+        [
+            "search",
+            "--index",
+            str(tmp_path / "idx"),
+            "--text",
+            "the sound two",
+            "-k",
+            "4",
+            "--target",
+            "image",
+        ],
+    )
     assert len(res["results"]) == 4
     assert all(r["modality"] == "image" and Path(r["path"]).is_file() for r in res["results"])
     scores = [r["score"] for r in res["results"]]
     assert scores == sorted(scores, reverse=True)
     img = manifest.parent / "img" / "3.png"
-    res = run_json(capsys, ["search", "--index", str(tmp_path / "idx"), "--image", str(img), "-k", "3"])
+    res = run_json(
+        capsys, ["search", "--index", str(tmp_path / "idx"), "--image", str(img), "-k", "3"]
+    )
     assert {r["modality"] for r in res["results"]} <= {"audio", "text"}
 
 
-def test_embed_shards_then_index(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_embed_shards_then_index(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     manifest, out = trained
-    res = run_json(capsys, ["embed", "--model", str(out), "--data", str(manifest), "--out", str(tmp_path / "emb"), "--shard-rows", "10"])
+    res = run_json(
+        capsys,
+        [
+            "embed",
+            "--model",
+            str(out),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "emb"),
+            "--shard-rows",
+            "10",
+        ],
+    )
     assert res["shards"] == 4 and res["written"] == 4
-    again = run_json(capsys, ["embed", "--model", str(out), "--data", str(manifest), "--out", str(tmp_path / "emb"), "--shard-rows", "10"])
+    again = run_json(
+        capsys,
+        [
+            "embed",
+            "--model",
+            str(out),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "emb"),
+            "--shard-rows",
+            "10",
+        ],
+    )
     assert again["written"] == 0 and again["already_done"] == 4  # resumable: finished shards kept
-    res = run_json(capsys, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx2")])
+    res = run_json(
+        capsys,
+        ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx2")],
+    )
     assert res["modalities"]["image"]["items"] == 32
 
 
-def test_finetune_and_classify(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_finetune_and_classify(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     manifest, out = trained
     test_manifest = write_tiny_corpus(tmp_path / "test", n=16, seed=1)
     clf = tmp_path / "clf"
     sets = [
-        f"finetune.model={out}", f"finetune.train={manifest}", f"finetune.test={test_manifest}", f"finetune.out={clf}",
-        f"finetune.class_names=[{', '.join(WORDS)}]", "finetune.labels_per_class=2", "finetune.epochs=5",
+        f"finetune.model={out}",
+        f"finetune.train={manifest}",
+        f"finetune.test={test_manifest}",
+        f"finetune.out={clf}",
+        f"finetune.class_names=[{', '.join(WORDS)}]",
+        "finetune.labels_per_class=2",
+        "finetune.epochs=5",
         "finetune.threshold=0.0",
     ]
     res = run_json(capsys, ["finetune", "demo", *[x for s in sets for x in ("--set", s)]])
     assert set(res["fused"]["by_subset"]) == {"audio+image", "audio", "image"}
     assert res["pseudo_labels"][0]["method"] == "zero_shot"
     assert 0 < res["pseudo_labels"][0]["num_selected"] <= 24
-    ev = run_json(capsys, ["evaluate", "classify", "--model", str(clf), "--data", str(test_manifest), "--drop", "audio"])
+    ev = run_json(
+        capsys,
+        [
+            "evaluate",
+            "classify",
+            "--model",
+            str(clf),
+            "--data",
+            str(test_manifest),
+            "--drop",
+            "audio",
+        ],
+    )
     assert set(ev["by_subset"]) == {"image"}
     assert {"accuracy", "macro_f1", "confusion"} <= set(ev)
     pred = run_json(capsys, ["predict", "--model", str(clf), "--data", str(test_manifest)])
     assert len(pred["predictions"]) == 16 and all(p["label"] in WORDS for p in pred["predictions"])
-    assert main(["evaluate", "classify", "--model", str(clf), "--data", str(test_manifest), "--drop", "depth"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "classify",
+                "--model",
+                str(clf),
+                "--data",
+                str(test_manifest),
+                "--drop",
+                "depth",
+            ]
+        )
+        == 2
+    )
     assert "never had that modality" in capsys.readouterr().err
 
 
-def test_usage_and_input_errors_exit_2(tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_and_input_errors_exit_2(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["pretrain", "demo", "--set", "train.stepz=1"]) == 2
     assert "train.stepz" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
@@ -104,7 +207,9 @@ def test_usage_and_input_errors_exit_2(tiny_corpus: Path, tmp_path: Path, capsys
     assert main(["pretrain", "demo", *sets]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path / "none"), "--text", "x"]) == 2
-    assert main(["evaluate", "retrieval", "--model", str(tmp_path), "--data", str(tiny_corpus)]) == 2
+    assert (
+        main(["evaluate", "retrieval", "--model", str(tmp_path), "--data", str(tiny_corpus)]) == 2
+    )
     assert "not a model bundle" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["search", "--index", "x"])  # argparse: one of --text/--image/--audio required

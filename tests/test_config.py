@@ -13,7 +13,9 @@ from modalign.data.errors import ConfigError
 
 
 def test_builtin_demo_loads_and_overrides_apply() -> None:
-    cfg = load_config("demo", ["train.steps=7", "model.towers.image.arch=resnet18", "optim.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        "demo", ["train.steps=7", "model.towers.image.arch=resnet18", "optim.betas=[0.8, 0.9]"]
+    )
     assert "demo" in builtin_configs()
     assert cfg.train.steps == 7
     assert cfg.model.towers["image"].arch == "resnet18"

@@ -261,12 +261,32 @@ def cmd_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
 
     clf = load_classifier(args.model, device=args.device)
     result = clf.evaluate(args.data, drop=args.drop or [])
+    if args.noise or args.attack:
+        from modalign.finetune.robustness import adversarial, noise_curve
+
+        levels = _floats(args.noise_levels, "--noise-levels")
+        result["noise"] = {m: noise_curve(clf, args.data, m, levels) for m in args.noise or []}
+        eps = _floats(args.eps, "--eps")
+        result["adversarial"] = {
+            m: adversarial(clf, args.data, m, eps, attack=args.attack)
+            for m in (args.attack_modality or clf.inputs)
+            if args.attack
+        }
     if args.confusion_png:
         from modalign.finetune.metrics import save_confusion_png
 
         save_confusion_png(result["confusion"], clf.class_names, args.confusion_png)
     _emit(args, result, classify_table({Path(args.model).name: result}))
     return result
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserInputError(
+            f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.5,1"
+        ) from None
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
@@ -421,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--drop", action="append", metavar="MODALITY")
     p.add_argument("--confusion-png")
+    p.add_argument(
+        "--noise",
+        action="append",
+        metavar="MODALITY",
+        help="accuracy vs input noise on this modality",
+    )
+    p.add_argument("--noise-levels", default="0,0.25,0.5,1,2")
+    p.add_argument("--attack", choices=["fgsm", "pgd"], help="L-inf attack on one modality's input")
+    p.add_argument("--attack-modality", action="append", metavar="MODALITY")
+    p.add_argument("--eps", default="0,0.01,0.03,0.1")
     _common(p, device=True)
     p.set_defaults(func=cmd_eval_classify)
 

@@ -53,7 +53,9 @@ def build_tower(
 ) -> TowerParts:
     if cfg.kind not in builders:
         raise ConfigError(
-            f"model.towers.{name}.kind: unknown tower kind {cfg.kind!r}; valid: {', '.join(sorted(builders))}"
+            f"model.towers.{name}.kind: unknown tower kind {cfg.kind!r}; valid: "
+            f"{', '.join(sorted(builders))} (a custom kind needs its builder passed as "
+            "tower_builders= to pretrain() and load_bundle())"
         )
     parts = builders[cfg.kind](cfg, data_cfg)
     apply_lock(parts.trunk, cfg)
@@ -166,6 +168,9 @@ class SentenceTransformerTrunk(nn.Module):
         # Never reach for a hub: weights come from a local path only.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load weights bar is noise in our logs
 
         if not Path(path).exists():
             raise ConfigError(

@@ -15,8 +15,9 @@ from conftest import WORDS, tiny_overrides, write_tiny_corpus
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
     code = main([*argv, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, captured.err[-2000:]
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1, f"--json must print exactly one line of JSON, got: {out!r}"
     return json.loads(lines[0])
@@ -214,3 +215,52 @@ def test_usage_and_input_errors_exit_2(
     with pytest.raises(SystemExit) as info:
         main(["search", "--index", "x"])  # argparse: one of --text/--image/--audio required
     assert info.value.code == 2
+
+
+def test_robustness_curves(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    manifest, out = trained
+    clf = tmp_path / "clf"
+    sets = [
+        f"finetune.model={out}",
+        f"finetune.train={manifest}",
+        f"finetune.out={clf}",
+        "finetune.class_names=[]",
+        f"finetune.test={manifest}",
+        "finetune.labels_per_class=3",
+        "finetune.epochs=3",
+        "finetune.pseudo_label=none",
+    ]
+    run_json(capsys, ["finetune", "demo", *[x for s in sets for x in ("--set", s)]])
+    res = run_json(
+        capsys,
+        [
+            "evaluate",
+            "classify",
+            "--model",
+            str(clf),
+            "--data",
+            str(manifest),
+            "--noise",
+            "audio",
+            "--noise-levels",
+            "0,1,4",
+            "--attack",
+            "fgsm",
+            "--attack-modality",
+            "image",
+            "--eps",
+            "0,0.5",
+            "--confusion-png",
+            str(tmp_path / "cm.png"),
+        ],
+    )
+    curve = res["noise"]["audio"]
+    assert curve["levels"] == [0.0, 1.0, 4.0] and len(curve["accuracy"]) == 3
+    assert curve["accuracy"][0] == pytest.approx(res["accuracy"])  # level 0 = clean
+    assert 0.0 <= curve["auc"] <= 1.0
+    adv = res["adversarial"]["image"]
+    assert adv["accuracy"][0] == pytest.approx(res["accuracy"])
+    assert adv["accuracy"][1] <= adv["accuracy"][0]  # an attack never helps
+    assert (tmp_path / "cm.png").stat().st_size > 1000

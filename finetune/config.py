@@ -33,6 +33,12 @@ class FinetuneConfig:
     balance: bool = True
     balance_ratio: float = 1.5  # a class keeps at most ratio x the smallest class's count
     rounds: int = 1
+    # self_training (FixMatch-style over cached views)
+    threshold_policy: Literal["fixed", "flexmatch", "freematch"] = "fixed"
+    tau: float = 0.95
+    strong_views: int = 2
+    strong_audio_noise: float = 0.5  # max noise RMS relative to the clip's RMS
+    unlabeled_weight: float = 1.0
     head: Literal["concat", "late", "gated", "transformer", "lowrank"] = "late"
     hidden: int = 256
     epochs: int = 60

@@ -297,7 +297,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path) -> FinetuneResult:
     ones = torch.ones(len(labeled))
     labels_only_head = train_head(labeled, ones, num_classes, cfg, val_set)
     head, reports = labels_only_head, []
-    if cfg.pseudo_label != "none" and len(pool):
+    if cfg.pseudo_label == "self_training" and len(pool):
+        head, reports = _fixmatch(model, labeled, pool, class_names, cfg)
+    elif cfg.pseudo_label != "none" and len(pool):
         head, reports = _pseudo_label_rounds(model, labeled, pool, val_set, class_names, cfg)
     test = embed_labeled(model, cfg.test, cfg.inputs, class_names)[0] if cfg.test else val
     fused = evaluate_head(head, test, num_classes) if len(test) else {}
@@ -327,7 +329,7 @@ def _pseudo_label_rounds(
     reports, head = [], None
     method = cfg.pseudo_label
     for round_no in range(max(1, cfg.rounds)):
-        if method == "self_training" or round_no > 0:
+        if round_no > 0:  # later rounds: classic self-training from the previous head
             if head is None:
                 head = train_head(labeled, torch.ones(len(labeled)), num_classes, cfg, val)
             probs = predict(head, pool).softmax(1)
@@ -356,6 +358,27 @@ def _pseudo_label_rounds(
         )
         head = train_head(train, weights, num_classes, cfg, val)
     return head, reports
+
+
+def _fixmatch(
+    model: BundleModel,
+    labeled: EmbeddedSet,
+    pool: EmbeddedSet,
+    class_names: Sequence[str],
+    cfg: FinetuneConfig,
+) -> tuple[FusionHead, list[dict[str, Any]]]:
+    from modalign.finetune.selftrain import embed_strong_views, fixmatch_train
+
+    views = embed_strong_views(
+        model, cfg.train, pool.ids, cfg.inputs, cfg.strong_views, cfg.strong_audio_noise, cfg.seed
+    )
+    head, pl = fixmatch_train(
+        labeled.x, labeled.present, labeled.y, pool.x, pool.present, views, len(class_names), cfg
+    )
+    keep = pl.confidence >= cfg.tau
+    report = pseudo_label_report(pl, keep, pool.y, len(class_names))
+    report["round"] = 1
+    return head, [report]
 
 
 def _concat(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:

@@ -264,3 +264,34 @@ def test_robustness_curves(
     assert adv["accuracy"][0] == pytest.approx(res["accuracy"])
     assert adv["accuracy"][1] <= adv["accuracy"][0]  # an attack never helps
     assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["self_training", "knn"])
+def test_finetune_other_pseudo_labelers(
+    trained: tuple[Path, Path], tmp_path: Path, method: str
+) -> None:
+    from modalign.config import load_config
+    from modalign.finetune.pipeline import run_finetune
+
+    manifest, out = trained
+    cfg = load_config(
+        "demo",
+        [
+            f"finetune.model={out}",
+            f"finetune.train={manifest}",
+            f"finetune.test={manifest}",
+            "finetune.class_names=[]",
+            "finetune.labels_per_class=2",
+            "finetune.epochs=2",
+            f"finetune.pseudo_label={method}",
+            "finetune.threshold_policy=flexmatch",
+            "finetune.tau=0.0",
+            "finetune.threshold=0.0",
+            "finetune.rounds=2",
+        ],
+    ).finetune
+    res = run_finetune(cfg, tmp_path / "clf")
+    assert res.pseudo[0]["method"].startswith(method)
+    assert res.pseudo[0]["num_rows"] == 32 - 2 * 4
+    assert res.pseudo[0]["accuracy"] is not None  # true labels exist, so accuracy is reported
+    assert set(res.fused["by_subset"]) == {"audio+image", "audio", "image"}

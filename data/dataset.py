@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from modalign.data.decode import BadItem
 from modalign.data.manifest import Manifest, ManifestRow
@@ -140,15 +140,19 @@ class PairedDataset(Dataset):
 class Collate:
     """List of samples -> batch dict with stacked tensors and ``present`` masks.
 
-    Samples left with no modality after decoding are dropped (their bad records are kept).
+    Samples left with no modality after decoding are dropped (their bad records are kept),
+    unless ``keep_empty``: then they stay as all-absent rows so every batch keeps its size. Training
+    streams need that: the cross-process all-gather requires equal batch sizes on every rank, and
+    the losses ignore rows whose ``present`` bits are all False.
     """
 
-    def __init__(self, modalities: Mapping[str, ModalitySpec]) -> None:
+    def __init__(self, modalities: Mapping[str, ModalitySpec], keep_empty: bool = False) -> None:
         self.modalities = dict(modalities)
+        self.keep_empty = keep_empty
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
         bad = [rec for s in samples for rec in s["bad"]]
-        kept = [s for s in samples if any(m in s for m in self.modalities)]
+        kept = [s for s in samples if self.keep_empty or any(m in s for m in self.modalities)]
         batch: Batch = {
             "id": [s["id"] for s in kept],
             "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
@@ -222,9 +226,13 @@ def make_loader(
     sampler: EpochBatchSampler | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
+    keep_empty: bool = False,
 ) -> DataLoader:
-    """DataLoader over a paired dataset; without a sampler, items in order (evaluation)."""
-    collate = Collate(dataset.modalities)
+    """DataLoader over a paired dataset; without a sampler, items in order (evaluation).
+
+    ``keep_empty`` keeps rows whose every modality failed as all-absent rows (see :class:`Collate`).
+    """
+    collate = Collate(dataset.modalities, keep_empty=keep_empty)
     if sampler is None:
         sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     return DataLoader(
@@ -235,3 +243,66 @@ def make_loader(
         persistent_workers=False,
         pin_memory=False,
     )
+
+
+def resolve_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): the given values, else torch.distributed's, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        return rank, world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RawSource(IterableDataset):
+    """An iterable source whose records are cheap to read and skip; decoding comes after.
+
+    Subclasses give ``raw(worker, num_workers)`` (this rank's records for ``self.epoch``, for one
+    DataLoader worker, in a deterministic order), ``decode(raw, position)`` (record -> sample dict
+    as :meth:`PairedDataset.__getitem__` returns) and ``counts(num_workers)`` (records per worker).
+    Resuming sets ``skip`` (records to pass over, per worker) and ``worker_offset`` (which worker
+    the DataLoader's round-robin starts at); :class:`~modalign.data.stream.SourceStream` does that.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, ModalitySpec],
+        train: bool = False,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        source: str = "",
+    ) -> None:
+        self.modalities = dict(modalities)
+        self.train, self.seed, self.shuffle, self.source = train, seed, shuffle, source
+        self.rank, self.world = resolve_world(rank, world_size)
+        self.epoch = 0
+        self.skip: list[int] = []
+        self.worker_offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the (seed, epoch) order; call before creating the DataLoader iterator."""
+        self.epoch = epoch
+
+    def raw(self, worker: int, num_workers: int) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def decode(self, raw: Any, position: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def counts(self, num_workers: int) -> list[int]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (physical + self.worker_offset) % num_workers
+        skip = self.skip[worker] if worker < len(self.skip) else 0
+        for position, raw in enumerate(self.raw(worker, num_workers)):
+            if position >= skip:
+                yield self.decode(raw, position)

@@ -9,6 +9,7 @@ counted, never fatal.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 RESERVED_COLUMNS = ("id", "label")
 
 
-@dataclass
+@dataclass(slots=True)  # slots: millions of rows stay small in every DataLoader worker
 class ManifestRow:
     """One paired item. ``values[m]`` is an absolute path (file modalities) or inline text."""
 
@@ -32,6 +33,8 @@ class ManifestRow:
 
 @dataclass
 class Manifest:
+    """Rows read from one manifest file, plus what was skipped while reading it."""
+
     path: Path
     rows: list[ManifestRow]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped at read time
@@ -43,6 +46,7 @@ class Manifest:
 
 
 def is_manifest(src: str | Path) -> bool:
+    """True when ``src`` has a manifest suffix (.jsonl, .csv, .parquet)."""
     return Path(src).suffix.lower() in MANIFEST_SUFFIXES
 
 
@@ -88,8 +92,10 @@ def read_manifest(
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    # Binary read + per-line decode: a bad byte then names its line instead of aborting the read.
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            line = _decode_line(path, line_no, raw)
             if not line.strip():
                 continue
             try:
@@ -107,8 +113,31 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
+def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}:{line_no}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+            "save the manifest as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff") if line_no == 1 else text
+
+
 def _read_csv(path: Path, modalities: Sequence[str]) -> list[tuple[int, dict]]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # utf-8-sig: Excel writes a BOM
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason}); save as UTF-8") from None
+    try:
+        return _parse_csv(path, text, modalities)
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+
+
+def _parse_csv(path: Path, text: str, modalities: Sequence[str]) -> list[tuple[int, dict]]:
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         if not set(header) & set(modalities):
@@ -118,10 +147,13 @@ def _read_csv(path: Path, modalities: Sequence[str]) -> list[tuple[int, dict]]:
         records = []
         for record in reader:
             line = reader.line_num
+            # DictReader files surplus fields under None and fills missing ones with None.
             if None in record or any(v is None for v in record.values()):
+                extra = record.pop(None, None) or []
+                fields = sum(v is not None for v in record.values()) + len(extra)
                 raise DataError(
-                    f"{path}:{line}: row has {len([v for v in record.values() if v is not None])} "
-                    f"fields but the header has {len(header)}; fix the row's commas/quoting"
+                    f"{path}:{line}: row has {fields} fields but the header has {len(header)} "
+                    f"({', '.join(map(str, header))}); fix the row's commas/quoting"
                 )
             records.append((line, {k: v for k, v in record.items() if v != ""}))
     return records

@@ -360,12 +360,14 @@ class SpeechSynthesizer:
                 raise SpeechInputError(f"{name} must be an int, got {value!r}")
             if not lo <= value <= hi:
                 raise SpeechInputError(f"{name}={value} is outside eSpeak's range {lo}..{hi}")
-        base, _, variant = voice.partition("+")
+        if not isinstance(voice, str) or not voice.partition("+")[0]:
+            raise SpeechInputError(f"voice must be 'NAME' or 'NAME+VARIANT', got {voice!r}")
+        variant = voice.partition("+")[2]
         # eSpeak ignores an unknown variant without any error, so check it ourselves.
-        if not base or (variant and variant not in self._variants):
+        if variant and variant not in self._variants:
             raise SpeechInputError(
-                f"unknown eSpeak voice {voice!r}: expected 'NAME' or 'NAME+VARIANT' with a "
-                f"variant from {sorted(self._variants)[:8]}...; see available_voices()"
+                f"unknown eSpeak voice variant {variant!r} in {voice!r}; shipped variants "
+                "include m1..m8 and f1..f5, see available_voices()"
             )
         encoded = text.encode("utf-8") + b"\x00"
 

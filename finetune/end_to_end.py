@@ -1,8 +1,9 @@
 """Fine-tuning with trainable towers: the "partly unlocked" path and the from-scratch baseline.
 
 The cached-embedding path (``pipeline.py``) is the fast default. Here the towers run on every
-step on augmented inputs (training transforms), so they can adapt: either starting from a
-pretrained bundle (``finetune.unlock=true``) or from random weights (the labels-only baseline).
+step on augmented inputs (training transforms), so they can adapt: starting from a pretrained
+encoder (library use) or from random weights (the labels-only baseline of the benchmark).
+Classifier bundles from this path are not written yet: ``modalign finetune`` uses locked towers.
 """
 
 from __future__ import annotations

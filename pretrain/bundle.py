@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from modalign.data.modality import ImagePreset, ModalitySpec, default_modalities
 from modalign.pretrain.checkpoint import atomic_dir
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.model import MultimodalEncoder, build_encoder
-from modalign.pretrain.towers import is_frozen
+from modalign.pretrain.towers import TowerBuilder, default_tower_builders, is_frozen
 
 FORMAT = "modalign.model-bundle"
 FORMAT_VERSION = 1
@@ -135,8 +135,10 @@ class BundleModel:
         meta: dict[str, Any],
         path: Path,
         device: str,
+        modalities: Mapping[str, ModalitySpec] | None = None,
     ) -> None:
         self.encoder = encoder.eval().to(device)
+        self._extra_specs = dict(modalities or {})
         self.cfg, self.meta, self.path, self.device = cfg, meta, path, device
         preset = ImagePreset(**meta["image_preset"]) if meta.get("image_preset") else None
         if preset is not None:
@@ -159,7 +161,10 @@ class BundleModel:
     def modality_specs(self) -> dict[str, ModalitySpec]:
         """Decoders and eval transforms matching how this model was trained."""
         if self._specs is None:
-            specs = default_modalities(self.cfg.data, self.image_preset)
+            specs = {
+                **default_modalities(self.cfg.data, self.image_preset),
+                **self._extra_specs,
+            }
             self._specs = {m: specs[m] for m in self.modalities if m in specs}
         return self._specs
 
@@ -224,8 +229,18 @@ class BundleModel:
         return spec.load(value if isinstance(value, bytes) else str(value), False, rng)
 
 
-def load_bundle(path: str | Path, device: str = "cpu") -> BundleModel:
-    """Load a model bundle directory written by :func:`save_bundle`."""
+def load_bundle(
+    path: str | Path,
+    device: str = "cpu",
+    tower_builders: Mapping[str, TowerBuilder] | None = None,
+    modalities: Mapping[str, ModalitySpec] | None = None,
+) -> BundleModel:
+    """Load a model bundle directory written by :func:`save_bundle`.
+
+    A bundle trained with custom towers or modalities (``pretrain(tower_builders=...,
+    modalities=...)``) needs the same builders to rebuild its towers, and the same specs to
+    decode inputs for ``encode``; bundles never carry code.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -239,7 +254,8 @@ def load_bundle(path: str | Path, device: str = "cpu") -> BundleModel:
     cfg = from_dict(PretrainConfig, {k: v for k, v in (raw or {}).items() if k in sections}, "")
     for tower in cfg.model.towers.values():
         tower.weights = ""  # the bundle holds the trained weights; don't re-read init files
-    encoder = build_encoder(cfg.model, cfg.data).encoder
+    builders = {**default_tower_builders(), **(tower_builders or {})}
+    encoder = build_encoder(cfg.model, cfg.data, builders).encoder
     weights = path / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -254,4 +270,4 @@ def load_bundle(path: str | Path, device: str = "cpu") -> BundleModel:
         raise UserInputError(
             f"{weights}: weights do not match the bundle config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return BundleModel(encoder, cfg, meta, path, device)
+    return BundleModel(encoder, cfg, meta, path, device, modalities)

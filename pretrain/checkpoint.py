@@ -101,6 +101,23 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def remove_stale_temp_dirs(run_dir: Path) -> list[Path]:
+    """Delete half-written temp dirs left by a run killed mid-write (call before training).
+
+    They are never mistaken for checkpoints (``list_checkpoints`` only lists ``step-N`` with a
+    state file), but would pile up on disk. Returns what was removed.
+    """
+    removed = []
+    for parent in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for d in parent.iterdir():
+            if d.is_dir() and d.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)

@@ -2,14 +2,22 @@
 
 Each process scores its own B rows against all N gathered rows (a B x N slice). The local loss
 is scaled by the world size so that DDP's gradient averaging yields exactly the gradient of the
-single-process loss over the global batch; rows lacking a modality drop out of that pair.
+single-process loss over the global batch; rows lacking a modality drop out of that pair (as
+queries and as candidates).
+
+Temperature: one learnable log-scale per pair, capped at ``loss.max_logit_scale`` (100, as in
+CLIP). The forward value is capped with a straight-through estimator, so the gradient never
+stops at the cap, and the trainer clamps the parameter in place after every optimizer step
+(:meth:`ContrastiveLoss.clamp_`, as open_clip does). A plain ``clamp`` in forward would zero the
+gradient at and above the cap: Adam momentum could then push the parameter past it and it could
+never come back down.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalign.pretrain.config import LossConfig
-from modalign.pretrain.distributed import gather_no_grad, gather_with_grad, world
+from modalign.pretrain.distributed import (
+    all_sizes,
+    gather_no_grad,
+    gather_with_grad,
+    rank_offset,
+)
 
 
 def select_pairs(
@@ -75,22 +88,38 @@ class ContrastiveLoss(nn.Module):
             else {}
         )
 
+    @property
+    def max_log_scale(self) -> float:
+        return math.log(self.cfg.max_logit_scale)
+
     def scale(self, key: str) -> torch.Tensor:
-        # Clamp in log space so the parameter keeps a gradient below the cap (CLIP clamps at 100).
-        return self.log_scale[key].clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        """exp(log-scale) capped at ``max_logit_scale``; straight-through (see module doc)."""
+        log_scale = self.log_scale[key]
+        excess = (log_scale - self.max_log_scale).clamp(min=0).detach()
+        return (log_scale - excess).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep every log-scale at or below the cap (call after each optimizer step)."""
+        for p in self.log_scale.values():
+            p.clamp_(max=self.max_log_scale)
 
     def forward(
-        self,
-        features: Mapping[str, torch.Tensor],
-        present: Mapping[str, torch.Tensor],
-        gather: Callable[[torch.Tensor], torch.Tensor] = gather_with_grad,
+        self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]
     ) -> LossOutput:
-        rank, size = world()
-        gathered = {m: gather(f) for m, f in features.items()}
-        masks = {m: present[m].to(torch.bool) for m in features}
-        all_masks = {m: gather_no_grad(masks[m]) for m in features}
+        """Mean over active pairs of each pair's loss on the global batch (see module doc).
+
+        ``features[m]``: this process's (B, D) L2-normalised embeddings; ``present[m]``: (B,)
+        bool, False where the row lacks modality ``m``.
+        """
+        first = next(iter(features.values()))
+        sizes = all_sizes(first.shape[0], first.device)
+        world_size, offset = len(sizes), rank_offset(sizes)
+        gathered = {m: gather_with_grad(f, sizes) for m, f in features.items()}
+        masks = {m: present[m].to(device=first.device, dtype=torch.bool) for m in features}
+        all_masks = {m: gather_no_grad(masks[m], sizes) for m in features}
         total: torch.Tensor | None = None
-        value = torch.zeros((), device=next(iter(features.values())).device)
+        value = torch.zeros((), device=first.device, dtype=_upcast(first).dtype)
         active, per_pair, scales = 0, {}, {}
         # Keeps every temperature in the graph even when a pair has no rows (DDP needs all grads).
         anchor_zero = sum(p.sum() * 0.0 for p in self.parameters())
@@ -103,7 +132,6 @@ class ContrastiveLoss(nn.Module):
             n_valid = int(cols.sum())
             if n_valid == 0:
                 continue
-            offset = rank * rows.shape[0]
             scale = self.scale(key)
             if self.cfg.kind == "infonce":
                 pair_sum = _infonce_sum(
@@ -118,13 +146,18 @@ class ContrastiveLoss(nn.Module):
             total = pair_loss if total is None else total + pair_loss
             value = value + pair_loss.detach()
             active += 1
-            per_pair[key] = float(pair_loss.detach()) * size  # this process's share, rescaled
+            per_pair[key] = float(pair_loss.detach()) * world_size  # this share, rescaled
             scales[key] = float(scale.detach())
         if total is None:
             total = torch.zeros((), device=value.device)
         active = max(active, 1)
-        loss = total * size / active + anchor_zero
+        loss = total * world_size / active + anchor_zero
         return LossOutput(loss=loss, value=value / active, per_pair=per_pair, logit_scale=scales)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Softmax/sigmoid in at least float32 (autocast gives bf16/fp16); float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _masked_logits(logits: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -146,8 +179,8 @@ def _infonce_sum(
     logits_ab = _masked_logits(scale * fa @ all_b.T, cols)[rows]
     logits_ba = _masked_logits(scale * fb @ all_a.T, cols)[rows]
     t = targets[rows]
-    return F.cross_entropy(logits_ab.float(), t, reduction="sum") + F.cross_entropy(
-        logits_ba.float(), t, reduction="sum"
+    return F.cross_entropy(_upcast(logits_ab), t, reduction="sum") + F.cross_entropy(
+        _upcast(logits_ba), t, reduction="sum"
     )
 
 
@@ -161,7 +194,7 @@ def _siglip_sum(
     bias: torch.Tensor,
 ) -> torch.Tensor:
     """Sum of -log sigmoid(z * logit) over this process's rows x all valid columns."""
-    logits = (scale * fa @ all_b.T + bias).float()
+    logits = _upcast(scale * fa @ all_b.T + bias)
     labels = -torch.ones_like(logits)
     idx = torch.arange(fa.shape[0], device=fa.device)
     labels[idx, idx + offset] = 1.0

@@ -57,9 +57,12 @@ class MultimodalEncoder(nn.Module):
     def encode(self, modality: str, value: Any) -> torch.Tensor:
         x = self.preprocessors[modality](value)
         x = self.trunks[modality](x)
-        return F.normalize(
-            self.heads[modality](x.float() if x.dtype == torch.float64 else x), dim=-1
-        )
+        head = self.heads[modality]
+        # A float64 trunk output (e.g. from numpy) meets the head in the head's own dtype.
+        weight = next(head.parameters(), None)
+        if x.dtype == torch.float64 and weight is not None and weight.dtype != torch.float64:
+            x = x.to(weight.dtype)
+        return F.normalize(head(x), dim=-1)
 
     def forward(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {m: self.encode(m, inputs[m]) for m in self.modalities if m in inputs}

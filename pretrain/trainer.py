@@ -1,11 +1,21 @@
-"""Contrastive pretraining loop on Accelerate: one CPU to many GPUs, resumable to the step."""
+"""Contrastive pretraining loop on Accelerate: one CPU to many GPUs, resumable to the step.
+
+Exactness contract (tested): N processes x batch B give the same loss, gradients and weights as
+one process x N*B (autograd all-gather, local loss, :class:`GlobalBatchNorm`), and
+``train.accum_steps=K`` gives the gradient of the K-times larger batch (GradCache) for towers
+without batch statistics. A run resumed from ``checkpoints/step-N`` continues bit-for-bit like
+the uninterrupted run: weights, optimizer, schedule, every RNG and the data position are restored,
+and data loading never draws from the training RNG.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,25 +24,27 @@ import torch
 from torch import nn
 
 from modalign.data.config_io import dump_yaml
-from modalign.data.dataset import BadItemLog, Batch, PairedDataset
-from modalign.data.errors import DataError, ModalignError
-from modalign.data.manifest import read_manifest
+from modalign.data.dataset import BadItemLog, Batch
+from modalign.data.errors import ConfigError, DataError, ModalignError
 from modalign.data.modality import ModalitySpec, default_modalities
-from modalign.data.stream import BatchStream
+from modalign.data.sources import open_stream
 from modalign.pretrain import checkpoint as ckpt
 from modalign.pretrain.bundle import encoder_state, save_bundle
 from modalign.pretrain.config import PretrainConfig
-from modalign.pretrain.distributed import all_reduce_mean, convert_batchnorm, world
+from modalign.pretrain.distributed import all_reduce_mean, all_reduce_min, convert_batchnorm, world
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
 from modalign.pretrain.model import ContrastiveTask, build_encoder
 from modalign.pretrain.optim import make_optimizer, make_scheduler
-from modalign.pretrain.towers import TowerBuilder
+from modalign.pretrain.towers import TowerBuilder, default_tower_builders
 
 log = logging.getLogger(__name__)
 
+# Consecutive batches with no rows on some process before the data is declared unusable.
+MAX_EMPTY_BATCHES = 100
+
 
 class TrainingDiverged(ModalignError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -45,12 +57,36 @@ class PretrainResult:
     wall_s: float = 0.0
 
 
+@dataclass
+class _Run:
+    """Everything the step loop needs, built once by :func:`_setup`."""
+
+    cfg: PretrainConfig
+    accelerator: Any
+    task: nn.Module  # possibly DDP-wrapped
+    core: ContrastiveTask
+    optimizer: Any
+    scheduler: Any
+    specs: dict[str, ModalitySpec]
+    built: Any
+    out_dir: Path
+    start_step: int
+    position: int
+    last_ckpt: Path | None
+
+
 def _make_accelerator(cfg: PretrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     device = cfg.train.device
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cpu and cfg.train.precision == "fp16":
+        # Accelerate silently runs fp16 on CPU as fp32 (no autocast, no scaler): say so instead.
+        raise ConfigError(
+            "train.precision=fp16 needs a CUDA device (it uses a loss scaler); "
+            "on CPU use train.precision=bf16 or fp32"
+        )
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     # Rows may lack a modality for a whole batch; DDP must then tolerate unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -84,8 +120,11 @@ def pretrain(
 ) -> PretrainResult:
     """Train the towers contrastively on ``cfg.data.train`` and write a bundle to ``cfg.output.dir``.
 
-    ``tower_builders``/``modalities`` extend the built-in ones (e.g. to add a "depth" modality).
+    ``tower_builders``/``modalities`` extend the built-in ones (e.g. to add a "depth" modality:
+    a builder named by ``model.towers.depth.kind`` and a ``ModalitySpec`` named "depth").
     ``resume``: "latest" or a checkpoint dir; with "latest" and no checkpoint, starts fresh.
+    Raises :class:`TrainingDiverged` (weights of the failing step not applied, checkpoints kept)
+    when the loss or gradient norm stops being finite.
     """
     started = time.perf_counter()
     if not cfg.data.train:
@@ -94,16 +133,49 @@ def pretrain(
         )
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with _deterministic(cfg.train.deterministic):
+        run = _setup(cfg, resume, tower_builders, modalities)
+        loss_value, history, bad = _train_loop(run)
+    _finish(run, loss_value, bad)
+    return PretrainResult(
+        run.out_dir,
+        cfg.train.steps,
+        loss_value,
+        history,
+        bad.to_dict(),
+        time.perf_counter() - started,
+    )
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels for this run only (the flag is process-wide in torch)."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _setup(
+    cfg: PretrainConfig,
+    resume: str | None,
+    tower_builders: Mapping[str, TowerBuilder] | None,
+    modalities: Mapping[str, ModalitySpec] | None,
+) -> _Run:
     accelerator = _make_accelerator(cfg)
     rank, world_size = world()
     out_dir = Path(cfg.output.dir)
     mods = list(cfg.model.modalities)
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every process
-    builders = {**(tower_builders or {})}
-    built = build_encoder(cfg.model, cfg.data, {**_default_builders(), **builders})
+    built = build_encoder(
+        cfg.model, cfg.data, {**default_tower_builders(), **(tower_builders or {})}
+    )
     specs = {**default_modalities(cfg.data, built.image_preset), **(modalities or {})}
     missing = [m for m in mods if m not in specs]
     if missing:
@@ -114,77 +186,71 @@ def pretrain(
     task = ContrastiveTask(built.encoder, ContrastiveLoss(mods, cfg.loss))
     if world_size > 1:
         _sync_batchnorm(task, accelerator.device)
-
-    manifest = read_manifest(cfg.data.train, mods, inline=[m for m, s in specs.items() if s.inline])
-    dataset = PairedDataset.from_manifest(manifest, specs, train=True, seed=cfg.train.seed)
     optimizer = make_optimizer(task, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
     task, optimizer = accelerator.prepare(task, optimizer)
     core: ContrastiveTask = accelerator.unwrap_model(task)
 
-    start_step = 0
+    start_step, position = 0, 0
     resume_dir = ckpt.resolve_resume(out_dir, resume) if resume else None
     if resume_dir is not None:
-        start_step = _load_checkpoint(resume_dir, core, optimizer, scheduler, accelerator, rank)
+        start_step, position = _load_checkpoint(
+            resume_dir, core, optimizer, scheduler, accelerator, rank, cfg.train.accum_steps
+        )
         log.info("resumed from %s at step %d", resume_dir, start_step)
     else:
         torch.manual_seed(cfg.train.seed + 1 + rank)  # per-process dropout/augment streams
-
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temp_dirs(out_dir)
         ckpt.atomic_write_text(out_dir / "run_config.yaml", dump_yaml(cfg))
-    bad = BadItemLog()
-    bad.add_counts(manifest.skipped, manifest.skipped_examples)
-    stream = BatchStream(
-        dataset,
+    return _Run(
+        cfg, accelerator, task, core, optimizer, scheduler, specs, built, out_dir,
+        start_step, position, resume_dir,
+    )  # fmt: skip
+
+
+def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:
+    cfg, accelerator = run.cfg, run.accelerator
+    rank, world_size = world()
+    stream = open_stream(
+        cfg.data.train,
+        run.specs,
         cfg.train.batch_size,
-        rank=rank,
-        world_size=world_size,
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
         num_workers=cfg.data.num_workers,
-        start=start_step * cfg.train.accum_steps,
+        start=run.position,
+        rank=rank,
+        world_size=world_size,
     )
+    bad = BadItemLog()
+    bad.add_counts(getattr(stream, "skipped", {}), getattr(stream, "skipped_examples", []))
     batches = iter(stream)
     history: list[dict[str, Any]] = []
-    metrics = _MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process, cfg)
-    bar = _progress(cfg, start_step, accelerator.is_main_process)
-    last_ckpt = resume_dir
+    metrics = _MetricsWriter(run.out_dir / "metrics.jsonl", accelerator.is_main_process, cfg)
+    bar = _progress(cfg, run.start_step, accelerator.is_main_process)
     loss_value = float("nan")
     t_last, wait, seen = time.perf_counter(), 0.0, 0
-    task.train()
-    for step in range(start_step, cfg.train.steps):
+    run.task.train()
+    for step in range(run.start_step, cfg.train.steps):
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.accum_steps)]
+        micro = _next_micro_batches(batches, run, bad)
         wait += time.perf_counter() - t0
-        for b in micro:
-            bad.add(b["bad"])
-        micro = [
-            _to_device(_ensure_present(b, mods, specs), mods, accelerator.device) for b in micro
-        ]
         seen += sum(len(b["id"]) for b in micro) * world_size
-        out = _train_step(task, core, micro, accelerator, cfg)
+        out = _train_step(run.task, run.core, micro, accelerator, cfg)
         loss_value = float(all_reduce_mean(out.value.detach()) * world_size)
-        if not torch.isfinite(torch.tensor(loss_value)):
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step + 1}; weights were not updated. "
-                f"Last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr, use train.precision=fp32, "
-                "or check the data; resume with --resume latest"
-            )
-        if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(core.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        _apply_update(run, out, loss_value, step + 1)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             now = time.perf_counter()
+            elapsed = max(now - t_last, 1e-9)
             record = {
                 "step": done,
                 "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": seen / max(now - t_last, 1e-9),
-                "data_wait": wait / max(now - t_last, 1e-9),
+                "lr": run.scheduler.get_last_lr()[0],
+                "samples_per_s": seen / elapsed,
+                "data_wait": wait / elapsed,
                 "logit_scale": out.logit_scale,
                 "bad_items": bad.total,
             }
@@ -201,34 +267,104 @@ def pretrain(
         if cfg.train.checkpoint_every > 0 and (
             done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
         ):
-            last_ckpt = _save_checkpoint(
-                out_dir, done, core, optimizer, scheduler, accelerator, cfg, stream.position
-            )
+            run.last_ckpt = _save_checkpoint(run, done, stream.position)
     bar.close()
+    return loss_value, history, bad
+
+
+def _next_micro_batches(batches: Iterator[Batch], run: _Run, bad: BadItemLog) -> list[Batch]:
+    """The next ``accum_steps`` micro-batches, on the device, every modality filled in.
+
+    Data loading runs outside the training RNG (DataLoader iterators draw a seed from the global
+    torch generator), so a resumed run sees the same dropout masks as an uninterrupted one.
+    Batches that leave some process without rows (every item bad) are skipped on all processes.
+    """
+    mods = list(run.specs)
+    for _ in range(MAX_EMPTY_BATCHES):
+        with torch.random.fork_rng(devices=[]):
+            micro = [next(batches) for _ in range(run.cfg.train.accum_steps)]
+        for b in micro:
+            bad.add(b["bad"])
+        if all_reduce_min(min(len(b["id"]) for b in micro)) > 0:
+            return [
+                _to_device(_ensure_present(b, mods, run.specs), mods, run.accelerator.device)
+                for b in micro
+            ]
+        log.warning("skipping a batch with no usable rows on some process")
+    raise DataError(
+        f"{run.cfg.data.train}: {MAX_EMPTY_BATCHES} batches in a row had no usable rows; "
+        f"check the data ({bad.summary()})"
+    )
+
+
+def _apply_update(run: _Run, out: LossOutput, loss_value: float, step: int) -> None:
+    """Clip, check for divergence, then step optimizer and schedule (nothing applied on NaN)."""
+    cfg = run.cfg
+    if not math.isfinite(loss_value):
+        _diverged(run, f"loss became {loss_value}", step, out)
+    norm = _clip_and_norm(run)
+    # With fp16 the loss scaler owns overflow: it skips that step and lowers the scale.
+    if run.accelerator.scaler is None and norm is not None and not math.isfinite(norm):
+        _diverged(run, f"gradient norm became {norm}", step, out)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.core.loss.clamp_()
+
+
+def _clip_and_norm(run: _Run) -> float | None:
+    """Clip to ``optim.grad_clip`` (0 = off) and return the global gradient norm."""
+    params = [p for p in run.core.parameters() if p.requires_grad]
+    if run.cfg.optim.grad_clip > 0:
+        # Accelerate unscales fp16 gradients before clipping; gradients are already synced.
+        norm = run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip)
+        return None if norm is None else float(norm)
+    if run.accelerator.scaler is not None:
+        return None
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _diverged(run: _Run, what: str, step: int, out: LossOutput) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    pairs = ", ".join(f"{k}={v:.4g}" for k, v in out.per_pair.items()) or "none"
+    raise TrainingDiverged(
+        f"{what} at step {step} (per-pair losses: {pairs}); the update was not applied and no "
+        f"checkpoint was written for this step. Last good checkpoint: "
+        f"{run.last_ckpt or 'none (no checkpoint yet)'}. Lower optim.lr, raise "
+        "optim.warmup_steps, use train.precision=fp32, or check the data; then resume with "
+        "--resume latest"
+    )
+
+
+def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
+    accelerator, cfg = run.accelerator, run.cfg
     accelerator.wait_for_everyone()
+    _check_finite_weights(run, cfg.train.steps)
     if accelerator.is_main_process:
         save_bundle(
-            out_dir,
-            core.encoder,
+            run.out_dir,
+            run.core.encoder,
             cfg,
-            built.image_preset,
-            extra={"step": cfg.train.steps, "external": built.external},
+            run.built.image_preset,
+            extra={"step": cfg.train.steps, "external": run.built.external},
         )
-        metrics.write(
+        _MetricsWriter(run.out_dir / "metrics.jsonl", True, cfg, tensorboard=False).write(
             {"event": "end", "step": cfg.train.steps, "loss": loss_value, **bad.to_dict()}
         )
         if bad.total:
             log.warning(bad.summary())
     accelerator.wait_for_everyone()
-    return PretrainResult(
-        out_dir, cfg.train.steps, loss_value, history, bad.to_dict(), time.perf_counter() - started
-    )
 
 
-def _default_builders() -> dict[str, TowerBuilder]:
-    from modalign.pretrain.towers import default_tower_builders
-
-    return default_tower_builders()
+def _check_finite_weights(run: _Run, step: int) -> None:
+    """Never write non-finite weights over a good checkpoint or bundle."""
+    bad = [n for n, p in run.core.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"weights became non-finite by step {step} ({', '.join(bad[:3])}...); nothing was "
+            f"saved for this step. Last good checkpoint: {run.last_ckpt or 'none'}. Lower optim.lr"
+        )
 
 
 def _sync_batchnorm(task: nn.Module, device: torch.device) -> None:
@@ -249,20 +385,24 @@ def _train_step(
             out = task(micro[0])
         accelerator.backward(out.loss.loss)
         return out.loss
-    return _cached_accumulation_step(core, micro, accelerator)
+    return cached_accumulation_step(core, micro, accelerator)
 
 
-def _cached_accumulation_step(core: ContrastiveTask, micro: list[Batch], accelerator) -> LossOutput:
+def cached_accumulation_step(
+    core: ContrastiveTask, micro: list[Batch], accelerator: Any
+) -> LossOutput:
     """Exact large-batch gradient over K micro-batches (GradCache, Gao et al. 2021).
 
     1) embed every micro-batch without grad, remembering the RNG state so dropout and
     augmentation replay identically; 2) loss on all features at once -> d loss / d features;
     3) re-embed each micro-batch with grad and backpropagate those feature gradients.
-    Memory stays at one micro-batch of activations; the gradient equals the big batch's.
+    Memory stays at one micro-batch of activations. Equal to the big batch for towers without
+    batch statistics; BatchNorm normalises per micro-batch (as in GradCache/open_clip), and its
+    running statistics are updated once per micro-batch, not twice.
     """
     mods = core.encoder.modalities
     states, feats = [], []
-    with torch.no_grad():
+    with torch.no_grad(), _frozen_batchnorm_stats(core):
         for b in micro:
             states.append(_rng_snapshot())
             with accelerator.autocast():
@@ -278,13 +418,32 @@ def _cached_accumulation_step(core: ContrastiveTask, micro: list[Batch], acceler
         _rng_restore(state)
         with accelerator.autocast():
             f = core(b, features_only=True)
-        surrogate = sum(
-            (f[m] * cached[m].grad[offset : offset + n].to(f[m].dtype)).sum() for m in mods
-        )
-        surrogate.backward()
+        used = [m for m in mods if cached[m].grad is not None]  # pairs with no rows: no grad
+        if used:
+            surrogate = sum(
+                (f[m] * cached[m].grad[offset : offset + n].to(f[m].dtype)).sum() for m in used
+            )
+            surrogate.backward()
         offset += n
     _average_gradients(core)
     return loss
+
+
+@contextmanager
+def _frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """Restore BatchNorm running statistics afterwards (the no-grad pass must not count)."""
+    saved = [
+        (m, {k: v.clone() for k, v in m.named_buffers(recurse=False)})
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
 
 
 def _rng_snapshot() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -300,7 +459,11 @@ def _rng_restore(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
 
 
 def _average_gradients(model: nn.Module) -> None:
-    """DDP hooks are bypassed in the cached path; average gradients across processes by hand."""
+    """DDP hooks are bypassed in the cached path; average gradients across processes by hand.
+
+    Which parameters have gradients is the same on every process (a pair is skipped only when
+    no process has rows for it), so every process issues the same all-reduces.
+    """
     _, size = world()
     if size == 1:
         return
@@ -312,22 +475,15 @@ def _average_gradients(model: nn.Module) -> None:
             p.grad /= size
 
 
-def _save_checkpoint(
-    out_dir: Path,
-    step: int,
-    core: ContrastiveTask,
-    optimizer,
-    scheduler,
-    accelerator,
-    cfg: PretrainConfig,
-    position: int,
-) -> Path:
+def _save_checkpoint(run: _Run, step: int, position: int) -> Path:
     from safetensors.torch import save_file
 
-    final = out_dir / "checkpoints" / f"step-{step}"
+    accelerator, core, cfg = run.accelerator, run.core, run.cfg
+    final = run.out_dir / "checkpoints" / f"step-{step}"
     _rank, world_size = world()
     # Every rank's RNG state is needed to replay augmentation; gather them to the main process.
     rng_all = _gather_objects(ckpt.rng_state())
+    _check_finite_weights(run, step)  # on every process (weights agree), so all raise together
     if accelerator.is_main_process:
         with ckpt.atomic_dir(final) as tmp:
             state = {f"encoder.{k}": v for k, v in encoder_state(core.encoder, cfg).items()}
@@ -338,12 +494,13 @@ def _save_checkpoint(
                 }
             )
             save_file(state, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             for r, state_r in enumerate(rng_all):
                 torch.save(state_r, tmp / f"rng-{r}.pt")
+            # Written last: a checkpoint without its state file is never listed as complete.
             (tmp / ckpt.STATE_FILE).write_text(
                 json.dumps(
                     {
@@ -354,7 +511,7 @@ def _save_checkpoint(
                     }
                 )
             )
-        ckpt.prune_checkpoints(out_dir, cfg.train.keep_checkpoints)
+        ckpt.prune_checkpoints(run.out_dir, cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return final
 
@@ -371,8 +528,15 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 def _load_checkpoint(
-    path: Path, core: ContrastiveTask, optimizer, scheduler, accelerator, rank: int
-) -> int:
+    path: Path,
+    core: ContrastiveTask,
+    optimizer,
+    scheduler,
+    accelerator,
+    rank: int,
+    accum_steps: int,
+) -> tuple[int, int]:
+    """Restore a checkpoint; returns (step, data position in micro-batches)."""
     from safetensors.torch import load_file
 
     state = ckpt.read_state(path)
@@ -390,14 +554,17 @@ def _load_checkpoint(
         ckpt.set_rng_state(ckpt.torch_load(rng_file))
     else:
         log.warning("%s has no RNG state for rank %d (world size changed); reseeding", path, rank)
-    return int(state["step"])
+    step = int(state["step"])
+    return step, int(state.get("micro_batches", step * accum_steps))
 
 
 class _MetricsWriter:
-    def __init__(self, path: Path, enabled: bool, cfg: PretrainConfig) -> None:
+    def __init__(
+        self, path: Path, enabled: bool, cfg: PretrainConfig, tensorboard: bool | None = None
+    ) -> None:
         self.path, self.enabled = path, enabled
         self.tb = None
-        if enabled and cfg.train.tensorboard:
+        if enabled and (cfg.train.tensorboard if tensorboard is None else tensorboard):
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))

@@ -59,10 +59,11 @@ _METRICS = MappingProxyType({"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRI
 FLAT_MAX_N = 50_000
 # HNSW build time grows superlinearly and it cannot run on GPU; above this IVF builds faster.
 HNSW_MAX_N = 500_000
+# k-means cost is linear in the sample; FAISS asks for 39..256 points per centroid and 64 gives
+# nearly the same lists as 256 at a quarter of the training time.
+TRAIN_POINTS_PER_LIST = 64
 TUNE_K = 10
 TUNE_QUERIES = 1000
-# Relative norm of the noise added to corpus vectors to make tuning queries.
-TUNE_NOISE = 0.1
 # faiss GPU kernels support k up to 2048.
 GPU_MAX_K = 2048
 
@@ -145,6 +146,8 @@ class VectorIndex:
         device: str = "cpu",
         fingerprint: str = "",
         seed: int = 0,
+        tuning_queries: np.ndarray | None = None,
+        ef_construction: int | None = None,
     ) -> VectorIndex:
         """Build, train and tune an index over ``embeddings`` (row i has id ``ids[i]``).
 
@@ -158,8 +161,18 @@ class VectorIndex:
             device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             fingerprint: fingerprint of the model that produced the embeddings.
             seed: seed for training-sample and tuning-query selection and k-means.
+            tuning_queries: optional ``(Q, D)`` real queries to tune recall on (e.g. text
+                embeddings for an image index: cross-modal queries lie farther from the corpus
+                than corpus points do). Default: 1000 held-out corpus vectors, leave-one-out.
+            ef_construction: HNSW build-time beam width (FAISS default 40); lower builds
+                faster at some recall cost, which tuning of efSearch then makes up for.
         """
         x = _as_vectors(embeddings, "embeddings")
+        tq = (
+            None
+            if tuning_queries is None
+            else _as_vectors(tuning_queries, "tuning_queries", x.shape[1])
+        )
         id_list = _check_ids(ids, len(x), existing=())
         metric_name = _metric_name(metric)
         if not 0.0 < target_recall <= 1.0:
@@ -168,6 +181,8 @@ class VectorIndex:
             factory = choose_factory(len(x), x.shape[1], memory_budget_bytes, device)
         start = time.perf_counter()
         cpu_index = _make_index(x.shape[1], factory, metric_name, seed)
+        if ef_construction is not None:
+            _set_ef_construction(cpu_index, ef_construction)
         # inspect the CPU form: GPU indexes do not expose their structure the same way
         knob = _tunable_param(cpu_index)
         train_size = 0 if cpu_index.is_trained else min(len(x), _train_size(cpu_index))
@@ -176,8 +191,8 @@ class VectorIndex:
         stats.train_size = train_size
         stats.train_seconds = _timed(lambda: self._train(x, train_size, seed))
         stats.add_seconds = _timed(lambda: self.add(x, id_list))
-        if knob is not None:
-            stats.tune_seconds = _timed(lambda: self._tune(x, knob, target_recall, seed))
+        if knob is not None and len(x) > 1:
+            stats.tune_seconds = _timed(lambda: self._tune(x, knob, target_recall, seed, tq))
         stats.build_seconds = time.perf_counter() - start
         log.info("built %s over %d vectors in %.1fs", factory, len(x), stats.build_seconds)
         return self
@@ -297,11 +312,18 @@ class VectorIndex:
         rows = np.random.default_rng(seed).choice(len(x), size=size, replace=False)
         self._index.train(x[np.sort(rows)])
 
-    def _tune(self, x: np.ndarray, knob: tuple[str, int], target_recall: float, seed: int) -> None:
+    def _tune(
+        self,
+        x: np.ndarray,
+        knob: tuple[str, int],
+        target_recall: float,
+        seed: int,
+        tuning_queries: np.ndarray | None,
+    ) -> None:
         """Pick the smallest nprobe / efSearch reaching ``target_recall`` recall@10."""
         name, max_value = knob
         on_gpu = self._gpu_resources is not None
-        queries, truth, self_rows = _tuning_set(x, self.metric, seed)
+        queries, truth, self_rows = _tuning_set(x, self.metric, seed, tuning_queries)
 
         def recall(value: int) -> float:
             _apply_params(self._index, {name: value}, on_gpu)
@@ -358,11 +380,12 @@ def choose_factory(
 ) -> str:
     """Pick a FAISS factory string for ``n`` vectors of dimension ``dim``.
 
-    * small corpus (``n <= FLAT_MAX_N``) and raw vectors fit: ``Flat`` (exact);
-    * raw vectors fit: ``HNSW32`` up to ``HNSW_MAX_N`` on CPU (+~300 B/vector of graph links),
-      else ``IVF{nlist},Flat``;
-    * 8-bit scalar codes fit: ``IVF{nlist},SQ8`` (4x smaller, near-exact);
-    * otherwise ``IVF{nlist},PQ{m}`` with the most PQ bytes per vector the budget allows.
+    * raw float32 vectors fit the budget: ``Flat`` (exact) up to ``FLAT_MAX_N`` vectors, then
+      ``HNSW32`` up to ``HNSW_MAX_N`` on CPU (+~280 B/vector of graph links), else
+      ``IVF{nlist},Flat``;
+    * otherwise compressed codes, the most accurate that fits: ``SQ8`` (dim bytes/vector),
+      ``SQ4`` (dim/2), then ``PQ{m}np`` (m bytes, no polysemous training, at least 8 dims per sub-quantizer because
+      smaller ones train slowly and gain little), behind ``IVF{nlist}`` for large corpora.
 
     Raises:
         UserInputError: if even the smallest PQ code does not fit the budget.
@@ -370,28 +393,32 @@ def choose_factory(
     if n < 1 or dim < 1:
         raise UserInputError(f"cannot index {n} vectors of dimension {dim}")
     budget = math.inf if memory_budget_bytes is None else float(memory_budget_bytes)
-    flat_bytes = 4.0 * n * dim
-    if n <= FLAT_MAX_N and flat_bytes <= budget:
-        return "Flat"
+    small = n <= FLAT_MAX_N
     nlist = _nlist(n)
     # IVF lists store an 8-byte id per vector; centroids cost nlist * dim floats
-    ivf_overhead = 4.0 * nlist * dim
-    per_vector = (budget - ivf_overhead) / n - 8
-    hnsw_bytes = flat_bytes + n * (2 * 32 * 4 * 1.1)
-    if n <= HNSW_MAX_N and _parse_device(device) is None and hnsw_bytes <= budget:
-        return "HNSW32"
-    if per_vector >= 4 * dim:
-        return f"IVF{nlist},Flat"
-    if per_vector >= dim:
-        return f"IVF{nlist},SQ8"
-    m = _pq_bytes(dim, per_vector)
-    if m is None:
-        need = ivf_overhead + n * (8 + min(_divisors(dim)))
+    overhead, id_bytes = (0.0, 0) if small else (4.0 * nlist * dim, 8)
+    per_vector = (budget - overhead) / n - id_bytes
+    if 4.0 * n * dim <= budget:
+        if small:
+            return "Flat"
+        hnsw_bytes = n * (4.0 * dim + 2 * 32 * 4 * 1.1)
+        if n <= HNSW_MAX_N and _parse_device(device) is None and hnsw_bytes <= budget:
+            return "HNSW32"
+    prefix = "" if small else f"IVF{nlist},"
+    for bytes_per_vector, code in ((4 * dim, "Flat"), (dim, "SQ8"), (dim / 2, "SQ4")):
+        if per_vector >= bytes_per_vector:
+            return prefix + code
+    # 8-bit PQ codebooks hold 256 centroids of every sub-vector: 256 * dim floats in all
+    codebooks = 1024.0 * dim
+    per_vector -= codebooks / n
+    fits = [m for m in _divisors(dim) if m <= per_vector and dim // m >= 8]
+    if not fits:
+        need = overhead + codebooks + n * (id_bytes + 1)
         raise UserInputError(
             f"memory budget {memory_budget_bytes} bytes is too small for {n} vectors of dim "
             f"{dim}; need at least {int(need)} bytes"
         )
-    return f"IVF{nlist},PQ{m}"
+    return f"{prefix}PQ{max(fits)}np"
 
 
 def _nlist(n: int) -> int:
@@ -404,16 +431,10 @@ def _divisors(dim: int) -> list[int]:
     return [m for m in range(1, dim + 1) if dim % m == 0]
 
 
-def _pq_bytes(dim: int, per_vector: float) -> int | None:
-    """Largest PQ code size (bytes, dividing dim, <= dim/2) that fits ``per_vector`` bytes."""
-    fits = [m for m in _divisors(dim) if m <= per_vector and m <= max(1, dim // 2)]
-    return max(fits) if fits else None
-
-
 def _train_size(index: faiss.Index) -> int:
-    """Training sample size: up to 256 points per IVF list (FAISS's own cap), else 64k."""
+    """Training sample size: ``TRAIN_POINTS_PER_LIST`` per IVF list, else 64k (PQ/PCA/SQ)."""
     try:
-        return 256 * faiss.extract_index_ivf(index).nlist
+        return TRAIN_POINTS_PER_LIST * faiss.extract_index_ivf(index).nlist
     except RuntimeError:
         return 65_536
 
@@ -450,21 +471,27 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def _tuning_set(x: np.ndarray, metric: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Perturbed corpus vectors as queries, their exact top-k, and their source rows.
+def _tuning_set(
+    x: np.ndarray, metric: str, seed: int, queries: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tuning queries, their exact top-k, and the corpus row each query must not count.
 
-    The source row of each query is removed from both exact and approximate results, so the
-    trivial self-match does not inflate the measured recall.
+    Without user queries this is leave-one-out: sampled corpus vectors are the queries and
+    each one's own row is dropped from both exact and approximate results, so every query
+    behaves like a fresh held-out sample from the corpus distribution. Perturbing corpus
+    points instead would overstate recall (their neighbourhood is the source's neighbourhood).
     """
-    rng = np.random.default_rng(seed + 1)
-    rows = rng.choice(len(x), size=min(TUNE_QUERIES, len(x)), replace=False)
-    base = x[rows]
-    noise = rng.standard_normal(base.shape).astype(np.float32)
-    scale = TUNE_NOISE * np.linalg.norm(base, axis=1, keepdims=True) / math.sqrt(x.shape[1])
-    queries = np.ascontiguousarray(base + noise * scale, dtype=np.float32)
-    k = min(TUNE_K + 1, len(x))
-    _, truth = faiss.knn(queries, x, k, metric=_METRICS[metric])
-    return queries, _drop_rows(truth, rows, k - 1), rows
+    if queries is None:
+        rows = np.random.default_rng(seed + 1).choice(
+            len(x), size=min(TUNE_QUERIES, len(x)), replace=False
+        )
+        queries = x[np.sort(rows)]
+        rows = np.sort(rows)
+    else:
+        rows = np.full(len(queries), -1, dtype=np.int64)
+    k = min(TUNE_K, len(x) - int(rows[0] >= 0))
+    _, truth = faiss.knn(queries, x, k + 1, metric=_METRICS[metric])
+    return queries, _drop_rows(truth, rows, k), rows
 
 
 def _drop_rows(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -546,7 +573,31 @@ def _make_index(dim: int, factory: str, metric: str, seed: int) -> faiss.Index:
         ) from err
     with contextlib.suppress(RuntimeError):  # not an IVF index: no k-means to seed
         faiss.extract_index_ivf(index).cp.seed = seed
+    _disable_polysemous_training(index)
     return index
+
+
+def _set_ef_construction(index: faiss.Index, value: int) -> None:
+    inner = faiss.downcast_index(index)
+    if not hasattr(inner, "hnsw"):
+        raise UserInputError(f"ef_construction applies to HNSW indexes, not {type(inner).__name__}")
+    if value < 1:
+        raise UserInputError(f"ef_construction must be >= 1, got {value}")
+    inner.hnsw.efConstruction = int(value)
+
+
+def _disable_polysemous_training(index: faiss.Index) -> None:
+    """Skip polysemous code training (on by default for factory PQ indexes).
+
+    It only serves polysemous Hamming filtering, which this wrapper never enables, yet it
+    takes 10-100x longer than training the PQ itself.
+    """
+    try:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        inner = faiss.downcast_index(index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
 
 
 def _as_vectors(

@@ -295,3 +295,19 @@ def test_finetune_other_pseudo_labelers(
     assert res.pseudo[0]["num_rows"] == 32 - 2 * 4
     assert res.pseudo[0]["accuracy"] is not None  # true labels exist, so accuracy is reported
     assert set(res.fused["by_subset"]) == {"audio+image", "audio", "image"}
+
+
+def test_data_inspect_and_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_tiny_corpus(tmp_path / "c", n=12)
+    (tmp_path / "c" / "img" / "3.png").write_bytes(b"")  # one zero-byte image
+    res = run_json(capsys, ["data", "inspect", str(manifest)])
+    assert res["items"] == 12 and res["bad"] == 1 and res["ok"] == 11
+    assert res["bad_by_reason"] == {"empty_file": 1}
+    assert {"image", "audio", "text"} <= set(res["modalities"])
+    packed = run_json(
+        capsys,
+        ["data", "pack", str(manifest), "--out", str(tmp_path / "shards"), "--shard-size", "5"],
+    )
+    assert packed["shards"] == 3
+    again = run_json(capsys, ["data", "inspect", packed["pattern"]])
+    assert again["items"] == 12 and again["ok"] == 12  # the bad image was left out of the shard

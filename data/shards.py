@@ -1,0 +1,323 @@
+"""WebDataset shards as an iterable of the same sample dicts :class:`PairedDataset` yields.
+
+A shard is a tar file whose members ``KEY.EXT`` are grouped by ``KEY`` into one sample:
+``jpg/png/webp/...`` -> image, ``wav/flac/mp3/...`` -> audio, ``txt`` -> text (each modality's
+:attr:`ModalitySpec.extensions`), ``cls`` -> label, ``json`` -> a dict that may carry ``label``,
+``id`` and inline modalities. Shards are read with the ``webdataset`` library (local paths and
+``pipe:`` URLs, brace patterns such as ``dir/train-{000000..000009}.tar``).
+
+Order: the shard list is permuted by (seed, epoch), split across processes (``rank::world``) and
+then across DataLoader workers; each worker shuffles samples in a buffer seeded by (seed, epoch,
+rank, worker). Augmentation randomness is seeded by (seed, epoch, shard, key), so it does not
+depend on how work is split.
+
+Damage is never fatal: a shard that ends mid-member (truncated download) or cannot be opened
+loses its tail; the partial sample is dropped and the problem travels as one bad record, so
+counts reach the run's :class:`BadItemLog` like any other bad item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import tarfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modalign.data.dataset import BadRecord, RawSource
+from modalign.data.decode import BadItem, decode_text
+from modalign.data.errors import DataError
+from modalign.data.modality import ModalitySpec
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+BAD_KEY = "__bad__"  # a record that only carries shard-level problems
+
+
+def is_shard_pattern(src: str | Path) -> bool:
+    """True for a WebDataset shard, pattern or ``pipe:`` URL (tar, tar.gz, tgz)."""
+    text = str(src).strip()
+    if text.startswith("pipe:"):
+        return True
+    last = text.split("::")[-1].lower().rstrip("}")
+    return last.endswith(SHARD_SUFFIXES)
+
+
+def expand_shards(pattern: str | Path) -> list[str]:
+    """Brace-expand a shard pattern (``a-{000..009}.tar``, ``::`` joins several) into URLs.
+
+    Raises :class:`DataError` naming the pattern when it expands to nothing or a local shard is
+    missing (a source-level problem the user must fix, unlike a damaged shard).
+    """
+    from braceexpand import braceexpand
+
+    text = str(pattern).strip()
+    urls = [u for part in text.split("::") if part for u in braceexpand(part)]
+    if not urls:
+        raise DataError(f"{text}: shard pattern expands to no shard")
+    missing = [u for u in urls if _is_local(u) and not Path(_local_path(u)).is_file()]
+    if missing:
+        raise DataError(
+            f"{text}: {len(missing)} of {len(urls)} shards not found (first: {missing[0]}); "
+            "check the path and the {first..last} range"
+        )
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return (not url.startswith("pipe:") and "://" not in url) or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url.removeprefix("file://")
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one shard, in tar order.
+
+    A truncated or unreadable shard ends early: the sample being grouped when the cut came is
+    dropped (its members may be incomplete) and one record ``{BAD_KEY: [(reason, detail), ...]}``
+    closes the shard.
+    """
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    problems: list[tuple[str, str]] = []
+    truncated: list[BaseException] = []
+
+    def handler(exn: BaseException) -> bool:
+        # A read error in a streamed tar means the rest is gone: stop and drop the partial sample.
+        if isinstance(exn, tarfile.ReadError | EOFError | OSError):
+            truncated.append(exn)
+            return False
+        problems.append(("corrupt_member", f"{url}: {exn}"))
+        return True
+
+    current: dict[str, Any] | None = None
+    stream = None
+    try:
+        stream = gopen(_local_path(url) if url.startswith("file://") else url)
+        for member in tar_file_iterator(stream, handler=handler):
+            key, ext = base_plus_ext(member["fname"])
+            if key is None or not ext:
+                problems.append(("no_extension", f"{url}: member {member['fname']!r}"))
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext.lower()] = member["data"]
+    except Exception as exn:  # header cut off, pipe failed, not a tar at all
+        truncated.append(exn)
+    finally:
+        _close_quietly(stream)
+    if truncated:
+        lost = f" (sample {current['__key__']!r} dropped)" if current is not None else ""
+        problems.append(("truncated_shard", f"{url}: {_short(truncated[0])}{lost}"))
+    elif current is not None:
+        yield current
+    if problems:
+        yield {"__key__": url, "__url__": url, BAD_KEY: problems}
+
+
+def _short(exn: BaseException) -> str:
+    text = str(exn.args[0]) if exn.args else type(exn).__name__
+    return f"{type(exn).__name__}: {text.split(' @ ')[0][:200]}"
+
+
+def _close_quietly(stream: Any) -> None:
+    # A pipe we stop reading early exits non-zero on close; the shard's problem is already counted.
+    if stream is None:
+        return
+    with contextlib.suppress(Exception):
+        stream.close()
+
+
+def count_shard(url: str) -> int:
+    """Records :func:`iter_shard` yields for ``url`` (reads the shard, decodes nothing)."""
+    return sum(1 for _ in iter_shard(url))
+
+
+def stable_hash(*parts: object) -> int:
+    """A 63-bit hash of ``parts`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``size`` items (memory: ``size`` raw samples)."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardDataset(RawSource):
+    """Iterable over WebDataset shards, split by process and DataLoader worker.
+
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised. Each process
+    reads the shards ``perm[rank::world]`` of the epoch's shard permutation, each worker a slice
+    of those. Use :class:`~modalign.data.stream.SourceStream` for endless, resumable training
+    batches, or a plain DataLoader (``batch_size``, ``collate_fn=Collate(...)``) for one pass.
+    """
+
+    def __init__(
+        self,
+        urls: str | Path | Sequence[str],
+        modalities: Mapping[str, ModalitySpec],
+        train: bool = False,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if isinstance(urls, str | Path):
+            source, shard_urls = str(urls), expand_shards(urls)
+        else:
+            shard_urls = list(urls)
+            source = shard_urls[0] if len(shard_urls) == 1 else f"{len(shard_urls)} shards"
+        super().__init__(modalities, train, seed, shuffle, rank, world_size, source)
+        self.urls = shard_urls
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self._counts: dict[str, int] = {}
+        self._by_ext = _extension_map(self.modalities)
+        if len(self.urls) < self.world:
+            raise DataError(
+                f"{self.source}: {len(self.urls)} shards cannot feed {self.world} processes; "
+                "re-pack with a smaller --shard-size so there is at least one shard per process"
+            )
+
+    def rank_shards(self) -> list[str]:
+        """This process's shards for the current epoch."""
+        if self.shuffle:
+            order = random.Random(stable_hash(self.seed, self.epoch, "shards")).sample(
+                range(len(self.urls)), len(self.urls)
+            )
+        else:
+            order = list(range(len(self.urls)))
+        return [self.urls[i] for i in order[self.rank :: self.world]]
+
+    def worker_shards(self, worker: int, num_workers: int) -> list[str]:
+        return self.rank_shards()[worker::num_workers]
+
+    def raw(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        records = (
+            rec for url in self.worker_shards(worker, num_workers) for rec in iter_shard(url)
+        )
+        if self.shuffle_buffer > 1:
+            seed = stable_hash(self.seed, self.epoch, self.rank, worker, num_workers, "buffer")
+            records = buffer_shuffle(records, self.shuffle_buffer, random.Random(seed))
+        return records
+
+    def counts(self, num_workers: int) -> list[int]:
+        """Records per worker this epoch; counts each shard once (reads it) and caches it."""
+        out = []
+        for w in range(num_workers):
+            urls = self.worker_shards(w, num_workers)
+            for url in urls:
+                if url not in self._counts:
+                    self._counts[url] = count_shard(url)
+            out.append(sum(self._counts[u] for u in urls))
+        return out
+
+    def decode(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
+        return decode_shard_sample(
+            raw, self.modalities, self._by_ext, self.train, self.seed, self.epoch, position
+        )
+
+
+def _extension_map(modalities: Mapping[str, ModalitySpec]) -> dict[str, str]:
+    by_ext: dict[str, str] = {}
+    for name, spec in modalities.items():
+        for ext in spec.extensions:
+            by_ext.setdefault(ext.lower(), name)
+    return by_ext
+
+
+META_EXTENSIONS = ("cls", "json", "id")
+
+
+def decode_shard_sample(
+    raw: dict[str, Any],
+    modalities: Mapping[str, ModalitySpec],
+    by_ext: Mapping[str, str],
+    train: bool,
+    seed: int,
+    epoch: int,
+    position: int,
+) -> dict[str, Any]:
+    """Raw shard record -> ``{"id", "label", "index", "bad", modality: value, ...}``."""
+    key, url = raw["__key__"], raw["__url__"]
+    sample: dict[str, Any] = {"id": key, "label": None, "index": position, "bad": []}
+    if BAD_KEY in raw:
+        sample["bad"] = [BadRecord(url, "shard", r, d) for r, d in raw[BAD_KEY]]
+        return sample
+    where = f"{url}#{key}"
+    meta = _read_meta(raw, where, sample["bad"])
+    sample["id"] = str(meta.get("id", key))
+    sample["label"] = _label(raw, meta)
+    values = _modality_values(raw, meta, modalities, by_ext)
+    rng = np.random.default_rng([seed, epoch, stable_hash(url, key)])
+    for name, (ext, value) in values.items():
+        try:
+            sample[name] = modalities[name].load(value, train, rng)
+        except BadItem as exc:
+            detail = f"{ext}: {exc.detail}" if exc.detail else ext
+            sample["bad"].append(BadRecord(where, name, exc.reason, detail))
+    if not values:
+        exts = sorted(k for k in raw if not k.startswith("__"))
+        unknown = [e for e in exts if e not in by_ext and e not in META_EXTENSIONS]
+        reason = "unknown_extension" if unknown else "no_modality"
+        sample["bad"].append(BadRecord(where, "-", reason, f"members: {', '.join(exts) or 'none'}"))
+    return sample
+
+
+def _read_meta(raw: dict[str, Any], where: str, bad: list[BadRecord]) -> dict[str, Any]:
+    if "json" not in raw:
+        return {}
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as exc:
+        bad.append(BadRecord(where, "json", "corrupt_json", str(exc)[:200]))
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _label(raw: dict[str, Any], meta: Mapping[str, Any]) -> str | None:
+    if "cls" in raw:
+        try:
+            return decode_text(raw["cls"])
+        except BadItem:
+            return None
+    label = meta.get("label")
+    return None if label is None else str(label)
+
+
+def _modality_values(
+    raw: dict[str, Any],
+    meta: Mapping[str, Any],
+    modalities: Mapping[str, ModalitySpec],
+    by_ext: Mapping[str, str],
+) -> dict[str, tuple[str, Any]]:
+    """Modality -> (member extension, bytes); inline modalities may also come from the json."""
+    values: dict[str, tuple[str, Any]] = {}
+    for ext, value in raw.items():
+        name = by_ext.get(ext) or by_ext.get(ext.rsplit(".", 1)[-1])
+        if name is not None and name not in values:
+            values[name] = (ext, value)
+    for name, spec in modalities.items():
+        if spec.inline and name not in values and meta.get(name) is not None:
+            values[name] = ("json", meta[name])
+    return values

@@ -1,0 +1,222 @@
+"""Open any ``SRC`` (manifest or WebDataset shard pattern) and mix several with weights.
+
+``SRC`` dispatch is by suffix: ``.jsonl/.csv/.parquet`` -> manifest, ``.tar/.tar.gz/.tgz``
+(brace patterns, ``::`` lists, ``pipe:`` URLs) -> shards. Everything comes back as a
+:class:`RawSource`, so :class:`~modalign.data.stream.SourceStream` can batch, resume and split it
+across processes and workers the same way; :func:`open_stream` picks the exact global-batch
+:class:`~modalign.data.stream.BatchStream` for a single manifest.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from modalign.data.dataset import PairedDataset, RawSource
+from modalign.data.errors import DataError
+from modalign.data.manifest import Manifest, is_manifest, read_manifest
+from modalign.data.modality import ModalitySpec
+from modalign.data.shards import SHARD_SUFFIXES, ShardDataset, is_shard_pattern, stable_hash
+from modalign.data.stream import BatchStream, SourceStream
+
+
+class ManifestSource(RawSource):
+    """A manifest as an iterable: (seed, epoch) permutation, split ``rank::world`` then by worker."""
+
+    def __init__(
+        self,
+        dataset: PairedDataset,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        super().__init__(
+            dataset.modalities,
+            dataset.train,
+            dataset.seed,
+            shuffle,
+            rank,
+            world_size,
+            dataset.source,
+        )
+        self.dataset = dataset
+        self.manifest = manifest
+
+    def _rank_rows(self) -> list[int]:
+        n = len(self.dataset)
+        order = list(range(n))
+        if self.shuffle:
+            random.Random(stable_hash(self.seed, self.epoch, "rows")).shuffle(order)
+        return order[self.rank :: self.world]
+
+    def raw(self, worker: int, num_workers: int) -> Iterator[int]:
+        return iter(self._rank_rows()[worker::num_workers])
+
+    def counts(self, num_workers: int) -> list[int]:
+        n = len(range(self.rank, len(self.dataset), self.world))
+        return [len(range(w, n, num_workers)) for w in range(num_workers)]
+
+    def decode(self, raw: int, position: int) -> dict[str, Any]:
+        # PairedDataset seeds augmentation by (seed, epoch, row) from the index.
+        return self.dataset[self.epoch * len(self.dataset) + raw]
+
+
+class MixedSource(RawSource):
+    """Weighted mix of sources: each draw picks a source with probability proportional to its weight.
+
+    Per worker, the epoch ends when a drawn source has run out, so every epoch follows the weights
+    (nothing is oversampled); the next epoch reshuffles every source. Sources that give a worker
+    nothing at all are left out of its draws. Draws are seeded by (seed, epoch, rank, worker).
+    """
+
+    def __init__(
+        self, sources: Sequence[RawSource], weights: Sequence[float] | None = None, seed: int = 0
+    ) -> None:
+        if not sources:
+            raise DataError("a mix needs at least one source")
+        weights = list(weights) if weights is not None else [1.0] * len(sources)
+        if len(weights) != len(sources) or any(w <= 0 for w in weights):
+            raise DataError(f"mix weights {weights} must be positive, one per source")
+        modalities: dict[str, ModalitySpec] = {}
+        for s in sources:
+            modalities.update(s.modalities)
+        first = sources[0]
+        names = " + ".join(s.source for s in sources)
+        super().__init__(
+            modalities, first.train, seed, first.shuffle, first.rank, first.world, names
+        )
+        self.sources, self.weights = list(sources), weights
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for s in self.sources:
+            s.set_epoch(epoch)
+
+    def _rng(self, worker: int, num_workers: int) -> random.Random:
+        return random.Random(stable_hash(self.seed, self.epoch, self.rank, worker, num_workers))
+
+    def raw(self, worker: int, num_workers: int) -> Iterator[tuple[int, Any]]:
+        iters, live = [], []
+        for i, s in enumerate(self.sources):
+            it = iter(s.raw(worker, num_workers))
+            head = next(it, _END)  # peek: a source empty for this worker is left out
+            iters.append((head, it))
+            if head is not _END:
+                live.append(i)
+        pending = {i: iters[i][0] for i in live}
+        rng = self._rng(worker, num_workers)
+        weights = [self.weights[i] for i in live]
+        while live:
+            i = rng.choices(live, weights)[0]
+            item = pending.pop(i) if i in pending else next(iters[i][1], _END)
+            if item is _END:
+                return
+            yield i, item
+
+    def counts(self, num_workers: int) -> list[int]:
+        per_source = [s.counts(num_workers) for s in self.sources]
+        out = []
+        for w in range(num_workers):
+            left = {i: c[w] for i, c in enumerate(per_source) if c[w] > 0}
+            live = list(left)
+            weights = [self.weights[i] for i in live]
+            rng, n = self._rng(w, num_workers), 0
+            while live:  # replay the draws of raw() without reading any data
+                i = rng.choices(live, weights)[0]
+                if left[i] == 0:
+                    break
+                left[i] -= 1
+                n += 1
+            out.append(n)
+        return out
+
+    def decode(self, raw: tuple[int, Any], position: int) -> dict[str, Any]:
+        i, item = raw
+        return self.sources[i].decode(item, position)
+
+
+_END = object()
+
+
+def open_source(
+    src: str | Path,
+    specs: Mapping[str, ModalitySpec],
+    train: bool = False,
+    seed: int = 0,
+    shuffle: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle_buffer: int = 1000,
+) -> RawSource:
+    """Open a manifest or shard pattern as a :class:`RawSource` (shuffled when ``train``).
+
+    Raises :class:`DataError` naming the file for an unknown suffix, a missing file or shard, or a
+    manifest without usable rows. The manifest's skipped rows are on ``source.manifest.skipped``.
+    """
+    shuffle = train if shuffle is None else shuffle
+    text = str(src)
+    if is_shard_pattern(text):
+        return ShardDataset(text, specs, train, seed, shuffle, shuffle_buffer, rank, world_size)
+    if is_manifest(text):
+        manifest = read_manifest(text, list(specs), inline=_inline(specs))
+        dataset = PairedDataset.from_manifest(manifest, specs, train=train, seed=seed)
+        return ManifestSource(dataset, shuffle, rank, world_size, manifest=manifest)
+    raise DataError(
+        f"{text}: not a manifest (.jsonl/.csv/.parquet) or WebDataset shard pattern "
+        f"({'/'.join(SHARD_SUFFIXES)})"
+    )
+
+
+def open_mix(
+    sources: Mapping[str, float] | Sequence[str],
+    specs: Mapping[str, ModalitySpec],
+    train: bool = False,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> RawSource:
+    """Several SRCs mixed by weight (``{src: weight}``; a plain list weighs them equally)."""
+    weighted = dict(sources) if isinstance(sources, Mapping) else dict.fromkeys(sources, 1.0)
+    opened = [
+        open_source(s, specs, train, seed, rank=rank, world_size=world_size) for s in weighted
+    ]
+    if len(opened) == 1:
+        return opened[0]
+    return MixedSource(opened, list(weighted.values()), seed=seed)
+
+
+def open_stream(
+    src: str | Path,
+    specs: Mapping[str, ModalitySpec],
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    start: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> BatchStream | SourceStream:
+    """Endless training micro-batches for this process from ``src`` (resume with ``start``).
+
+    A manifest gets :class:`BatchStream` (global batches split across processes exactly as one
+    process would see them); shards get :class:`SourceStream`. Both carry ``position`` and the
+    manifest's read-time problems in ``skipped``/``skipped_examples`` (for a BadItemLog).
+    """
+    source = open_source(src, specs, train=True, seed=seed, shuffle=shuffle, rank=rank,
+                         world_size=world_size)  # fmt: skip
+    if isinstance(source, ManifestSource):
+        stream = BatchStream(
+            source.dataset, batch_size, source.rank, source.world, seed, shuffle, num_workers, start
+        )
+        manifest = source.manifest
+        stream.skipped = dict(manifest.skipped) if manifest else {}
+        stream.skipped_examples = list(manifest.skipped_examples) if manifest else []
+        return stream
+    return SourceStream(source, batch_size, num_workers=num_workers, start=start)
+
+
+def _inline(specs: Mapping[str, ModalitySpec]) -> list[str]:
+    return [m for m, s in specs.items() if s.inline]

@@ -183,6 +183,22 @@ def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def cmd_index_add(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.retrieval.corpus_index import CorpusIndex
+
+    emb, fingerprint, _ = _embeddings(args)
+    index = CorpusIndex.open(args.index)
+    added = index.add(emb, fingerprint)
+    index.save(args.index)
+    result = {
+        "index": args.index,
+        "added": added,
+        "total": {m: len(ix) for m, ix in index.indexes.items()},
+    }
+    _emit(args, result)
+    return result
+
+
 def _embeddings(args: argparse.Namespace):
     from modalign.pretrain.bundle import load_bundle
     from modalign.retrieval.embed import embed_source, read_embedding_shards
@@ -410,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.95)
     _common(p, device=True)
     p.set_defaults(func=cmd_index_build)
+
+    p = index.add_parser("add", help="append items to an existing index without rebuilding it")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--embeddings")
+    _common(p, device=True)
+    p.set_defaults(func=cmd_index_add)
 
     p = sub.add_parser("search", help="query an index by text, image or audio")
     p.add_argument("--index", required=True)

@@ -55,37 +55,36 @@ def build_corpus_index(
     target_recall: float = 0.95,
 ) -> dict[str, Any]:
     """Index every modality in ``emb`` and save atomically; returns build stats per modality."""
-    out = Path(out_dir)
-    stats: dict[str, Any] = {}
-    with atomic_dir(out) as tmp:
-        items = []
-        for m, e in sorted(emb.items()):
-            index = VectorIndex.build(
-                e.vectors,
-                [f"{m}:{i}" for i in e.ids],
-                factory=factory,
-                device=device,
-                fingerprint=fingerprint,
-                memory_budget_bytes=memory_budget_bytes,
-                target_recall=target_recall,
-            )
-            index.save(tmp / m)
-            stats[m] = {"items": len(e), "factory": index.factory, **index.stats.__dict__}
-            items.extend(
-                {"id": i, "modality": m, "value": v, "label": lab}
-                for i, v, lab in zip(e.ids, e.values, e.labels)
-            )
-        (tmp / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-        dim = next(iter(emb.values())).vectors.shape[1]
-        meta = {
-            "format": FORMAT,
-            "fingerprint": fingerprint,
-            "model": model_path,
-            "modalities": sorted(emb),
-            "dim": dim,
-        }
-        (tmp / "index.json").write_text(json.dumps({**meta, "build": stats}, indent=2))
-    return stats
+    indexes, items = {}, {}
+    for m, e in sorted(emb.items()):
+        indexes[m] = VectorIndex.build(
+            e.vectors,
+            [f"{m}:{i}" for i in e.ids],
+            factory=factory,
+            device=device,
+            fingerprint=fingerprint,
+            memory_budget_bytes=memory_budget_bytes,
+            target_recall=target_recall,
+        )
+        items.update(_item_records(e))
+    dim = next(iter(emb.values())).vectors.shape[1]
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "model": model_path,
+        "modalities": sorted(emb),
+        "dim": dim,
+    }
+    index = CorpusIndex(Path(out_dir), meta, indexes, items)
+    index.save(out_dir)
+    return index.meta["build"]
+
+
+def _item_records(e: Embeddings) -> dict[tuple[str, str], dict]:
+    return {
+        (e.modality, i): {"id": i, "modality": e.modality, "value": v, "label": lab}
+        for i, v, lab in zip(e.ids, e.values, e.labels)
+    }
 
 
 class CorpusIndex:
@@ -133,6 +132,42 @@ class CorpusIndex:
     @property
     def modalities(self) -> list[str]:
         return list(self.meta["modalities"])
+
+    def add(self, emb: Mapping[str, Embeddings], fingerprint: str) -> dict[str, int]:
+        """Append items without retraining (IVF/PQ keep their trained quantisers)."""
+        if fingerprint != self.meta["fingerprint"]:
+            raise UserInputError(
+                f"{self.root}: built with model {self.meta['fingerprint']}, but these embeddings come from "
+                f"{fingerprint}; embed them with the index's model or build a new index"
+            )
+        added = {}
+        for m, e in emb.items():
+            if m not in self.indexes:
+                self.indexes[m] = VectorIndex.build(
+                    e.vectors, [f"{m}:{i}" for i in e.ids], fingerprint=fingerprint
+                )
+                self.meta["modalities"] = sorted(self.indexes)
+            else:
+                self.indexes[m].add(e.vectors, [f"{m}:{i}" for i in e.ids])
+            self.items.update(_item_records(e))
+            added[m] = len(e)
+        return added
+
+    def save(self, directory: str | Path) -> None:
+        """Write every modality's index, the item map and metadata; swapped in atomically."""
+        out = Path(directory)
+        self.meta["build"] = {
+            m: {"items": len(ix), "factory": ix.factory, **ix.stats.__dict__}
+            for m, ix in sorted(self.indexes.items())
+        }
+        with atomic_dir(out) as tmp:
+            for m, ix in self.indexes.items():
+                ix.save(tmp / m)
+            (tmp / "items.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in self.items.values())
+            )
+            (tmp / "index.json").write_text(json.dumps(self.meta, indent=2))
+        self.root = out
 
     def search(
         self, vectors: np.ndarray, k: int = 10, targets: Sequence[str] | None = None

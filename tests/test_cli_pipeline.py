@@ -311,3 +311,63 @@ def test_data_inspect_and_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert packed["shards"] == 3
     again = run_json(capsys, ["data", "inspect", packed["pattern"]])
     assert again["items"] == 12 and again["ok"] == 12  # the bad image was left out of the shard
+
+
+def test_index_add_and_wrong_model(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    manifest, out = trained
+    extra = write_tiny_corpus(tmp_path / "more", n=8, seed=5)
+    extra.write_text(extra.read_text().replace('"item', '"more'))  # new ids
+    run_json(
+        capsys,
+        [
+            "index",
+            "build",
+            "--model",
+            str(out),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "idx"),
+        ],
+    )
+    res = run_json(
+        capsys,
+        [
+            "index",
+            "add",
+            "--index",
+            str(tmp_path / "idx"),
+            "--model",
+            str(out),
+            "--data",
+            str(extra),
+        ],
+    )
+    assert res["added"]["image"] == 8 and res["total"]["image"] == 40
+    hits = run_json(
+        capsys,
+        [
+            "search",
+            "--index",
+            str(tmp_path / "idx"),
+            "--text",
+            "the sound one",
+            "-k",
+            "40",
+            "--target",
+            "image",
+        ],
+    )
+    assert any(h["id"].startswith("more") for h in hits["results"])
+    # an index queried with a different model is refused
+    other = tmp_path / "other"
+    sets = [x for o in tiny_overrides(manifest, other, steps=1, batch=16) for x in ("--set", o)]
+    assert main(["-q", "pretrain", "demo", *sets, "--set", "train.seed=9"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["search", "--index", str(tmp_path / "idx"), "--text", "x", "--model", str(other)])
+        == 2
+    )
+    assert "rebuild the index" in capsys.readouterr().err

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -64,7 +64,7 @@ HNSW_MAX_N = 500_000
 TRAIN_POINTS_PER_LIST = 64
 TUNE_K = 10
 TUNE_QUERIES = 1000
-# faiss GPU kernels support k up to 2048.
+# faiss GPU kernels support k (and IVF nprobe) up to 2048.
 GPU_MAX_K = 2048
 
 
@@ -186,16 +186,16 @@ class VectorIndex:
         # inspect the CPU form: GPU indexes do not expose their structure the same way
         knob = _tunable_param(cpu_index)
         train_size = 0 if cpu_index.is_trained else min(len(x), _train_size(cpu_index))
-        self = cls(cpu_index, [], factory, metric_name, fingerprint, BuildStats(), device)
-        stats = self.stats
+        built = cls(cpu_index, [], factory, metric_name, fingerprint, BuildStats(), device)
+        stats = built.stats
         stats.train_size = train_size
-        stats.train_seconds = _timed(lambda: self._train(x, train_size, seed))
-        stats.add_seconds = _timed(lambda: self.add(x, id_list))
+        stats.train_seconds = _timed(lambda: built._train(x, train_size, seed))
+        stats.add_seconds = _timed(lambda: built.add(x, id_list))
         if knob is not None and len(x) > 1:
-            stats.tune_seconds = _timed(lambda: self._tune(x, knob, target_recall, seed, tq))
+            stats.tune_seconds = _timed(lambda: built._tune(x, knob, target_recall, seed, tq))
         stats.build_seconds = time.perf_counter() - start
         log.info("built %s over %d vectors in %.1fs", factory, len(x), stats.build_seconds)
-        return self
+        return built
 
     @property
     def dim(self) -> int:
@@ -277,7 +277,8 @@ class VectorIndex:
                 f"{path / INDEX_FILE} holds {index.ntotal} vectors of dim {index.d} but "
                 f"{META_FILE} says {len(ids)} of dim {meta['dim']}; rebuild the index"
             )
-        stats = BuildStats(**meta.get("build", {}))
+        known = {f.name for f in fields(BuildStats)}
+        stats = BuildStats(**{k: v for k, v in meta.get("build", {}).items() if k in known})
         return cls(index, ids, meta["factory"], meta["metric"], meta["fingerprint"], stats, device)
 
     # ------------------------------------------------------------------ internals
@@ -310,7 +311,13 @@ class VectorIndex:
         if size == 0:
             return
         rows = np.random.default_rng(seed).choice(len(x), size=size, replace=False)
-        self._index.train(x[np.sort(rows)])
+        try:
+            self._index.train(x[np.sort(rows)])
+        except RuntimeError as err:  # e.g. fewer training points than IVF lists
+            raise UserInputError(
+                f"cannot train {self.factory!r} on {size} vectors ({err}); use a smaller "
+                "index (fewer IVF lists) or factory='auto'"
+            ) from err
 
     def _tune(
         self,
@@ -323,6 +330,8 @@ class VectorIndex:
         """Pick the smallest nprobe / efSearch reaching ``target_recall`` recall@10."""
         name, max_value = knob
         on_gpu = self._gpu_resources is not None
+        if on_gpu:
+            max_value = min(max_value, GPU_MAX_K)  # GPU IVF kernels cap nprobe like k
         queries, truth, self_rows = _tuning_set(x, self.metric, seed, tuning_queries)
 
         def recall(value: int) -> float:

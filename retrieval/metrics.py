@@ -14,6 +14,8 @@ gets the worst possible ranks, never a lucky draw from sort order.
 
 Queries are processed in chunks of ``chunk_size`` rows, so peak memory is about
 ``chunk_size * N`` scores plus the ``N * D`` gallery, never the full ``Q * N`` score matrix.
+The chunk size does not change the metrics, except that float32 BLAS may round a score
+differently in its last bit for another matrix shape, which matters only for near-exact ties.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from modalign.data.errors import UserInputError
 
 __all__ = ["NoPositivesError", "RetrievalMetrics", "retrieval_metrics"]
 
-# Rows of one group are ranked in blocks so the (rows, positives) and (rows, N) temporaries stay
-# a few tens of MB even when one group holds most of the gallery.
+# Rows of one group are ranked in blocks so the (rows, positives) temporaries stay a few tens
+# of MB even when one group holds most of the gallery.
 _BLOCK_ELEMS = 1 << 22
 
 
@@ -111,10 +112,8 @@ def retrieval_metrics(
     if chunk_size < 1:
         raise UserInputError(f"chunk_size must be >= 1, got {chunk_size}")
     positives = _group_index(gg)
-    gallery_t = torch.from_numpy(g)
     parts = [
-        _score_chunk(q[s:e], gallery_t, qg[s:e], ex[s:e], positives)
-        for s, e in _chunks(len(q), chunk_size)
+        _score_chunk(q[s:e], g, qg[s:e], ex[s:e], positives) for s, e in _chunks(len(q), chunk_size)
     ]
     return _summarise(parts, ks)
 
@@ -185,18 +184,38 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 def _score_chunk(
     queries: np.ndarray,
-    gallery: torch.Tensor,
+    gallery: np.ndarray,
     query_groups: np.ndarray,
     exclude: np.ndarray,
     positives: dict[int, np.ndarray],
 ) -> _ChunkStats:
-    scores = (torch.from_numpy(queries) @ gallery.T).numpy()
+    scores = queries @ gallery.T
     rows = np.flatnonzero(exclude >= 0)
     # -inf sits below every finite score, so an excluded item never outranks a positive
     scores[rows, exclude[rows]] = -np.inf
-    # ascending sorted rows give "how many items score >= s" by one binary search
-    sorted_scores = torch.from_numpy(np.sort(scores, axis=1))
-    first, ap = [], []
+    blocks, skipped = _positive_blocks(scores, query_groups, exclude, positives)
+    # sort in place once the positives' scores are copied out: one (chunk, N) buffer, not two;
+    # ascending rows give "how many items score >= s" by one binary search
+    scores.sort(axis=1)
+    ranked = [_rank_positives(scores, *block) for block in blocks]
+    skipped += sum(len(b[0]) - len(r[0]) for b, r in zip(blocks, ranked))
+    return _ChunkStats(
+        _cat([r[0] for r in ranked], np.int64), _cat([r[1] for r in ranked], np.float64), skipped
+    )
+
+
+def _positive_blocks(
+    scores: np.ndarray,
+    query_groups: np.ndarray,
+    exclude: np.ndarray,
+    positives: dict[int, np.ndarray],
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], int]:
+    """Group the chunk's queries by positive set.
+
+    Returns ``(rows, ascending positive scores, positive count)`` blocks and the number of
+    queries whose group has no gallery item.
+    """
+    blocks = []
     skipped = 0
     for group in np.unique(query_groups):
         members = np.flatnonzero(query_groups == group)
@@ -204,42 +223,47 @@ def _score_chunk(
         if pos is None:
             skipped += len(members)
             continue
-        step = max(1, _BLOCK_ELEMS // max(len(pos), scores.shape[1] // 4))
+        step = max(1, _BLOCK_ELEMS // len(pos))
         for start in range(0, len(members), step):
             rows = members[start : start + step]
-            fr, a = _rank_positives(scores, sorted_scores, rows, pos, exclude)
-            skipped += len(rows) - len(fr)
-            first.append(fr)
-            ap.append(a)
-    return _ChunkStats(_cat(first, np.int64), _cat(ap, np.float64), skipped)
+            asc = np.sort(scores[np.ix_(rows, pos)], axis=1)
+            # an excluded positive (-inf) no longer counts as one
+            n_pos = len(pos) - np.isin(exclude[rows], pos).astype(np.int64)
+            blocks.append((rows, asc, n_pos))
+    return blocks, skipped
 
 
 def _rank_positives(
-    scores: np.ndarray,
-    sorted_scores: torch.Tensor,
-    rows: np.ndarray,
-    pos: np.ndarray,
-    exclude: np.ndarray,
+    sorted_scores: np.ndarray, rows: np.ndarray, asc: np.ndarray, n_pos: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """First-positive rank and AP for query ``rows`` that share the positive set ``pos``.
+    """First-positive rank and AP for query ``rows`` from their positives' sorted scores.
 
     With positives sorted by descending score ``a_1 >= ... >= a_P``, the pessimistic rank of the
     i-th positive is ``i + #negatives(score >= a_i)``, and
     ``#negatives(score >= a) = #all(score >= a) - #positives(score >= a)``.
     """
-    n = scores.shape[1]
-    pos_scores = np.sort(scores[np.ix_(rows, pos)], axis=1)  # ascending
-    n_pos = len(pos) - np.isin(exclude[rows], pos).astype(np.int64)
-    desc = torch.from_numpy(pos_scores[:, ::-1].copy())
-    all_ge = n - torch.searchsorted(sorted_scores[torch.from_numpy(rows)], desc).numpy()
-    pos_ge = len(pos) - torch.searchsorted(torch.from_numpy(pos_scores), desc).numpy()
-    i = np.arange(1, len(pos) + 1)
+    n, p = sorted_scores.shape[1], asc.shape[1]
+    desc = asc[:, ::-1]
+    # per-row binary searches: numpy has no batched searchsorted and torch's is slow on
+    # small, contended CPUs
+    below = np.stack([np.searchsorted(sorted_scores[r], d) for r, d in zip(rows, desc)])
+    all_ge = n - below
+    pos_ge = p - _first_of_ties(asc)[:, ::-1]
+    i = np.arange(1, p + 1)
     ranks = i + all_ge - pos_ge
-    # an excluded positive (-inf) sorts last; mask it out of the AP sum
+    # an excluded positive sorts last (-inf): mask it out of the AP sum
     valid = i[None, :] <= n_pos[:, None]
     ap_sum = np.where(valid, i / ranks, 0.0).sum(axis=1)
     keep = n_pos > 0
     return ranks[keep, 0].astype(np.int64), ap_sum[keep] / n_pos[keep]
+
+
+def _first_of_ties(asc: np.ndarray) -> np.ndarray:
+    """Index of the first element equal to each element of row-wise ascending ``asc``."""
+    idx = np.arange(asc.shape[1])
+    starts = np.ones(asc.shape, dtype=bool)
+    starts[:, 1:] = asc[:, 1:] != asc[:, :-1]
+    return np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
 
 
 def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:

@@ -102,12 +102,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / size
 
 
-def all_reduce_min(value: int) -> int:
-    """Smallest of an integer over processes (e.g. "does every rank have rows?")."""
+def all_reduce_min(value: int, device: torch.device | str = "cpu") -> int:
+    """Smallest of an integer over processes (e.g. "does every rank have rows?").
+
+    ``device``: where the collective runs (NCCL needs CUDA tensors).
+    """
     _, size = world()
     if size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 

@@ -88,9 +88,25 @@ def _make_accelerator(cfg: PretrainConfig):
             "on CPU use train.precision=bf16 or fp32"
         )
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    _release_accelerator_state(cpu, precision)
     # Rows may lack a modality for a whole batch; DDP must then tolerate unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[ddp])
+
+
+def _release_accelerator_state(cpu: bool, precision: str) -> None:
+    """Let a second ``pretrain()`` in one process use another precision or device.
+
+    Accelerate keeps a process-wide singleton and refuses a new Accelerator whose settings
+    differ from the first one's. The process group (``PartialState``) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        return
+    state = AcceleratorState()
+    if state.mixed_precision != precision or (cpu and state.device.type != "cpu"):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _to_device(batch: Batch, modalities: list[str], device: torch.device) -> Batch:
@@ -203,6 +219,8 @@ def _setup(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temp_dirs(out_dir)
+        if resume_dir is not None:
+            _trim_metrics(out_dir / "metrics.jsonl", start_step)
         ckpt.atomic_write_text(out_dir / "run_config.yaml", dump_yaml(cfg))
     return _Run(
         cfg, accelerator, task, core, optimizer, scheduler, specs, built, out_dir,
@@ -285,7 +303,8 @@ def _next_micro_batches(batches: Iterator[Batch], run: _Run, bad: BadItemLog) ->
             micro = [next(batches) for _ in range(run.cfg.train.accum_steps)]
         for b in micro:
             bad.add(b["bad"])
-        if all_reduce_min(min(len(b["id"]) for b in micro)) > 0:
+        rows = min(len(b["id"]) for b in micro)
+        if all_reduce_min(rows, run.accelerator.device) > 0:
             return [
                 _to_device(_ensure_present(b, mods, run.specs), mods, run.accelerator.device)
                 for b in micro
@@ -299,7 +318,6 @@ def _next_micro_batches(batches: Iterator[Batch], run: _Run, bad: BadItemLog) ->
 
 def _apply_update(run: _Run, out: LossOutput, loss_value: float, step: int) -> None:
     """Clip, check for divergence, then step optimizer and schedule (nothing applied on NaN)."""
-    cfg = run.cfg
     if not math.isfinite(loss_value):
         _diverged(run, f"loss became {loss_value}", step, out)
     norm = _clip_and_norm(run)
@@ -556,6 +574,21 @@ def _load_checkpoint(
         log.warning("%s has no RNG state for rank %d (world size changed); reseeding", path, rank)
     step = int(state["step"])
     return step, int(state.get("micro_batches", step * accum_steps))
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records past the resumed step: the steps after it are trained again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record.get("step", 0) <= step and "event" not in record:
+            kept.append(line + "\n")
+    ckpt.atomic_write_text(path, "".join(kept))
 
 
 class _MetricsWriter:

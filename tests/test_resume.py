@@ -1,0 +1,147 @@
+"""Resuming is exact: a run killed with SIGKILL and resumed ends with the weights of the
+uninterrupted run; extending ``train.steps`` by resuming equals running longer straight (the
+LR horizon is ``optim.decay_steps``); checkpoints are atomic.
+
+Dropout and SpecAugment are on, so a resume that lost the RNG state would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalign.config import load_config
+from modalign.pretrain import checkpoint as ckpt
+from modalign.pretrain.trainer import pretrain
+
+from conftest import tiny_overrides, write_tiny_corpus
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+
+
+def _overrides(manifest: Path, out: Path, steps: int) -> list[str]:
+    return [
+        *tiny_overrides(manifest, out, steps=steps, batch=8),
+        "model.modalities=[image,audio]",
+        "model.towers.image.drop_rate=0.3",
+        "model.towers.audio.drop_rate=0.3",
+        "data.audio.spec_augment=true",
+        "data.audio.freq_mask=4",
+        "data.audio.time_mask=4",
+        "optim.warmup_steps=2",
+        "optim.decay_steps=6",
+        "train.threads=1",
+        "train.keep_checkpoints=3",
+    ]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_corpus(tmp_path_factory.mktemp("resume"), n=24)
+
+
+@pytest.fixture(scope="module")
+def straight(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """4 steps, uninterrupted (3 epochs of 24 items at batch 8: crosses an epoch boundary)."""
+    out = tmp_path_factory.mktemp("straight")
+    pretrain(load_config(None, _overrides(corpus, out, steps=4)))
+    return _weights(out)
+
+
+def test_sigkill_after_step_2_then_resume_equals_uninterrupted(
+    corpus: Path, straight: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    spec = tmp_path / "overrides.json"
+    spec.write_text(json.dumps(_overrides(corpus, out, steps=4)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "kill_after_checkpoint.py"), "2", str(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2]
+    assert not (out / "model.safetensors").exists()  # killed before the bundle
+
+    pretrain(load_config(None, _overrides(corpus, out, steps=4)), resume="latest")
+    _assert_same(_weights(out), straight)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == [1, 2, 3, 4]
+
+
+def test_extending_steps_by_resume_equals_longer_run(
+    corpus: Path, straight: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    pretrain(load_config(None, _overrides(corpus, out, steps=2)))
+    short = _weights(out)
+    pretrain(load_config(None, _overrides(corpus, out, steps=4)), resume="latest")
+    _assert_same(_weights(out), straight)
+    assert any(not torch.equal(short[k], straight[k]) for k in short)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
+    corpus: Path, straight: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if "step-3" in str(f):
+            raise OSError("No space left on device (simulated)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        pretrain(load_config(None, _overrides(corpus, out, steps=4)))
+    monkeypatch.undo()
+
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2]
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-")]
+    assert leftovers == [], "a failed write must not leave temp dirs behind"
+    assert ckpt.resolve_resume(out, "latest") == out / "checkpoints" / "step-2"
+    pretrain(load_config(None, _overrides(corpus, out, steps=4)), resume="latest")
+    _assert_same(_weights(out), straight)
+
+
+def test_atomic_dir_replacing_an_existing_dir_fails_cleanly(tmp_path: Path) -> None:
+    final = tmp_path / "step-5"
+    with ckpt.atomic_dir(final) as tmp:
+        (tmp / "state.json").write_text('{"step": 5}')
+    with pytest.raises(RuntimeError), ckpt.atomic_dir(final) as tmp:
+        (tmp / "state.json").write_text("{half")
+        raise RuntimeError("crash mid-write")
+    assert (final / "state.json").read_text() == '{"step": 5}'
+    assert [p.name for p in tmp_path.iterdir()] == ["step-5"]
+
+
+def test_stale_temp_dirs_are_removed_and_never_listed(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / ".tmp-step-3-abc").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp-step-3-abc" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-2").mkdir()  # no state file: incomplete
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert ckpt.resolve_resume(tmp_path, "latest") is None
+    removed = ckpt.remove_stale_temp_dirs(tmp_path)
+    assert [p.name for p in removed] == [".tmp-step-3-abc"]

@@ -122,6 +122,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def _convert_scalar(tp: Any, value: Any, label: str) -> Any:
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string; users mean a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):

@@ -15,17 +15,27 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Mapping
+
+    from modalign.data.modality import ModalitySpec
     from modalign.pretrain.bundle import BundleModel
+    from modalign.pretrain.towers import TowerBuilder
 
 
-def load(path: str | Path, device: str = "cpu") -> BundleModel:
+def load(
+    path: str | Path,
+    device: str = "cpu",
+    tower_builders: Mapping[str, TowerBuilder] | None = None,
+    modalities: Mapping[str, ModalitySpec] | None = None,
+) -> BundleModel:
     """Load a model bundle (no code is executed: safetensors + JSON + YAML).
 
-    Imported lazily so ``import modalign`` stays cheap for the CLI.
+    ``tower_builders``/``modalities`` are needed only for bundles with custom modalities (the
+    same ones passed to ``pretrain``). Imported lazily so ``import modalign`` stays cheap.
     """
     from modalign.pretrain.bundle import load_bundle
 
-    return load_bundle(path, device=device)
+    return load_bundle(path, device=device, tower_builders=tower_builders, modalities=modalities)
 
 
 __all__ = ["__version__", "load"]

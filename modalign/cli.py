@@ -68,7 +68,13 @@ def cmd_build_demo(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_avmnist(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.data.avmnist import build_avmnist
 
-    result = build_avmnist(args.mnist, args.fsdd, args.out, seed=args.seed)
+    result = build_avmnist(
+        args.mnist,
+        args.fsdd,
+        args.out,
+        seed=args.seed,
+        images_per_recording=args.images_per_recording,
+    )
     _emit(args, result)
     return result
 
@@ -370,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdd", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--images-per-recording",
+        type=int,
+        default=4,
+        help="MNIST images paired with each recording",
+    )
     _common(p)
     p.set_defaults(func=cmd_avmnist)
     p = data.add_parser("inspect", help="counts per modality, bad items and why")

@@ -72,3 +72,16 @@ def test_int_accepted_for_float_but_not_bool_for_int() -> None:
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(None, ["train.steps=true"])
+
+
+def test_float_written_without_dot_is_a_number() -> None:
+    # YAML 1.1 reads 5e-4 as a string; users mean the number.
+    assert load_config(None, ["optim.lr=5e-4"]).optim.lr == 5e-4
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
+
+
+def test_every_builtin_config_loads() -> None:
+    for name in builtin_configs():
+        cfg = load_config(name)
+        assert cfg.model.modalities and cfg.train.steps > 0

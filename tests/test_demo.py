@@ -1,0 +1,64 @@
+"""The README's main job: `modalign demo` end to end, as a user runs it (slow: ~2-3 min)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modalign.data.demo_corpus import build_demo_corpus
+
+
+def test_build_demo_corpus_small(tmp_path: Path) -> None:
+    corpus = build_demo_corpus(tmp_path / "c", limit=40, workers=1)
+    train = [json.loads(line) for line in corpus.train.read_text().splitlines()]
+    test = [json.loads(line) for line in corpus.test.read_text().splitlines()]
+    assert len(train) + len(test) == 40 and test
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    for row in train + test:
+        assert (corpus.root / row["image"]).is_file() and (corpus.root / row["audio"]).is_file()
+        assert row["label"] in row["text"]
+    # voice/rate/pitch vary per item: two clips of the same word differ
+    sevens = [r for r in train + test if r["label"] == "seven"][:2]
+    if len(sevens) == 2:
+        a, b = ((corpus.root / r["audio"]).read_bytes() for r in sevens)
+        assert a != b
+    again = build_demo_corpus(tmp_path / "d", limit=40, workers=2)  # same corpus, any worker count
+    assert again.train.read_text() == corpus.train.read_text()
+    assert (tmp_path / "d" / train[0]["audio"]).read_bytes() == (
+        corpus.root / train[0]["audio"]
+    ).read_bytes()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    exe = shutil.which("modalign") or f"{sys.executable} -m modalign"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*exe.split(), "demo", "--out", str(tmp_path / "demo"), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    report = json.loads(lines[0])
+    pairs = report["retrieval"]["pairs"]
+    assert pairs["audio->image"]["recall@1"] >= 0.9
+    assert pairs["image->audio"]["recall@1"] >= 0.9
+    fused = report["classify"]["fused"]
+    assert fused["by_subset"]["audio+image"] >= 0.9
+    assert set(report["classify"]["labels_only"]["by_subset"]) == {"audio+image", "audio", "image"}
+    assert report["wall_s"] > 0
+    out = tmp_path / "demo"
+    assert (out / "report.md").read_text().startswith("# modalign demo report")
+    assert (out / "loss.png").stat().st_size > 5000
+    for name in ("model/model.safetensors", "classifier/head.safetensors", "index/index.json"):
+        assert (out / name).is_file(), name

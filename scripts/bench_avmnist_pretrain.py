@@ -12,8 +12,7 @@ Usage::
     python scripts/bench_avmnist_pretrain.py [--mnist D] [--fsdd D] [--work DIR]
         [--steps 300] [--set key=value ...]
 
-The config is this script's ``CONFIG`` (the proposed built-in ``avmnist`` config) plus
-``--set`` overrides. Prints markdown tables; ``--json`` also writes ``metrics.json`` to --work.
+The config is the built-in ``avmnist`` config plus ``--set`` overrides. Prints markdown tables; ``--json`` also writes ``metrics.json`` to --work.
 """
 
 from __future__ import annotations
@@ -34,47 +33,6 @@ SHARED = Path(
     os.environ.get("MODALIGN_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )
 
-# Proposed built-in config ``avmnist`` (paths are filled in from --work).
-CONFIG = """
-data:
-  num_workers: 1
-  image:
-    channels: 1
-    train_scale_min: 0.75
-    hflip: 0.0
-  audio:
-    sample_rate: 8000
-    clip_seconds: 0.8
-    n_mels: 32
-    n_fft: 256
-    hop_length: 128
-    spec_augment: true
-    freq_mask: 6
-    time_mask: 8
-model:
-  modalities: [image, audio, text]
-  embed_dim: 128
-  towers:
-    image: {kind: timm_image, arch: test_resnet, input_size: 28, in_chans: 1}
-    audio: {kind: timm_audio, arch: test_resnet, in_chans: 1}
-    text: {kind: sentence_transformer, arch: "", lock: all, head: mlp}
-loss:
-  kind: infonce
-  pairs: all
-optim:
-  lr: 0.003
-  weight_decay: 0.05
-  warmup_steps: 20
-  decay_steps: 300
-  grad_clip: 1.0
-train:
-  steps: 300
-  batch_size: 128
-  seed: 0
-  checkpoint_every: 100
-  log_every: 20
-"""
-
 PAIRS = [("audio", "image"), ("image", "audio"), ("text", "audio"), ("text", "image")]
 
 
@@ -90,9 +48,6 @@ def train(corpus: Path, out: Path, steps: int, overrides: list[str]) -> tuple[fl
     from modalign.config import load_config
     from modalign.pretrain.trainer import pretrain
 
-    cfg_file = out.parent / "avmnist.yaml"
-    cfg_file.parent.mkdir(parents=True, exist_ok=True)
-    cfg_file.write_text(CONFIG)
     sets = [
         f"data.train={corpus / 'train.jsonl'}",
         f"data.val={corpus / 'test.jsonl'}",
@@ -101,7 +56,7 @@ def train(corpus: Path, out: Path, steps: int, overrides: list[str]) -> tuple[fl
         *overrides,
     ]
     t0 = time.perf_counter()
-    result = pretrain(load_config(str(cfg_file), sets))
+    result = pretrain(load_config("avmnist", sets))
     return time.perf_counter() - t0, result
 
 

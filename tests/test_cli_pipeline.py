@@ -371,3 +371,20 @@ def test_index_add_and_wrong_model(
         == 2
     )
     assert "rebuild the index" in capsys.readouterr().err
+
+
+def test_pretrain_from_webdataset_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_tiny_corpus(tmp_path / "c", n=16)
+    packed = run_json(
+        capsys,
+        ["data", "pack", str(manifest), "--out", str(tmp_path / "shards"), "--shard-size", "8"],
+    )
+    sets = [
+        x
+        for o in tiny_overrides(Path(packed["pattern"]), tmp_path / "m", steps=2, batch=8)
+        for x in ("--set", o)
+    ]
+    res = run_json(capsys, ["pretrain", "demo", *sets])
+    assert res["steps"] == 2 and (tmp_path / "m" / "model.safetensors").is_file()

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from modalign.data.demo_corpus import DIGIT_WORDS
 from modalign.data.errors import DataError
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (
     "the digit {}",
     "a handwritten {}",

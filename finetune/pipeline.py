@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from modalign.data.config_io import dump_yaml, from_dict
 from modalign.data.errors import UserInputError
+from modalign.data.files import read_json_meta
 from modalign.finetune.config import FinetuneConfig
 from modalign.finetune.heads import FusionHead, build_head, modality_dropout
 from modalign.finetune.metrics import classification_metrics
@@ -461,12 +462,9 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
     from safetensors.torch import load_file
 
     root = Path(path)
-    meta_file = root / "classifier.json"
-    if not meta_file.is_file():
-        raise UserInputError(
-            f"{root}: not a classifier bundle (no classifier.json); create one with `modalign finetune`"
-        )
-    meta = json.loads(meta_file.read_text())
+    meta = read_json_meta(
+        root / "classifier.json", "classifier bundle", "create one with `modalign finetune`"
+    )
     model = load_bundle(meta["model"], device=device)
     if model.fingerprint != meta["model_fingerprint"]:
         raise UserInputError(

@@ -238,16 +238,12 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError("--text: the query is empty")
     if modality != "text" and not Path(value).is_file():
         raise UserInputError(f"--{modality} {value}: file not found")
-    meta_file = Path(args.index) / "index.json"
-    if not meta_file.is_file():
-        raise UserInputError(
-            f"{args.index}: not a modalign index (no index.json); build one with `modalign index build`"
-        )
-    model_path = args.model or json.loads(meta_file.read_text()).get("model")
+    index = CorpusIndex.open(args.index)
+    model_path = args.model or index.meta.get("model")
     if not model_path:
         raise UserInputError(f"{args.index} does not record its model; pass --model DIR")
     model = load_bundle(model_path, device=args.device)
-    index = CorpusIndex.open(args.index, expected_fingerprint=model.fingerprint)
+    index.require_model(model.fingerprint)
     vectors = model.encode(**{modality: [value]})[modality].numpy()
     targets = args.target or [m for m in index.modalities if m != modality] or index.modalities
     hits = index.search(vectors, k=args.k, targets=targets)[0]

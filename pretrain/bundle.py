@@ -23,6 +23,7 @@ from PIL import Image
 from modalign.data.config_io import dump_yaml, from_dict
 from modalign.data.decode import crop_or_pad, decode_text
 from modalign.data.errors import UserInputError
+from modalign.data.files import read_json_meta
 from modalign.data.modality import ImagePreset, ModalitySpec, default_modalities
 from modalign.pretrain.checkpoint import atomic_dir
 from modalign.pretrain.config import PretrainConfig
@@ -108,16 +109,8 @@ def _versions() -> dict[str, str]:
 
 
 def read_bundle_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    meta_file = path / "modalign.json"
-    if not meta_file.is_file():
-        raise UserInputError(
-            f"{path}: not a model bundle (no modalign.json); pass the output.dir of `modalign pretrain`"
-        )
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{meta_file}: corrupt bundle metadata ({exc})") from None
+    meta_file = Path(path) / "modalign.json"
+    meta = read_json_meta(meta_file, "model bundle", "pass the output.dir of `modalign pretrain`")
     if meta.get("format") != FORMAT:
         raise UserInputError(
             f"{meta_file}: format {meta.get('format')!r} is not a model bundle ({FORMAT})"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from modalign.data.errors import UserInputError
+from modalign.data.files import read_json_meta
 from modalign.pretrain.checkpoint import atomic_dir
 from modalign.retrieval.embed import Embeddings
 from modalign.retrieval.index import VectorIndex
@@ -102,22 +103,9 @@ class CorpusIndex:
     @classmethod
     def open(cls, directory: str | Path, expected_fingerprint: str | None = None) -> CorpusIndex:
         root = Path(directory)
-        meta_file = root / "index.json"
-        if not meta_file.is_file():
-            raise UserInputError(
-                f"{root}: not a modalign index (no index.json); build one with `modalign index build`"
-            )
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserInputError(
-                f"{meta_file}: corrupt index metadata ({exc}); rebuild the index"
-            ) from None
-        if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
-            raise UserInputError(
-                f"{root}: built with model {meta.get('fingerprint')}, but the query model is "
-                f"{expected_fingerprint}; rebuild the index with this model"
-            )
+        meta = read_json_meta(
+            root / "index.json", "modalign index", "build one with `modalign index build`"
+        )
         indexes = {
             m: VectorIndex.load(root / m, expected_fingerprint=meta.get("fingerprint"))
             for m in meta["modalities"]
@@ -127,7 +115,18 @@ class CorpusIndex:
             for line in fh:
                 r = json.loads(line)
                 items[(r["modality"], r["id"])] = r
-        return cls(root, meta, indexes, items)
+        index = cls(root, meta, indexes, items)
+        if expected_fingerprint is not None:
+            index.require_model(expected_fingerprint)
+        return index
+
+    def require_model(self, fingerprint: str) -> None:
+        """Refuse queries embedded by a model other than the one that built the index."""
+        if self.meta.get("fingerprint") != fingerprint:
+            raise UserInputError(
+                f"{self.root}: built with model {self.meta.get('fingerprint')}, but the query model is "
+                f"{fingerprint}; rebuild the index with this model"
+            )
 
     @property
     def modalities(self) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from modalign.data.dataset import BadItemLog, PairedDataset, make_loader
 from modalign.data.errors import DataError, UserInputError
+from modalign.data.files import read_json_meta
 from modalign.data.manifest import ManifestRow, read_manifest
 from modalign.pretrain.bundle import BundleModel
 from modalign.pretrain.checkpoint import atomic_write_text
@@ -176,12 +177,9 @@ def _write_shard(directory: Path, name: str, emb: Embeddings) -> None:
 def read_embedding_shards(directory: str | Path) -> tuple[dict[str, Embeddings], dict]:
     """Load all finished shards of an embeddings dir -> per-modality :class:`Embeddings` + meta."""
     root = Path(directory)
-    meta_path = root / "embeddings.json"
-    if not meta_path.is_file():
-        raise UserInputError(
-            f"{root}: not an embeddings dir (no embeddings.json); create it with `modalign embed`"
-        )
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_meta(
+        root / "embeddings.json", "embeddings dir", "create it with `modalign embed`"
+    )
     out: dict[str, Embeddings] = {}
     for m in meta.get("modalities", []):
         parts = sorted((root / m).glob("part-*.json")) if (root / m).is_dir() else []

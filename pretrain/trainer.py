@@ -282,12 +282,31 @@ def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:
             )
             t_last, wait, seen = now, 0.0, 0
         bar.update(1)
+        if cfg.train.val_every > 0 and cfg.data.val and done % cfg.train.val_every == 0:
+            _validate(run, done, metrics, history)
         if cfg.train.checkpoint_every > 0 and (
             done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
         ):
             run.last_ckpt = _save_checkpoint(run, done, stream.position)
     bar.close()
     return loss_value, history, bad
+
+
+def _validate(run: _Run, step: int, metrics: _MetricsWriter, history: list[dict[str, Any]]) -> None:
+    """Retrieval Recall@K on ``data.val`` (main process; RNG untouched so resume stays exact)."""
+    from modalign.pretrain.validate import validation_recall
+
+    if run.accelerator.is_main_process:
+        with torch.random.fork_rng(devices=[]):
+            val = validation_recall(
+                run.core.encoder, run.cfg.data.val, run.specs, run.accelerator.device
+            )
+        record = {"step": step, "val": val}
+        history.append(record)
+        metrics.write(record)
+        summary = ", ".join(f"{pair} R@1 {m['recall@1']:.3f}" for pair, m in sorted(val.items()))
+        log.info("validation at step %d: %s", step, summary)
+    run.accelerator.wait_for_everyone()
 
 
 def _next_micro_batches(batches: Iterator[Batch], run: _Run, bad: BadItemLog) -> list[Batch]:

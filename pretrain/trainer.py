@@ -202,6 +202,8 @@ def _setup(
     task = ContrastiveTask(built.encoder, ContrastiveLoss(mods, cfg.loss))
     if world_size > 1:
         _sync_batchnorm(task, accelerator.device)
+    if cfg.train.compile:
+        _compile_trunks(task.encoder)
     optimizer = make_optimizer(task, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
     task, optimizer = accelerator.prepare(task, optimizer)
@@ -402,6 +404,15 @@ def _check_finite_weights(run: _Run, step: int) -> None:
             f"weights became non-finite by step {step} ({', '.join(bad[:3])}...); nothing was "
             f"saved for this step. Last good checkpoint: {run.last_ckpt or 'none'}. Lower optim.lr"
         )
+
+
+def _compile_trunks(encoder: nn.Module) -> None:
+    """torch.compile each tensor-input trunk in place (``Module.compile`` keeps state-dict keys,
+    so checkpoints and bundles stay interchangeable with uncompiled runs)."""
+    for trunk in encoder.trunks.values():
+        if hasattr(trunk, "st"):  # sentence-transformers trunk takes strings: leave it eager
+            continue
+        trunk.compile()
 
 
 def _sync_batchnorm(task: nn.Module, device: torch.device) -> None:

@@ -117,3 +117,30 @@ def test_logit_scale_parameter_is_clamped_after_each_step(corpus: Path, tmp_path
     pretrain(_cfg(corpus, out, "loss.init_temperature=0.001"))  # scale 1000 > cap 100
     state = load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
     assert state["loss.log_scale.audio__image"].item() <= math.log(100.0) + 1e-6
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path: Path) -> None:
+    """train.compile=true trains the same weights (up to float rounding) with the same keys."""
+    from safetensors.torch import load_file
+
+    from modalign.config import load_config
+    from modalign.pretrain.trainer import pretrain
+
+    from conftest import tiny_overrides, write_tiny_corpus
+
+    manifest = write_tiny_corpus(tmp_path / "c", n=16)
+    pretrain(load_config(None, tiny_overrides(manifest, tmp_path / "eager", steps=2, batch=8)))
+    pretrain(
+        load_config(
+            None,
+            [
+                *tiny_overrides(manifest, tmp_path / "compiled", steps=2, batch=8),
+                "train.compile=true",
+            ],
+        )
+    )
+    a = load_file(str(tmp_path / "eager" / "model.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -388,3 +388,39 @@ def test_pretrain_from_webdataset_shards(
     ]
     res = run_json(capsys, ["pretrain", "demo", *sets])
     assert res["steps"] == 2 and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_search_bad_input(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    manifest, out = trained
+    idx = tmp_path / "idx"
+    run_json(
+        capsys,
+        [
+            "index",
+            "build",
+            "--model",
+            str(out),
+            "--data",
+            str(manifest),
+            "--out",
+            str(idx),
+            "--target-recall",
+            "0.9",
+        ],
+    )
+    cases = [
+        (["--text", "   "], "query is empty"),
+        (["--text", "x", "--target", "depth"], "has no ['depth'] vectors"),
+        (["--image", str(tmp_path / "missing.png")], "file not found"),
+    ]
+    for extra, needle in cases:
+        assert main(["search", "--index", str(idx), *extra]) == 2
+        assert needle in capsys.readouterr().err
+    (idx / "image" / "index.faiss").write_bytes(b"garbage")
+    assert main(["search", "--index", str(idx), "--text", "x"]) == 2
+    assert "index.faiss" in capsys.readouterr().err
+    (idx / "index.json").write_text("{not json")
+    assert main(["search", "--index", str(idx), "--text", "x"]) == 2
+    assert "corrupt modalign index metadata" in capsys.readouterr().err

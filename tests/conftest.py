@@ -82,3 +82,16 @@ def tiny_overrides(manifest: Path, out: Path, steps: int = 2, batch: int = 8) ->
         "optim.warmup_steps=0",
         f"output.dir={out}",
     ]
+
+
+@pytest.fixture(scope="module")
+def specs():
+    """Small image/audio/text modality specs (data-layer tests)."""
+    from data_fixtures import small_specs
+
+    return small_specs()
+
+
+@pytest.fixture(scope="module")
+def text_specs(specs):
+    return {"text": specs["text"]}

@@ -23,6 +23,15 @@ def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
     return json.loads(lines[0])
 
 
+def build_index(
+    capsys: pytest.CaptureFixture[str], model: Path, data: Path, out: Path, *extra: str
+) -> dict:
+    return run_json(
+        capsys,
+        ["index", "build", "--model", str(model), "--data", str(data), "--out", str(out), *extra],
+    )
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pipeline")
@@ -63,19 +72,7 @@ def test_index_and_search(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     manifest, out = trained
-    run_json(
-        capsys,
-        [
-            "index",
-            "build",
-            "--model",
-            str(out),
-            "--data",
-            str(manifest),
-            "--out",
-            str(tmp_path / "idx"),
-        ],
-    )
+    build_index(capsys, out, manifest, tmp_path / "idx")
     res = run_json(
         capsys,
         [
@@ -319,19 +316,7 @@ def test_index_add_and_wrong_model(
     manifest, out = trained
     extra = write_tiny_corpus(tmp_path / "more", n=8, seed=5)
     extra.write_text(extra.read_text().replace('"item', '"more'))  # new ids
-    run_json(
-        capsys,
-        [
-            "index",
-            "build",
-            "--model",
-            str(out),
-            "--data",
-            str(manifest),
-            "--out",
-            str(tmp_path / "idx"),
-        ],
-    )
+    build_index(capsys, out, manifest, tmp_path / "idx")
     res = run_json(
         capsys,
         [

@@ -15,7 +15,7 @@ from modalign.data.errors import DataError
 from modalign.data.shards import ShardDataset, is_shard_pattern, iter_shard
 from modalign.data.sources import ManifestSource, MixedSource, open_mix, open_source
 
-from data_fixtures import (
+from data_fixtures import (  # noqa: F401 - specs/text_specs are fixtures
     png_bytes,
     small_specs,
     text_manifest,
@@ -23,16 +23,6 @@ from data_fixtures import (
     wav_bytes,
     write_shard,
 )
-
-
-@pytest.fixture(scope="module")
-def specs():
-    return small_specs()
-
-
-@pytest.fixture(scope="module")
-def text_specs(specs):
-    return {"text": specs["text"]}
 
 
 def ids(dataset) -> list[str]:

@@ -15,7 +15,7 @@ from modalign.data.shards import ShardDataset
 from modalign.data.sources import open_mix, open_source, open_stream
 from modalign.data.stream import BatchStream, SourceStream, round_robin_split
 
-from data_fixtures import (
+from data_fixtures import (  # noqa: F401 - specs/text_specs are fixtures
     batch_ids,
     png_bytes,
     small_specs,
@@ -23,16 +23,6 @@ from data_fixtures import (
     text_shards,
     write_manifest,
 )
-
-
-@pytest.fixture(scope="module")
-def specs():
-    return small_specs()
-
-
-@pytest.fixture(scope="module")
-def text_specs(specs):
-    return {"text": specs["text"]}
 
 
 def take(stream, n: int) -> list[list[str]]:

@@ -102,35 +102,20 @@ def test_embed_shards_then_index(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     manifest, out = trained
-    res = run_json(
-        capsys,
-        [
-            "embed",
-            "--model",
-            str(out),
-            "--data",
-            str(manifest),
-            "--out",
-            str(tmp_path / "emb"),
-            "--shard-rows",
-            "10",
-        ],
-    )
+    embed = [
+        "embed",
+        "--model",
+        str(out),
+        "--data",
+        str(manifest),
+        "--out",
+        str(tmp_path / "emb"),
+        "--shard-rows",
+        "10",
+    ]
+    res = run_json(capsys, embed)
     assert res["shards"] == 4 and res["written"] == 4
-    again = run_json(
-        capsys,
-        [
-            "embed",
-            "--model",
-            str(out),
-            "--data",
-            str(manifest),
-            "--out",
-            str(tmp_path / "emb"),
-            "--shard-rows",
-            "10",
-        ],
-    )
+    again = run_json(capsys, embed)  # the same command again: nothing left to do
     assert again["written"] == 0 and again["already_done"] == 4  # resumable: finished shards kept
     res = run_json(
         capsys,

@@ -74,18 +74,23 @@ def _depth_corpus(root: Path) -> Path:
     return out
 
 
+def _depth_config(manifest: Path, out: Path, steps: int, *extra: str):
+    """The tiny config with an image + depth model (depth tower from the custom builder)."""
+    return load_config(
+        None,
+        [
+            *tiny_overrides(manifest, out, steps=steps, batch=8),
+            "model.modalities=[image,depth]",
+            "model.towers.depth.kind=depth_cnn",
+            *extra,
+        ],
+    )
+
+
 def test_depth_modality_trains_and_its_bundle_encodes(tmp_path: Path) -> None:
     manifest = _depth_corpus(tmp_path / "corpus")
     out = tmp_path / "model"
-    cfg = load_config(
-        None,
-        [
-            *tiny_overrides(manifest, out, steps=3, batch=8),
-            "model.modalities=[image,depth]",
-            "model.towers.depth.kind=depth_cnn",
-            "train.threads=1",
-        ],
-    )
+    cfg = _depth_config(manifest, out, 3, "train.threads=1")
     result = pretrain(cfg, tower_builders={"depth_cnn": depth_cnn}, modalities={"depth": DEPTH})
     assert result.steps == 3 and np.isfinite(result.final_loss)
     assert all("image__depth" in r["logit_scale"] or "depth__image" in r["logit_scale"]
@@ -102,15 +107,7 @@ def test_depth_modality_trains_and_its_bundle_encodes(tmp_path: Path) -> None:
 def test_bundle_with_custom_tower_needs_its_builder(tmp_path: Path) -> None:
     manifest = _depth_corpus(tmp_path / "corpus")
     out = tmp_path / "model"
-    cfg = load_config(
-        None,
-        [
-            *tiny_overrides(manifest, out, steps=1, batch=8),
-            "model.modalities=[image,depth]",
-            "model.towers.depth.kind=depth_cnn",
-            "train.checkpoint_every=0",
-        ],
-    )
+    cfg = _depth_config(manifest, out, 1, "train.checkpoint_every=0")
     pretrain(cfg, tower_builders={"depth_cnn": depth_cnn}, modalities={"depth": DEPTH})
     with pytest.raises(ConfigError, match="tower_builders"):
         load_bundle(out)

@@ -384,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     _common(p)
     p.set_defaults(func=cmd_inspect)
-    p = data.add_parser("pack", help="manifest -> WebDataset shards")
+    p = data.add_parser(
+        "pack",
+        help="manifest -> WebDataset shards",
+        description="Write shard-NNNNNN.tar files (each atomically) and index.json into --out; "
+        "stale shard files numbered past the new count, left by an earlier larger pack, are removed.",
+    )
     p.add_argument("src")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000)

@@ -11,7 +11,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class EmbeddedSet:
     x: dict[str, torch.Tensor]  # (N, D) per modality, zeros where absent
     present: dict[str, torch.Tensor]  # (N,) bool
     y: torch.Tensor  # (N,) long, NO_LABEL when unknown
-    lines: list[str] = field(default_factory=list)  # "<file>:<line>" per row, for messages
 
     def subset(self, idx: torch.Tensor) -> EmbeddedSet:
         return EmbeddedSet(

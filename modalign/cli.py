@@ -31,8 +31,13 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = N
         print(json.dumps(result, indent=2, default=str))
 
 
+def _launch_world() -> tuple[int, int]:
+    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) when run directly."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return _launch_world()[0] == 0
 
 
 # ---------------------------------------------------------------- handlers (thin by design)
@@ -148,14 +153,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.pretrain.bundle import load_bundle
-    from modalign.pretrain.distributed import world
     from modalign.retrieval.embed import write_embedding_shards
 
-    rank, size = (
-        world()
-        if "WORLD_SIZE" not in os.environ
-        else (int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]))
-    )
+    rank, size = _launch_world()
     model = load_bundle(args.model, device=args.device)
     result = write_embedding_shards(
         model,

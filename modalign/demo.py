@@ -99,26 +99,17 @@ def run_demo(
 
 def _example_searches(model: Any, index: Any, emb: dict) -> list[dict[str, Any]]:
     """A text query, an audio query and an image query against the held-out index."""
-    queries: list[tuple[str, str]] = [("text", "the digit seven")]
+    # (modality, query, its digit): the digit comes with the query, no lookup needed.
+    queries: list[tuple[str, str, str | None]] = [("text", "the digit seven", "seven")]
     if "audio" in emb:
-        queries.append(("audio", emb["audio"].values[0]))
+        queries.append(("audio", emb["audio"].values[0], emb["audio"].labels[0]))
     if "image" in emb:
-        queries.append(("image", emb["image"].values[1]))
+        queries.append(("image", emb["image"].values[1], emb["image"].labels[1]))
     out = []
-    for modality, value in queries:
+    for modality, value, truth in queries:
         vec = model.encode(**{modality: [value]})[modality].numpy()
         target = "image" if modality != "image" else "audio"
         hits = index.search(vec, k=5, targets=[target])[0]
-        truth = next(
-            (
-                lab
-                for e in [emb.get(modality)]
-                if e
-                for v, lab in zip(e.values, e.labels)
-                if v == value
-            ),
-            None,
-        )
         out.append(
             {
                 "query": {modality: value},

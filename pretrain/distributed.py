@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from modalign.data.dataset import resolve_world
+
 
 def world() -> tuple[int, int]:
     """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return resolve_world()
 
 
 def all_sizes(rows: int, device: torch.device | str = "cpu") -> list[int]:

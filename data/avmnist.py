@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from modalign.core.errors import DataError
 from modalign.data.demo_corpus import DIGIT_WORDS
-from modalign.data.errors import DataError
 
 CAPTIONS = (
     "the digit {}",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from modalign.core.world import resolve_world
 from modalign.data.decode import BadItem
 from modalign.data.manifest import Manifest, ManifestRow
 from modalign.data.modality import ModalitySpec
@@ -243,19 +244,6 @@ def make_loader(
         persistent_workers=False,
         pin_memory=False,
     )
-
-
-def resolve_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): the given values, else torch.distributed's, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        return rank, world_size
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class RawSource(IterableDataset):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (

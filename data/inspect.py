@@ -1,6 +1,6 @@
 """``modalign data inspect SRC``: decode every item of a source and say what is usable.
 
-The result is the JSON contract of ``../shared/DESIGN.md`` (``items``, ``ok``, ``bad``,
+The result is the JSON contract of ``docs/design.md`` (``items``, ``ok``, ``bad``,
 ``bad_by_reason``, ``modalities``) plus details: problems per modality, label counts, image
 sizes, audio durations and the first bad items with file and reason.
 """

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modalign.data.errors import DataError
+from modalign.core.errors import DataError
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 RESERVED_COLUMNS = ("id", "label")

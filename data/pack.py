@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from modalign.core.errors import DataError
 from modalign.data.config import DataConfig
 from modalign.data.decode import BadItem, decode_image, decode_text, read_audio
-from modalign.data.errors import DataError
 from modalign.data.manifest import ManifestRow, read_manifest
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")

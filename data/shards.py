@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from modalign.core.errors import DataError
 from modalign.data.dataset import BadRecord, RawSource
 from modalign.data.decode import BadItem, decode_text
-from modalign.data.errors import DataError
 from modalign.data.modality import ModalitySpec
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")

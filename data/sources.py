@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from modalign.core.errors import DataError
 from modalign.data.dataset import PairedDataset, RawSource
-from modalign.data.errors import DataError
 from modalign.data.manifest import Manifest, is_manifest, read_manifest
 from modalign.data.modality import ModalitySpec
 from modalign.data.shards import SHARD_SUFFIXES, ShardDataset, is_shard_pattern, stable_hash

@@ -43,7 +43,7 @@ from types import ModuleType, TracebackType
 
 import numpy as np
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 __all__ = ["SpeechInputError", "SpeechSynthesizer", "available_voices"]
 
@@ -86,7 +86,7 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, c
 class SpeechInputError(UserInputError, ValueError):
     """Bad arguments to :meth:`SpeechSynthesizer.synthesize` (unknown voice, out-of-range rate).
 
-    A :class:`~modalign.data.errors.UserInputError` (CLI exit status 2) and a ``ValueError``.
+    A :class:`~modalign.core.errors.UserInputError` (CLI exit status 2) and a ``ValueError``.
     """
 
 

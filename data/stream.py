@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
+from modalign.core.errors import DataError
 from modalign.data.dataset import (
     Batch,
     Collate,
@@ -19,7 +20,6 @@ from modalign.data.dataset import (
     RawSource,
     make_loader,
 )
-from modalign.data.errors import DataError
 
 
 class BatchStream:

@@ -25,7 +25,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 HEAD_KINDS: tuple[str, ...] = ("concat", "late", "gated", "transformer", "lowrank")
 

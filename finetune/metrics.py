@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 # ------------------------------------------------------------------------------ classification
 

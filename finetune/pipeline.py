@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modalign.data.config_io import dump_yaml, from_dict
-from modalign.data.errors import UserInputError
-from modalign.data.files import read_json_meta
+from modalign.core.artifact import atomic_dir, read_json_meta
+from modalign.core.config_io import dump_yaml, from_dict
+from modalign.core.errors import UserInputError
 from modalign.finetune.config import FinetuneConfig
 from modalign.finetune.heads import FusionHead, build_head, modality_dropout
 from modalign.finetune.metrics import classification_metrics
@@ -34,7 +34,6 @@ from modalign.finetune.pseudo_label import (
     zero_shot,
 )
 from modalign.pretrain.bundle import BundleModel, load_bundle
-from modalign.pretrain.checkpoint import atomic_dir
 from modalign.retrieval.embed import embed_source
 
 log = logging.getLogger(__name__)

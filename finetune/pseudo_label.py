@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 NO_LABEL = -1
 # Exponent on kNN similarities (Iscen et al. 2019): sharpens affinities toward close neighbours.

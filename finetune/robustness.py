@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from modalign.core.errors import UserInputError
 from modalign.data.dataset import PairedDataset, make_loader
-from modalign.data.errors import UserInputError
 from modalign.data.manifest import read_manifest
 from modalign.finetune.metrics import fgsm, pgd, robustness_auc
 from modalign.finetune.pipeline import Classifier

@@ -1,6 +1,6 @@
 """``modalign`` command line: parse, load config, call library functions, report.
 
-Contract (``../shared/DESIGN.md``): ``--json`` prints exactly one JSON object on stdout (logs and
+Contract (``docs/design.md``): ``--json`` prints exactly one JSON object on stdout (logs and
 progress go to stderr); exit 0 on success, 2 on a usage/config/input error, 1 otherwise.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from modalign.data.errors import ModalignError, UserInputError
+from modalign.core.errors import ModalignError, UserInputError
 
 log = logging.getLogger("modalign")
 
@@ -313,7 +313,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     clf = load_classifier(args.model, device=args.device)
     preds = clf.predict(args.data, drop=args.drop or [])
     if args.out:
-        from modalign.pretrain.checkpoint import atomic_write_text
+        from modalign.core.artifact import atomic_write_text
 
         atomic_write_text(Path(args.out), "".join(json.dumps(p) + "\n" for p in preds))
     result = {"predictions": preds if not args.out else len(preds), "out": args.out}

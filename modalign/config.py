@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from modalign.data.config_io import apply_override, from_dict, to_dict
-from modalign.data.errors import ConfigError
+from modalign.core.config_io import apply_override, from_dict, to_dict
+from modalign.core.errors import ConfigError
 from modalign.finetune.config import FinetuneConfig
 from modalign.pretrain.config import PretrainConfig
 

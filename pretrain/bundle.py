@@ -20,12 +20,11 @@ import torch
 import yaml
 from PIL import Image
 
-from modalign.data.config_io import dump_yaml, from_dict
+from modalign.core.artifact import atomic_dir, read_json_meta
+from modalign.core.config_io import dump_yaml, from_dict
+from modalign.core.errors import UserInputError
 from modalign.data.decode import crop_or_pad, decode_text
-from modalign.data.errors import UserInputError
-from modalign.data.files import read_json_meta
 from modalign.data.modality import ImagePreset, ModalitySpec, default_modalities
-from modalign.pretrain.checkpoint import atomic_dir
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.model import MultimodalEncoder, build_encoder
 from modalign.pretrain.towers import TowerBuilder, default_tower_builders, is_frozen

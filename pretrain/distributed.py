@@ -15,12 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from modalign.data.dataset import resolve_world
-
-
-def world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    return resolve_world()
+from modalign.core.world import world
 
 
 def all_sizes(rows: int, device: torch.device | str = "cpu") -> list[int]:

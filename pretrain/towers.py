@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modalign.core.errors import ConfigError
 from modalign.data.audio import LogMel, SpecAugment
 from modalign.data.config import DataConfig
-from modalign.data.errors import ConfigError
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import TowerConfig
 

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalign.data.config_io import dump_yaml
+from modalign.core.artifact import atomic_dir, atomic_write_text
+from modalign.core.config_io import dump_yaml
+from modalign.core.errors import ConfigError, DataError, ModalignError
 from modalign.data.dataset import BadItemLog, Batch
-from modalign.data.errors import ConfigError, DataError, ModalignError
 from modalign.data.modality import ModalitySpec, default_modalities
 from modalign.data.sources import open_stream
 from modalign.pretrain import checkpoint as ckpt
@@ -223,7 +224,7 @@ def _setup(
         ckpt.remove_stale_temp_dirs(out_dir)
         if resume_dir is not None:
             _trim_metrics(out_dir / "metrics.jsonl", start_step)
-        ckpt.atomic_write_text(out_dir / "run_config.yaml", dump_yaml(cfg))
+        atomic_write_text(out_dir / "run_config.yaml", dump_yaml(cfg))
     return _Run(
         cfg, accelerator, task, core, optimizer, scheduler, specs, built, out_dir,
         start_step, position, resume_dir,
@@ -533,7 +534,7 @@ def _save_checkpoint(run: _Run, step: int, position: int) -> Path:
     rng_all = _gather_objects(ckpt.rng_state())
     _check_finite_weights(run, step)  # on every process (weights agree), so all raise together
     if accelerator.is_main_process:
-        with ckpt.atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp:
             state = {f"encoder.{k}": v for k, v in encoder_state(core.encoder, cfg).items()}
             state.update(
                 {
@@ -618,7 +619,7 @@ def _trim_metrics(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step and "event" not in record:
             kept.append(line + "\n")
-    ckpt.atomic_write_text(path, "".join(kept))
+    atomic_write_text(path, "".join(kept))
 
 
 class _MetricsWriter:

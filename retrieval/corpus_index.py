@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from modalign.data.errors import UserInputError
-from modalign.data.files import read_json_meta
-from modalign.pretrain.checkpoint import atomic_dir
+from modalign.core.artifact import atomic_dir, read_json_meta
+from modalign.core.errors import UserInputError
 from modalign.retrieval.embed import Embeddings
 from modalign.retrieval.index import VectorIndex
 

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from modalign.core.artifact import atomic_write_text, read_json_meta
+from modalign.core.errors import DataError, UserInputError
 from modalign.data.dataset import BadItemLog, PairedDataset, make_loader
-from modalign.data.errors import DataError, UserInputError
-from modalign.data.files import read_json_meta
 from modalign.data.manifest import ManifestRow, read_manifest
 from modalign.pretrain.bundle import BundleModel
-from modalign.pretrain.checkpoint import atomic_write_text
 
 FORMAT = "modalign.embeddings"
 

@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 __all__ = [
     "BuildStats",

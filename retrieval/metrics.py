@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 
 __all__ = ["NoPositivesError", "RetrievalMetrics", "retrieval_metrics"]
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import modalign
 from modalign.config import load_config
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.pretrain.trainer import pretrain
 
 from conftest import tiny_overrides, write_tiny_corpus

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from modalign.config import builtin_configs, load_config
-from modalign.data.config_io import dump_yaml
-from modalign.data.errors import ConfigError
+from modalign.core.config_io import dump_yaml
+from modalign.core.errors import ConfigError
 
 
 def test_builtin_demo_loads_and_overrides_apply() -> None:

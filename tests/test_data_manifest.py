@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modalign.data.errors import DataError, UserInputError
+from modalign.core.errors import DataError, UserInputError
 from modalign.data.manifest import read_manifest
 
 from data_fixtures import write_manifest

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from modalign.core.errors import DataError
 from modalign.data.dataset import BadItemLog, Collate
-from modalign.data.errors import DataError
 from modalign.data.shards import ShardDataset, is_shard_pattern, iter_shard
 from modalign.data.sources import ManifestSource, MixedSource, open_mix, open_source
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modalign.core.errors import DataError
 from modalign.data.dataset import Collate, PairedDataset
-from modalign.data.errors import DataError
 from modalign.data.manifest import read_manifest
 from modalign.data.shards import ShardDataset
 from modalign.data.sources import open_mix, open_source, open_stream

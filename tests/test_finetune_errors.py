@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modalign.config import load_config
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.finetune.pipeline import run_finetune
 from modalign.pretrain.trainer import pretrain
 

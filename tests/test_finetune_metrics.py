@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.finetune.metrics import (
     classification_metrics,
     fgsm,

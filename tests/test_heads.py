@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.finetune.heads import HEAD_KINDS, build_head, modality_dropout
 
 DIMS = {"image": 6, "audio": 4}

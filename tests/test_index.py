@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.retrieval import index as index_mod
 from modalign.retrieval.index import (
     IndexFileError,

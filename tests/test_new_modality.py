@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from modalign.config import load_config
+from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.data.decode import BadItem
-from modalign.data.errors import ConfigError
 from modalign.data.modality import ModalitySpec
 from modalign.pretrain.bundle import load_bundle
 from modalign.pretrain.config import TowerConfig

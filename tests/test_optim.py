@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modalign.config import load_config
-from modalign.data.errors import ConfigError
+from modalign.core.errors import ConfigError
 from modalign.pretrain.config import LossConfig, OptimConfig
 from modalign.pretrain.losses import ContrastiveLoss
 from modalign.pretrain.optim import lr_factor, make_optimizer, param_groups

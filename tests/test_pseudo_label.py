@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.finetune.pseudo_label import (
     NO_LABEL,
     FixedThreshold,

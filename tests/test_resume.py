@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from modalign.config import load_config
+from modalign.core.artifact import atomic_dir
 from modalign.pretrain import checkpoint as ckpt
 from modalign.pretrain.trainer import pretrain
 
@@ -128,9 +129,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
 
 def test_atomic_dir_replacing_an_existing_dir_fails_cleanly(tmp_path: Path) -> None:
     final = tmp_path / "step-5"
-    with ckpt.atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         (tmp / "state.json").write_text('{"step": 5}')
-    with pytest.raises(RuntimeError), ckpt.atomic_dir(final) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
         (tmp / "state.json").write_text("{half")
         raise RuntimeError("crash mid-write")
     assert (final / "state.json").read_text() == '{"step": 5}'

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.retrieval.metrics import NoPositivesError, RetrievalMetrics, retrieval_metrics
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from modalign.data.errors import UserInputError
+from modalign.core.errors import UserInputError
 from modalign.data.speech import SpeechInputError, SpeechSynthesizer, available_voices
 
 # A clearly audible word: eSpeak's output peaks around 0.7 and has RMS near 0.08.

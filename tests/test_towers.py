@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig, ImageConfig
-from modalign.data.errors import ConfigError
 from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.towers import (
     build_tower,

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from modalign.data.errors import ConfigError
+from modalign.core.errors import ConfigError
 
 T = TypeVar("T")
 

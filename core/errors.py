@@ -1,6 +1,6 @@
 """Error types shared by every layer.
 
-Exit-status contract (``../shared/DESIGN.md``): a :class:`UserInputError` (bad usage, config or
+Exit-status contract (``docs/design.md``): a :class:`UserInputError` (bad usage, config or
 input) exits with 2; anything else exits with 1.
 """
 

@@ -97,10 +97,8 @@ def save_bundle(
 def _versions() -> dict[str, str]:
     import timm
 
-    import modalign
-
     return {
-        "modalign": modalign.__version__,
+        "modalign": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),

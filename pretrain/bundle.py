@@ -97,6 +97,8 @@ def save_bundle(
 def _versions() -> dict[str, str]:
     import timm
 
+    from modalign.core.version import __version__
+
     return {
         "modalign": __version__,
         "torch": torch.__version__,

@@ -1,135 +1,57 @@
-"""Fusion heads that classify from any subset of modality embeddings.
+"""Built-in fusion heads and the fusion-head registry (group ``modalign.heads``).
 
-Every head has the same interface, ``head(embeddings, present) -> logits (B, C)``:
-
-* ``embeddings`` maps a modality name to a ``(B, D_m)`` tensor. A modality the head knows but that
-  is not in the dict is treated as absent for every row, so one set of weights serves any subset
-  of modalities at inference. Names the head does not know are ignored.
-* ``present`` maps a modality name to a ``(B,)`` bool tensor. A modality in ``embeddings`` but not
-  in ``present`` (or ``present=None``) counts as present on every row.
-
-The values stored in an absent row are garbage (zeros, noise, NaN) and never reach any arithmetic:
-the base class swaps them out with ``torch.where`` before a head sees them, so outputs and gradients
-do not depend on them, not even through ``NaN * 0``.
-
-A row with no modality present gets the head's learned class prior, ``head.prior`` (starts at zero,
-i.e. uniform; it trains only if such rows occur in training).
+A head is one registration: ``HEADS.add(name, factory, OptionsDataclass)`` where
+``factory(dims, num_classes, options) -> FusionHead``. Config names the head and its options
+(``finetune.head: {kind: lowrank, options: {rank: 8}}`` or just ``finetune.head: late``); the
+resolved options are stored in ``classifier.json`` so :func:`build_head_from_options` rebuilds
+the same head on load. See :mod:`modalign.finetune.head_base` for the head interface.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from modalign.core.config_io import to_dict
 from modalign.core.errors import UserInputError
+from modalign.core.registry import Registry
+from modalign.finetune.head_base import FusionHead, check_head_args, mlp, modality_dropout
 
-HEAD_KINDS: tuple[str, ...] = ("concat", "late", "gated", "transformer", "lowrank")
-
-
-def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
-    )
+HeadFactory = Callable[[Mapping[str, int], int, object], FusionHead]
+HEADS: Registry[HeadFactory] = Registry("fusion head", "modalign.heads")
 
 
-def _check_config(dims: Mapping[str, int], num_classes: int, hidden: int, dropout: float) -> None:
-    if not dims:
-        raise UserInputError("a fusion head needs at least one modality in `dims`")
-    for name, dim in dims.items():
-        if not isinstance(name, str) or not name:
-            raise UserInputError(f"modality names must be non-empty strings, got {name!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise UserInputError(
-                f"embedding dim of modality {name!r} must be a positive int, got {dim!r}"
-            )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise UserInputError(f"num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(hidden, int) or hidden < 1:
-        raise UserInputError(f"hidden must be a positive int, got {hidden!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserInputError(f"dropout must be in [0, 1), got {dropout!r}")
+@dataclass(frozen=True)
+class HeadOptions:
+    """Options every built-in head takes: hidden width and dropout."""
+
+    hidden: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {self.hidden!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-class FusionHead(nn.Module):
-    """Base class: validates inputs, hides absent rows' values, applies the empty-row prior.
+@dataclass(frozen=True)
+class ConcatOptions(HeadOptions):
+    missing: str = "learned"  # "learned" fill vector per modality, or "zero"
 
-    Subclasses implement :meth:`_fuse`, which receives one ``(B, D_m)`` tensor per modality in
-    ``self.modalities`` order (absent rows already zero-filled, never garbage) and the ``(B, M)``
-    presence mask, and returns ``(B, C)`` logits.
-    """
 
-    def __init__(self, dims: Mapping[str, int], num_classes: int) -> None:
-        super().__init__()
-        # Sorted so parameter order (stored by index) does not depend on dict insertion order.
-        self.modalities: tuple[str, ...] = tuple(sorted(dims))
-        self.dims: dict[str, int] = {m: int(dims[m]) for m in self.modalities}
-        self.num_classes = num_classes
-        self.prior = nn.Parameter(torch.zeros(num_classes))
+@dataclass(frozen=True)
+class TransformerOptions(HeadOptions):
+    layers: int = 2
+    heads: int = 4
 
-    def forward(
-        self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        """Return ``(B, num_classes)`` logits for the rows of ``embeddings``."""
-        inputs, mask = self._prepare(embeddings, present or {})
-        logits = self._fuse(inputs, mask)
-        any_present = mask.any(dim=1, keepdim=True)
-        return torch.where(any_present, logits, self.prior.expand_as(logits))
 
-    def _fuse(self, inputs: list[Tensor], mask: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _prepare(
-        self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor]
-    ) -> tuple[list[Tensor], Tensor]:
-        batch = self._batch_size(embeddings, present)
-        device, dtype = self.prior.device, self.prior.dtype
-        inputs, columns = [], []
-        for name in self.modalities:
-            rows = present.get(name)
-            x = embeddings.get(name)
-            if x is None:
-                if rows is not None and bool(rows.any()):
-                    raise UserInputError(
-                        f"modality {name!r} is marked present but has no embeddings"
-                    )
-                x = torch.zeros(batch, self.dims[name], device=device, dtype=dtype)
-                rows = torch.zeros(batch, dtype=torch.bool, device=device)
-            elif rows is None:
-                rows = torch.ones(batch, dtype=torch.bool, device=device)
-            self._check_shapes(name, x, rows, batch)
-            rows = rows.to(device=device, dtype=torch.bool)
-            # Absent rows may hold NaN: select zeros instead (never multiply by the mask).
-            x = x.to(device=device, dtype=dtype)
-            inputs.append(
-                torch.where(rows[:, None], x, torch.zeros((), device=device, dtype=dtype))
-            )
-            columns.append(rows)
-        return inputs, torch.stack(columns, dim=1)
-
-    def _batch_size(self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor]) -> int:
-        for source in (embeddings, present):
-            for name in self.modalities:
-                if name in source:
-                    return int(source[name].shape[0])
-        raise UserInputError(
-            f"none of the head's modalities {list(self.modalities)} was given; cannot infer batch size"
-        )
-
-    def _check_shapes(self, name: str, x: Tensor, rows: Tensor, batch: int) -> None:
-        if x.dim() != 2 or x.shape[1] != self.dims[name]:
-            raise UserInputError(
-                f"modality {name!r}: expected embeddings of shape (B, {self.dims[name]}), "
-                f"got {tuple(x.shape)}"
-            )
-        if x.shape[0] != batch or tuple(rows.shape) != (batch,):
-            raise UserInputError(
-                f"modality {name!r}: batch size mismatch (embeddings {tuple(x.shape)}, "
-                f"present {tuple(rows.shape)}, expected {batch} rows)"
-            )
+@dataclass(frozen=True)
+class LowRankOptions(HeadOptions):
+    rank: int = 4
 
 
 class ConcatHead(FusionHead):
@@ -157,7 +79,7 @@ class ConcatHead(FusionHead):
             for m in self.modalities
         )
         in_dim = sum(self.dims.values()) + len(self.modalities)
-        self.mlp = _mlp(in_dim, hidden, num_classes, dropout)
+        self.mlp = mlp(in_dim, hidden, num_classes, dropout)
 
     def _fuse(self, inputs: list[Tensor], mask: Tensor) -> Tensor:
         parts = [
@@ -176,7 +98,7 @@ class LateHead(FusionHead):
     ) -> None:
         super().__init__(dims, num_classes)
         self.heads = nn.ModuleList(
-            _mlp(self.dims[m], hidden, num_classes, dropout) for m in self.modalities
+            mlp(self.dims[m], hidden, num_classes, dropout) for m in self.modalities
         )
 
     def _fuse(self, inputs: list[Tensor], mask: Tensor) -> Tensor:
@@ -206,7 +128,7 @@ class GatedHead(FusionHead):
         self.gate_v = nn.Linear(hidden, attn)
         self.gate_u = nn.Linear(hidden, attn)
         self.gate_w = nn.Linear(attn, 1)
-        self.classifier = _mlp(hidden, hidden, num_classes, dropout)
+        self.classifier = mlp(hidden, hidden, num_classes, dropout)
 
     def _fuse(self, inputs: list[Tensor], mask: Tensor) -> Tensor:
         h = torch.stack([proj(x) for proj, x in zip(self.proj, inputs)], dim=1)  # (B, M, H)
@@ -320,17 +242,34 @@ class LowRankHead(FusionHead):
         return self.classifier(fused)
 
 
-_HEAD_CLASSES: Mapping[str, type[FusionHead]] = MappingProxyType(
-    {
-        "concat": ConcatHead,
-        "late": LateHead,
-        "gated": GatedHead,
-        "transformer": TransformerHead,
-        "lowrank": LowRankHead,
-    }
-)
-# Constructor arguments build_head passes itself; anything else in **kw is kind-specific.
-_BASE_ARGS = frozenset({"self", "dims", "num_classes", "hidden", "dropout"})
+def _from_class(cls: type[FusionHead]) -> HeadFactory:
+    def factory(dims: Mapping[str, int], num_classes: int, opts: object) -> FusionHead:
+        return cls(dims, num_classes, **to_dict(opts))
+
+    factory.__doc__ = cls.__doc__
+    return factory
+
+
+HEADS.add("concat", _from_class(ConcatHead), ConcatOptions)
+HEADS.add("late", _from_class(LateHead), HeadOptions)
+HEADS.add("gated", _from_class(GatedHead), HeadOptions)
+HEADS.add("transformer", _from_class(TransformerHead), TransformerOptions)
+HEADS.add("lowrank", _from_class(LowRankHead), LowRankOptions)
+HEAD_KINDS: tuple[str, ...] = ("concat", "late", "gated", "transformer", "lowrank")  # built-ins
+
+
+def head_options(kind: str, raw: Mapping[str, object] | object | None, where: str) -> object:
+    """Typed, resolved options of head ``kind`` (ConfigError naming ``where.KEY`` when bad)."""
+    return HEADS.options(kind, raw, where)
+
+
+def build_head_from_options(
+    kind: str, dims: Mapping[str, int], num_classes: int, opts: object
+) -> FusionHead:
+    """Build a registered head from its resolved options (what ``classifier.json`` stores)."""
+    entry = HEADS.get(kind, "finetune.head.kind")
+    check_head_args(dims, num_classes, 1, 0.0)
+    return entry.factory(dict(dims), num_classes, HEADS.options(kind, opts, "finetune.head"))
 
 
 def build_head(
@@ -341,61 +280,29 @@ def build_head(
     dropout: float = 0.1,
     **kw: object,
 ) -> FusionHead:
-    """Build a fusion head of ``kind`` (one of :data:`HEAD_KINDS`).
+    """Build a fusion head of ``kind`` with flat keyword options (``rank=8``, ``layers=3``).
 
-    ``kw`` holds kind-specific options: ``missing`` (concat), ``layers``/``heads`` (transformer),
-    ``rank`` (lowrank). Unknown kinds or options raise :class:`UserInputError`.
+    Unknown kinds or options raise :class:`~modalign.core.errors.ConfigError` (a UserInputError).
     """
-    if kind not in _HEAD_CLASSES:
-        raise UserInputError(f"unknown head kind {kind!r}; valid kinds: {', '.join(HEAD_KINDS)}")
-    cls = _HEAD_CLASSES[kind]
-    _check_config(dims, num_classes, hidden, dropout)
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in _BASE_ARGS]
-    unknown = sorted(set(kw) - set(allowed))
-    if unknown:
-        raise UserInputError(
-            f"head kind {kind!r} does not take option(s) {unknown}; "
-            f"it accepts: {', '.join(allowed) or 'none'}"
-        )
-    return cls(dims, num_classes, hidden=hidden, dropout=dropout, **kw)
-
-
-def modality_dropout(
-    present: dict[str, Tensor], p: float, generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
-    """Randomly hide present modalities, for training heads that must cope with missing inputs.
-
-    Each present modality of each row is dropped with probability ``p``; if that would leave a row
-    that had a modality with none, one of its originally present modalities (chosen uniformly) is
-    kept. Rows with nothing present stay empty. With ``k`` modalities present the expected drop
-    rate is therefore ``p - p**k / k`` (about ``p`` when ``k`` is large or ``p`` small).
-    """
-    if not 0.0 <= p <= 1.0:
-        raise UserInputError(f"modality dropout probability must be in [0, 1], got {p!r}")
-    if not present or p == 0.0:
-        return dict(present)
-    names = list(present)
-    mask = torch.stack([present[n].to(torch.bool) for n in names], dim=1)  # (B, M)
-    rand_device = generator.device if generator is not None else mask.device
-    drop = torch.rand(mask.shape, generator=generator, device=rand_device).to(mask.device) < p
-    keep = mask & ~drop
-    emptied = mask.any(dim=1) & ~keep.any(dim=1)
-    # Rescue emptied rows: pick the originally present modality with the highest random score.
-    scores = torch.rand(mask.shape, generator=generator, device=rand_device).to(mask.device)
-    choice = torch.where(mask, scores, torch.full_like(scores, -1.0)).argmax(dim=1)
-    rescue = nn.functional.one_hot(choice, len(names)).to(torch.bool) & emptied[:, None]
-    keep = keep | rescue
-    return {n: keep[:, i] for i, n in enumerate(names)}
+    opts = head_options(kind, {"hidden": hidden, "dropout": dropout, **kw}, "head")
+    return build_head_from_options(kind, dims, num_classes, opts)
 
 
 __all__ = [
+    "HEADS",
     "HEAD_KINDS",
     "ConcatHead",
+    "ConcatOptions",
     "FusionHead",
     "GatedHead",
+    "HeadOptions",
     "LateHead",
     "LowRankHead",
+    "LowRankOptions",
     "TransformerHead",
+    "TransformerOptions",
     "build_head",
+    "build_head_from_options",
+    "head_options",
     "modality_dropout",
 ]

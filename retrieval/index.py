@@ -1,43 +1,43 @@
-"""FAISS vector index with automatic index selection, recall tuning and atomic persistence.
+"""FAISS vector index: the :class:`VectorIndex` type (build, add, search, save, load).
 
 The same code drives faiss-cpu and faiss-gpu: the index is built from a FAISS ``index_factory``
 string, optionally moved to a GPU with ``faiss.index_cpu_to_gpu``, and always saved as a CPU index.
+Responsibilities live in sibling modules:
 
-``factory="auto"`` picks the index type from corpus size, dimension and memory budget (in the
-spirit of autofaiss): exact ``Flat`` for small corpora, ``HNSW32`` for medium ones, ``IVF*,Flat``
-for large ones and ``IVF*,SQ8`` / ``IVF*,PQ*`` when the raw vectors do not fit the budget. Any
-index with a search-time knob (``nprobe`` for IVF, ``efSearch`` for HNSW) is then tuned: the
-smallest (hence fastest) value whose recall@10 against exact search reaches ``target_recall`` on
-held-out queries is kept and saved with the index.
-
-Directory layout written by :meth:`VectorIndex.save`::
-
-    index.faiss   the FAISS index (CPU form)
-    ids.txt       one item id per line, line i = FAISS row i
-    index.json    factory, metric, dim, count, fingerprint, search params, build stats, checksums
+* :mod:`~modalign.retrieval.index_factory`: ``factory="auto"`` selection and construction;
+* :mod:`~modalign.retrieval.index_tuning`: recall tuning of ``nprobe`` / ``efSearch``;
+* :mod:`~modalign.retrieval.index_store`: the directory format and its atomic save/load.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import faiss
 import numpy as np
 
 from modalign.core.errors import UserInputError
+from modalign.retrieval.index_factory import (
+    choose_factory,
+    make_index,
+    metric_name,
+    parse_device,
+    set_ef_construction,
+    train_size,
+)
+from modalign.retrieval.index_store import (
+    IndexFileError,
+    IndexFingerprintError,
+    read_index_dir,
+    save_index_dir,
+)
+from modalign.retrieval.index_tuning import GPU_MAX_K, apply_params, tunable_param, tune
 
 __all__ = [
     "BuildStats",
@@ -49,31 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.txt"
-META_FILE = "index.json"
-_METRICS = MappingProxyType({"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2})
-# Below this many vectors exact search is fast enough that approximation buys nothing.
-FLAT_MAX_N = 50_000
-# HNSW build time grows superlinearly and it cannot run on GPU; above this IVF builds faster.
-HNSW_MAX_N = 500_000
-# k-means cost is linear in the sample; FAISS asks for 39..256 points per centroid and 64 gives
-# nearly the same lists as 256 at a quarter of the training time.
-TRAIN_POINTS_PER_LIST = 64
-TUNE_K = 10
-TUNE_QUERIES = 1000
-# faiss GPU kernels support k (and IVF nprobe) up to 2048.
-GPU_MAX_K = 2048
-
-
-class IndexFileError(UserInputError):
-    """An index directory is missing, incomplete or corrupt."""
-
-
-class IndexFingerprintError(UserInputError):
-    """The index was built with a different model than the one asked for."""
 
 
 @dataclass
@@ -123,14 +98,14 @@ class VectorIndex:
         if index.ntotal != len(ids):
             raise UserInputError(f"index holds {index.ntotal} vectors but {len(ids)} ids")
         self.factory = factory
-        self.metric = _metric_name(metric)
+        self.metric = metric_name(metric)
         self.fingerprint = fingerprint
         self.stats = stats or BuildStats()
         self.device = device
         self._ids = ids
         self._gpu_resources: Any = None
         self._index = self._to_device(index, device)
-        _apply_params(self._index, self.stats.search_params, self._gpu_resources is not None)
+        apply_params(self._index, self.stats.search_params, self._gpu_resources is not None)
 
     # ------------------------------------------------------------------ build / add / search
 
@@ -174,28 +149,42 @@ class VectorIndex:
             else _as_vectors(tuning_queries, "tuning_queries", x.shape[1])
         )
         id_list = _check_ids(ids, len(x), existing=())
-        metric_name = _metric_name(metric)
+        metric = metric_name(metric)
         if not 0.0 < target_recall <= 1.0:
             raise UserInputError(f"target_recall must be in (0, 1], got {target_recall}")
         if factory == "auto":
             factory = choose_factory(len(x), x.shape[1], memory_budget_bytes, device)
         start = time.perf_counter()
-        cpu_index = _make_index(x.shape[1], factory, metric_name, seed)
+        cpu_index = make_index(x.shape[1], factory, metric, seed)
         if ef_construction is not None:
-            _set_ef_construction(cpu_index, ef_construction)
-        # inspect the CPU form: GPU indexes do not expose their structure the same way
-        knob = _tunable_param(cpu_index)
-        train_size = 0 if cpu_index.is_trained else min(len(x), _train_size(cpu_index))
-        built = cls(cpu_index, [], factory, metric_name, fingerprint, BuildStats(), device)
-        stats = built.stats
-        stats.train_size = train_size
-        stats.train_seconds = _timed(lambda: built._train(x, train_size, seed))
-        stats.add_seconds = _timed(lambda: built.add(x, id_list))
-        if knob is not None and len(x) > 1:
-            stats.tune_seconds = _timed(lambda: built._tune(x, knob, target_recall, seed, tq))
-        stats.build_seconds = time.perf_counter() - start
-        log.info("built %s over %d vectors in %.1fs", factory, len(x), stats.build_seconds)
+            set_ef_construction(cpu_index, ef_construction)
+        built = cls(cpu_index, [], factory, metric, fingerprint, BuildStats(), device)
+        built._fill(x, id_list, cpu_index, target_recall, seed, tq)
+        built.stats.build_seconds = time.perf_counter() - start
+        log.info("built %s over %d vectors in %.1fs", factory, len(x), built.stats.build_seconds)
         return built
+
+    def _fill(
+        self,
+        x: np.ndarray,
+        ids: list[str],
+        cpu_index: faiss.Index,
+        target_recall: float,
+        seed: int,
+        tuning_queries: np.ndarray | None,
+    ) -> None:
+        """Train, add and tune a freshly built index, timing each step into ``stats``."""
+        # inspect the CPU form: GPU indexes do not expose their structure the same way
+        knob = tunable_param(cpu_index)
+        size = 0 if cpu_index.is_trained else min(len(x), train_size(cpu_index))
+        stats = self.stats
+        stats.train_size = size
+        stats.train_seconds = _timed(lambda: self._train(x, size, seed))
+        stats.add_seconds = _timed(lambda: self.add(x, ids))
+        if knob is not None and len(x) > 1:
+            stats.tune_seconds = _timed(
+                lambda: self._tune(x, knob, target_recall, seed, tuning_queries)
+            )
 
     @property
     def dim(self) -> int:
@@ -218,7 +207,11 @@ class VectorIndex:
         self._ids.extend(new_ids)
 
     def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
-        """Return the ``k`` best items per query (k is clipped to the index size)."""
+        """Return the ``k`` best items per query (k is clipped to the index size).
+
+        Each query row is searched independently: a batch of queries gives, row by row, the
+        same results as searching them one at a time.
+        """
         q = _as_vectors(queries, "queries", self.dim, allow_single=True)
         if k < 1:
             raise UserInputError(f"k must be >= 1, got {k}")
@@ -238,20 +231,20 @@ class VectorIndex:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the index atomically to ``directory`` and return its path.
 
-        Files go to a temporary sibling directory, are fsynced, and only then replace the old
-        directory, so a crash mid-write leaves the previous index intact and loadable.
+        Files are staged in a temporary sibling directory and renamed over the old one
+        (:func:`modalign.core.artifact.atomic_dir`), so a crash mid-write leaves the previous
+        index intact and loadable.
         """
-        target = Path(directory)
-        _check_replaceable(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            self._write_files(tmp)
-            _swap_in(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        meta = {
+            "factory": self.factory,
+            "metric": self.metric,
+            "dim": self.dim,
+            "count": len(self._ids),
+            "fingerprint": self.fingerprint,
+            "search_params": self.stats.search_params,
+            "build": asdict(self.stats),
+        }
+        return save_index_dir(Path(directory), self._cpu_index(), self._ids, meta)
 
     @classmethod
     def load(
@@ -267,16 +260,7 @@ class VectorIndex:
             IndexFingerprintError: ``expected_fingerprint`` is given and differs from the
                 fingerprint of the model the index was built with.
         """
-        path = _resolve_dir(Path(directory))
-        meta = _read_meta(path / META_FILE)
-        _check_fingerprint(path, meta, expected_fingerprint)
-        ids = _read_ids(path / IDS_FILE, meta)
-        index = _read_index(path / INDEX_FILE, meta)
-        if index.ntotal != len(ids) or index.d != meta["dim"]:
-            raise IndexFileError(
-                f"{path / INDEX_FILE} holds {index.ntotal} vectors of dim {index.d} but "
-                f"{META_FILE} says {len(ids)} of dim {meta['dim']}; rebuild the index"
-            )
+        index, ids, meta = read_index_dir(Path(directory), expected_fingerprint)
         known = {f.name for f in fields(BuildStats)}
         stats = BuildStats(**{k: v for k, v in meta.get("build", {}).items() if k in known})
         return cls(index, ids, meta["factory"], meta["metric"], meta["fingerprint"], stats, device)
@@ -284,7 +268,7 @@ class VectorIndex:
     # ------------------------------------------------------------------ internals
 
     def _to_device(self, index: faiss.Index, device: str) -> faiss.Index:
-        gpu = _parse_device(device)
+        gpu = parse_device(device)
         if gpu is None:
             return index
         if faiss.get_num_gpus() == 0:
@@ -328,285 +312,28 @@ class VectorIndex:
         tuning_queries: np.ndarray | None,
     ) -> None:
         """Pick the smallest nprobe / efSearch reaching ``target_recall`` recall@10."""
-        name, max_value = knob
         on_gpu = self._gpu_resources is not None
-        if on_gpu:
-            max_value = min(max_value, GPU_MAX_K)  # GPU IVF kernels cap nprobe like k
-        queries, truth, self_rows = _tuning_set(x, self.metric, seed, tuning_queries)
-
-        def recall(value: int) -> float:
-            _apply_params(self._index, {name: value}, on_gpu)
-            return _recall_at_k(self._index, queries, truth, self_rows)
-
-        value, measured = _smallest_reaching(recall, _start_value(name), max_value, target_recall)
-        _apply_params(self._index, {name: value}, on_gpu)
-        self.stats.search_params = {name: value}
-        self.stats.target_recall = target_recall
-        self.stats.measured_recall = round(measured, 4)
-        self.stats.tune_queries = len(queries)
-        if measured < target_recall:
-            log.warning(
-                "%s reaches recall@10 %.3f < target %.3f at %s=%d (compression limits recall)",
-                self.factory,
-                measured,
-                target_recall,
-                name,
-                value,
-            )
-
-    def _write_files(self, directory: Path) -> None:
-        index_path = directory / INDEX_FILE
-        faiss.write_index(self._cpu_index(), str(index_path))
-        _fsync_file(index_path)
-        ids_bytes = "".join(f"{i}\n" for i in self._ids).encode("utf-8")
-        _write_bytes(directory / IDS_FILE, ids_bytes)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "factory": self.factory,
-            "metric": self.metric,
-            "dim": self.dim,
-            "count": len(self._ids),
-            "fingerprint": self.fingerprint,
-            "search_params": self.stats.search_params,
-            "build": asdict(self.stats),
-            "files": {
-                INDEX_FILE: _file_digest(index_path),
-                IDS_FILE: {
-                    "bytes": len(ids_bytes),
-                    "sha256": hashlib.sha256(ids_bytes).hexdigest(),
-                },
-            },
-        }
-        _write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
-        _fsync_dir(directory)
-
-
-# ---------------------------------------------------------------------- factory selection
-
-
-def choose_factory(
-    n: int, dim: int, memory_budget_bytes: int | None = None, device: str = "cpu"
-) -> str:
-    """Pick a FAISS factory string for ``n`` vectors of dimension ``dim``.
-
-    * raw float32 vectors fit the budget: ``Flat`` (exact) up to ``FLAT_MAX_N`` vectors, then
-      ``HNSW32`` up to ``HNSW_MAX_N`` on CPU (+~280 B/vector of graph links), else
-      ``IVF{nlist},Flat``;
-    * otherwise compressed codes, the most accurate that fits: ``SQ8`` (dim bytes/vector),
-      ``SQ4`` (dim/2), then ``PQ{m}np`` (m bytes, no polysemous training, at least 8 dims per sub-quantizer because
-      smaller ones train slowly and gain little), behind ``IVF{nlist}`` for large corpora.
-
-    Raises:
-        UserInputError: if even the smallest PQ code does not fit the budget.
-    """
-    if n < 1 or dim < 1:
-        raise UserInputError(f"cannot index {n} vectors of dimension {dim}")
-    budget = math.inf if memory_budget_bytes is None else float(memory_budget_bytes)
-    small = n <= FLAT_MAX_N
-    nlist = _nlist(n)
-    # IVF lists store an 8-byte id per vector; centroids cost nlist * dim floats
-    overhead, id_bytes = (0.0, 0) if small else (4.0 * nlist * dim, 8)
-    per_vector = (budget - overhead) / n - id_bytes
-    if 4.0 * n * dim <= budget:
-        if small:
-            return "Flat"
-        hnsw_bytes = n * (4.0 * dim + 2 * 32 * 4 * 1.1)
-        if n <= HNSW_MAX_N and _parse_device(device) is None and hnsw_bytes <= budget:
-            return "HNSW32"
-    prefix = "" if small else f"IVF{nlist},"
-    for bytes_per_vector, code in ((4 * dim, "Flat"), (dim, "SQ8"), (dim / 2, "SQ4")):
-        if per_vector >= bytes_per_vector:
-            return prefix + code
-    # 8-bit PQ codebooks hold 256 centroids of every sub-vector: 256 * dim floats in all
-    codebooks = 1024.0 * dim
-    per_vector -= codebooks / n
-    fits = [m for m in _divisors(dim) if m <= per_vector and dim // m >= 8]
-    if not fits:
-        need = overhead + codebooks + n * (id_bytes + 1)
-        raise UserInputError(
-            f"memory budget {memory_budget_bytes} bytes is too small for {n} vectors of dim "
-            f"{dim}; need at least {int(need)} bytes"
+        outcome = tune(
+            self._index,
+            x,
+            knob,
+            self.metric,
+            target_recall,
+            seed,
+            tuning_queries,
+            on_gpu,
+            self.factory,
         )
-    return f"{prefix}PQ{max(fits)}np"
+        self.stats.search_params = outcome.params
+        self.stats.target_recall = target_recall
+        self.stats.measured_recall = outcome.measured_recall
+        self.stats.tune_queries = outcome.queries
 
 
-def _nlist(n: int) -> int:
-    """Inverted lists: a power of two near 2*sqrt(n), at least ~40 training points per list."""
-    target = max(16, min(2 * math.sqrt(n), n / 40))
-    return 2 ** max(4, round(math.log2(target)))
-
-
-def _divisors(dim: int) -> list[int]:
-    return [m for m in range(1, dim + 1) if dim % m == 0]
-
-
-def _train_size(index: faiss.Index) -> int:
-    """Training sample size: ``TRAIN_POINTS_PER_LIST`` per IVF list, else 64k (PQ/PCA/SQ)."""
-    try:
-        return TRAIN_POINTS_PER_LIST * faiss.extract_index_ivf(index).nlist
-    except RuntimeError:
-        return 65_536
-
-
-# ---------------------------------------------------------------------- tuning
-
-
-def _tunable_param(index: faiss.Index) -> tuple[str, int] | None:
-    """(name, max value) of the search-time knob of a CPU index, or None."""
-    space = faiss.ParameterSpace()
-    space.initialize(index)
-    names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
-    if "nprobe" in names:
-        return "nprobe", int(faiss.extract_index_ivf(index).nlist)
-    if "efSearch" in names:
-        return "efSearch", 1024
-    return None
-
-
-def _start_value(name: str) -> int:
-    # efSearch below k makes HNSW return fewer than k results
-    return TUNE_K if name == "efSearch" else 1
-
-
-def _apply_params(index: faiss.Index, params: dict[str, int], on_gpu: bool) -> None:
-    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, int(value))
-
-
-def _timed(fn: Any) -> float:
+def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _tuning_set(
-    x: np.ndarray, metric: str, seed: int, queries: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tuning queries, their exact top-k, and the corpus row each query must not count.
-
-    Without user queries this is leave-one-out: sampled corpus vectors are the queries and
-    each one's own row is dropped from both exact and approximate results, so every query
-    behaves like a fresh held-out sample from the corpus distribution. Perturbing corpus
-    points instead would overstate recall (their neighbourhood is the source's neighbourhood).
-    """
-    if queries is None:
-        rows = np.random.default_rng(seed + 1).choice(
-            len(x), size=min(TUNE_QUERIES, len(x)), replace=False
-        )
-        queries = x[np.sort(rows)]
-        rows = np.sort(rows)
-    else:
-        rows = np.full(len(queries), -1, dtype=np.int64)
-    k = min(TUNE_K, len(x) - int(rows[0] >= 0))
-    _, truth = faiss.knn(queries, x, k + 1, metric=_METRICS[metric])
-    return queries, _drop_rows(truth, rows, k), rows
-
-
-def _drop_rows(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """Per query, remove its own source row from ``labels`` and keep the first k."""
-    out = np.full((len(labels), k), -1, dtype=np.int64)
-    for i, (row, own) in enumerate(zip(labels, rows)):
-        kept = row[row != own][:k]
-        out[i, : len(kept)] = kept
-    return out
-
-
-def _recall_at_k(
-    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, rows: np.ndarray
-) -> float:
-    """Mean fraction of the exact top-k found in the approximate top-k."""
-    k = truth.shape[1]
-    _, found = index.search(queries, k + 1)
-    found = _drop_rows(found, rows, k)
-    valid = truth >= 0
-    hits = (found[:, :, None] == truth[:, None, :]).any(axis=1) & valid
-    return float(hits.sum() / max(1, valid.sum()))
-
-
-def _smallest_reaching(recall: Any, low: int, high: int, target: float) -> tuple[int, float]:
-    """Smallest value in [low, high] with recall(value) >= target (recall assumed monotone).
-
-    Doubles from ``low`` then bisects. If the target is out of reach, returns the smallest
-    value within 0.005 of the best recall seen, since larger values only cost speed.
-    """
-    seen: dict[int, float] = {}
-    value = low
-    while True:
-        seen[value] = recall(value)
-        if seen[value] >= target or value >= high:
-            break
-        value = min(2 * value, high)
-    if seen[value] < target:
-        best = max(seen.values())
-        value = min(v for v, r in seen.items() if r >= best - 0.005)
-        return value, seen[value]
-    lo = max((v for v in seen if v < value), default=low - 1)
-    while value - lo > 1:
-        mid = (lo + value) // 2
-        seen[mid] = recall(mid)
-        if seen[mid] >= target:
-            value = mid
-        else:
-            lo = mid
-    return value, seen[value]
-
-
-# ---------------------------------------------------------------------- validation helpers
-
-
-def _metric_name(metric: str) -> str:
-    if metric not in _METRICS:
-        raise UserInputError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
-    return metric
-
-
-def _parse_device(device: str) -> int | None:
-    """GPU number for ``cuda`` / ``cuda:N``, None for ``cpu``."""
-    if device == "cpu":
-        return None
-    if device == "cuda":
-        return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    raise UserInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _make_index(dim: int, factory: str, metric: str, seed: int) -> faiss.Index:
-    try:
-        index = faiss.index_factory(dim, factory, _METRICS[metric])
-    except RuntimeError as err:
-        raise UserInputError(
-            f"invalid FAISS factory string {factory!r} for dim {dim}: {err}; use 'auto' or a "
-            "string like 'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ32'"
-        ) from err
-    with contextlib.suppress(RuntimeError):  # not an IVF index: no k-means to seed
-        faiss.extract_index_ivf(index).cp.seed = seed
-    _disable_polysemous_training(index)
-    return index
-
-
-def _set_ef_construction(index: faiss.Index, value: int) -> None:
-    inner = faiss.downcast_index(index)
-    if not hasattr(inner, "hnsw"):
-        raise UserInputError(f"ef_construction applies to HNSW indexes, not {type(inner).__name__}")
-    if value < 1:
-        raise UserInputError(f"ef_construction must be >= 1, got {value}")
-    inner.hnsw.efConstruction = int(value)
-
-
-def _disable_polysemous_training(index: faiss.Index) -> None:
-    """Skip polysemous code training (on by default for factory PQ indexes).
-
-    It only serves polysemous Hamming filtering, which this wrapper never enables, yet it
-    takes 10-100x longer than training the PQ itself.
-    """
-    try:
-        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
-    except RuntimeError:
-        inner = faiss.downcast_index(index)
-    if hasattr(inner, "do_polysemous_training"):
-        inner.do_polysemous_training = False
 
 
 def _as_vectors(
@@ -644,128 +371,3 @@ def _check_ids(ids: Sequence[str], n: int, existing: Sequence[str]) -> list[str]
         if clash:
             raise UserInputError(f"ids already in the index: {sorted(clash)[:5]}")
     return out
-
-
-# ---------------------------------------------------------------------- file helpers
-
-
-def _backup_path(target: Path) -> Path:
-    return target.parent / f".{target.name}.bak"
-
-
-def _check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but an empty directory or a previous index."""
-    if target.exists() and not target.is_dir():
-        raise UserInputError(f"{target} exists and is not a directory; choose another --out")
-    if target.is_dir() and any(target.iterdir()) and not (target / META_FILE).exists():
-        raise UserInputError(
-            f"{target} is a non-empty directory without {META_FILE}; refusing to overwrite "
-            "something that is not an index: choose an empty or new directory"
-        )
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by ``tmp``: the old index stays at a backup path until the swap."""
-    backup = _backup_path(target)
-    if target.exists():
-        if backup.exists():
-            shutil.rmtree(backup)  # stale backup from a crash after a completed swap
-        os.rename(target, backup)
-    os.rename(tmp, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _resolve_dir(path: Path) -> Path:
-    """The index directory, or its backup if a crash hit between the two renames of a save."""
-    if (path / META_FILE).exists():
-        return path
-    backup = _backup_path(path)
-    if not path.exists() and (backup / META_FILE).exists():
-        log.warning("%s missing; loading the previous index from %s", path, backup)
-        return backup
-    if not path.is_dir():
-        raise IndexFileError(
-            f"index directory {path} does not exist; build it with `modalign index build`"
-        )
-    raise IndexFileError(
-        f"{path / META_FILE} is missing: {path} is not a complete index; rebuild it with "
-        "`modalign index build`"
-    )
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported format_version {meta.get('format_version')!r}")
-        for key in ("factory", "metric", "dim", "count", "fingerprint", "files"):
-            if key not in meta:
-                raise ValueError(f"missing key {key!r}")
-    except (OSError, ValueError, AttributeError) as err:
-        raise IndexFileError(f"{path} is unreadable or corrupt ({err}); rebuild the index") from err
-    return meta
-
-
-def _check_fingerprint(path: Path, meta: dict[str, Any], expected: str | None) -> None:
-    if expected is not None and meta["fingerprint"] != expected:
-        raise IndexFingerprintError(
-            f"index {path} was built by another model (fingerprint {meta['fingerprint']!r}, "
-            f"expected {expected!r}); rebuild it with the current model or pass the matching "
-            "model"
-        )
-
-
-def _verify_file(path: Path, meta: dict[str, Any]) -> None:
-    expected = meta["files"].get(path.name)
-    if not path.is_file():
-        raise IndexFileError(f"{path} is missing; rebuild the index")
-    if expected is None or _file_digest(path) != expected:
-        raise IndexFileError(
-            f"{path} is corrupt or truncated (size/checksum differ from {META_FILE}); "
-            "rebuild the index"
-        )
-
-
-def _read_ids(path: Path, meta: dict[str, Any]) -> list[str]:
-    _verify_file(path, meta)
-    ids = path.read_text(encoding="utf-8").split("\n")[:-1]
-    if len(ids) != meta["count"]:
-        raise IndexFileError(f"{path} has {len(ids)} ids, expected {meta['count']}; rebuild")
-    return ids
-
-
-def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
-    _verify_file(path, meta)
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as err:
-        raise IndexFileError(f"{path} cannot be read by FAISS ({err}); rebuild the index") from err
-
-
-def _file_digest(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # a directory fsync makes the renames / new entries durable
-    _fsync_file(path)

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
-from modalign.retrieval.index import VectorIndex, _nlist, choose_factory
+from modalign.retrieval.index import VectorIndex, choose_factory
+from modalign.retrieval.index_factory import nlist_for
 
 K = 10
 
@@ -125,7 +126,7 @@ def recall(found: list[list[str]], truth: list[list[str]]) -> float:
 
 
 def factories(n: int, dim: int) -> dict[str, str]:
-    nlist = _nlist(n)
+    nlist = nlist_for(n)
     # PQ with 8 dims per sub-quantizer (dim/8 bytes per vector) and no polysemous training
     return {
         "auto": "auto",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from modalign.core.errors import UserInputError
-from modalign.retrieval import index as index_mod
+from modalign.retrieval import index_store, index_tuning
 from modalign.retrieval.index import (
     IndexFileError,
     IndexFingerprintError,
@@ -101,11 +101,11 @@ def test_smallest_reaching_finds_threshold() -> None:
         calls.append(v)
         return min(1.0, v / 37)
 
-    value, measured = index_mod._smallest_reaching(recall, 1, 1024, 0.95)
+    value, measured = index_tuning.smallest_reaching(recall, 1, 1024, 0.95)
     assert value == 36 and measured >= 0.95  # 36/37 >= 0.95 > 35/37
     assert len(calls) < 15
     # unreachable target: smallest value near the best recall seen
-    value, measured = index_mod._smallest_reaching(lambda v: min(0.6, v / 10), 1, 64, 0.95)
+    value, measured = index_tuning.smallest_reaching(lambda v: min(0.6, v / 10), 1, 64, 0.95)
     assert (value, measured) == (8, 0.6) or measured >= 0.595
 
 
@@ -210,7 +210,7 @@ def test_unreadable_index_raises_user_error_not_crash(tmp_path: Path, flat: Vect
     # make the checksums agree so FAISS itself is asked to parse the garbage
     meta_path = tmp_path / "idx" / "index.json"
     meta = json.loads(meta_path.read_text())
-    meta["files"]["index.faiss"] = index_mod._file_digest(path)
+    meta["files"]["index.faiss"] = index_store.file_digest(path)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(IndexFileError, match="cannot be read by FAISS"):
         VectorIndex.load(tmp_path / "idx")
@@ -277,7 +277,7 @@ def test_crash_mid_save_keeps_old_index(tmp_path: Path, flat: VectorIndex, monke
     def crash(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_mod, "_write_bytes", crash)  # dies after index.faiss is written
+    monkeypatch.setattr(index_store, "_write_bytes", crash)  # dies after index.faiss is written
     with pytest.raises(OSError, match="disk full"):
         bigger.save(tmp_path / "idx")
     monkeypatch.undo()
@@ -299,7 +299,7 @@ def test_crash_between_renames_falls_back_to_previous(
             raise KeyboardInterrupt
         real_rename(src, dst)
 
-    monkeypatch.setattr(index_mod.os, "rename", rename_then_die)
+    monkeypatch.setattr(os, "rename", rename_then_die)
     new = VectorIndex.build(clustered(40, seed=4), make_ids(40), fingerprint="fp-new")
     with pytest.raises(KeyboardInterrupt):
         new.save(tmp_path / "idx")
@@ -336,12 +336,12 @@ def test_build_options_ef_construction_and_tuning_queries(data) -> None:
 
 def test_tuning_queries_are_held_out(data, flat: VectorIndex) -> None:
     x, _ = data
-    queries, truth, rows = index_mod._tuning_set(x, "ip", 0, None)
+    queries, truth, rows = index_tuning.tuning_set(x, "ip", 0, None)
     assert truth.shape == (1000, 10) and (truth >= 0).all()
     np.testing.assert_array_equal(queries, x[rows])
     # leave-one-out: a query's own corpus row is never among its neighbours
     assert not (truth == rows[:, None]).any()
-    assert index_mod._recall_at_k(flat._index, queries, truth, rows) == 1.0
+    assert index_tuning.recall_at_k(flat._index, queries, truth, rows) == 1.0
 
 
 def test_too_few_training_points_is_a_user_error() -> None:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from modalign.core.errors import ConfigError
+
+# Built-in modalities whose options keep their own top-level section (``data.image``...).
+SECTION_OPTIONS = ("image", "audio")
 
 
 @dataclass
@@ -45,10 +51,27 @@ class ImageConfig:
 class DataConfig:
     """Where the data is and how to decode it."""
 
-    train: str = ""  # SRC: manifest (.jsonl/.csv/.parquet) or WebDataset shard pattern
+    # SRC: manifest (.jsonl/.csv/.parquet), WebDataset shard pattern, or {SRC: weight} mix
+    train: str | dict[str, float] = ""
     val: str = ""
     num_workers: int = 0
     shuffle: bool = True
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     max_bad_fraction: float = 0.5  # abort if more than this fraction of items is bad
+    # Options of plugin modalities, by name (checked by the modality's options dataclass).
+    modalities: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        both = [m for m in SECTION_OPTIONS if m in self.modalities]
+        if both:
+            raise ConfigError(
+                f"data.modalities.{both[0]}: {both[0]} options live in the data.{both[0]} section; "
+                f"move them there"
+            )
+
+    def modality_options(self, name: str) -> Any:
+        """Raw options for modality ``name``: its section (``data.image``) or ``data.modalities``."""
+        if name in SECTION_OPTIONS:
+            return getattr(self, name)
+        return self.modalities.get(name)

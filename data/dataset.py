@@ -1,15 +1,14 @@
-"""Map-style paired dataset, batch collation with presence masks, and rank-aware sampling.
+"""Map-style paired dataset, the iterable-source base class, and rank-aware sampling.
 
-Bad items travel inside the batch (``batch["bad"]``) and are tallied by a :class:`BadItemLog`
+Bad items travel inside the batch (``batch.bad``) and are tallied by a :class:`BadItemLog`
 owned by the run, so counts are right with any number of workers and no global state.
+:class:`Batch`, :class:`Collate`, :class:`BadRecord` and :class:`BadItemLog` live in
+:mod:`modalign.data.batch` (re-exported here).
 """
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,76 +16,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from modalign.core.world import resolve_world
-from modalign.data.decode import BadItem
+from modalign.data.batch import BadItemLog, BadRecord, Batch, Collate, Sample
 from modalign.data.manifest import Manifest, ManifestRow
 from modalign.data.modality import ModalitySpec
+from modalign.data.sample import decode_sample
 
-log = logging.getLogger(__name__)
-
-Batch = dict[str, Any]
-
-
-@dataclass
-class BadRecord:
-    item: str  # "<manifest>:<line>" or a shard key
-    modality: str
-    reason: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.item} [{self.modality}] {self.reason}{detail}"
-
-
-@dataclass
-class BadItemLog:
-    """Counts of skipped items by reason, with the first few examples; warnings rate-limited."""
-
-    max_examples: int = 5
-    max_warnings: int = 10
-    counts: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-    _warned: int = 0
-
-    def add(self, records: Sequence[BadRecord]) -> None:
-        for rec in records:
-            self.counts[rec.reason] += 1
-            if len(self.examples) < self.max_examples:
-                self.examples.append(str(rec))
-            if self._warned < self.max_warnings:
-                self._warned += 1
-                suffix = (
-                    " (further bad items are only counted)"
-                    if self._warned == self.max_warnings
-                    else ""
-                )
-                log.warning("skipping bad item: %s%s", rec, suffix)
-
-    def add_counts(self, counts: Mapping[str, int], examples: Sequence[str] = ()) -> None:
-        self.counts.update(counts)
-        self.examples.extend(list(examples)[: max(0, self.max_examples - len(self.examples))])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        if not self.counts:
-            return "no bad items"
-        reasons = ", ".join(f"{k}={v}" for k, v in self.counts.most_common())
-        first = "; ".join(self.examples)
-        return f"{self.total} bad items skipped ({reasons}); first: {first}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "bad": self.total,
-            "bad_by_reason": dict(self.counts),
-            "examples": list(self.examples),
-        }
+__all__ = [
+    "BadItemLog",
+    "BadRecord",
+    "Batch",
+    "Collate",
+    "EpochBatchSampler",
+    "PairedDataset",
+    "RawSource",
+    "Sample",
+    "make_loader",
+    "row_values",
+]
 
 
 class PairedDataset(Dataset):
-    """Rows of a manifest decoded into ``{modality: value}`` samples.
+    """Rows of a manifest decoded into :class:`Sample` s (by :func:`decode_sample`).
 
     Index ``epoch * len(self) + i`` decodes row ``i`` with augmentation randomness seeded by
     (seed, epoch, i), so results do not depend on worker count or order.
@@ -119,55 +69,28 @@ class PairedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         epoch, i = divmod(int(index), len(self.rows))
         row = self.rows[i]
-        rng = np.random.default_rng([self.seed, epoch, i])
-        sample: dict[str, Any] = {"id": row.id, "label": row.label, "index": i, "bad": []}
-        for name, spec in self.modalities.items():
-            if name not in row.values:
-                continue
-            try:
-                sample[name] = spec.load(row.values[name], self.train, rng)
-            except BadItem as exc:
-                where = f"{self.source}:{row.line}" if self.source else row.id
-                detail = exc.detail if spec.inline else row.values[name]
-                if exc.detail and exc.detail != detail:
-                    detail = f"{detail}: {exc.detail}"
-                sample["bad"].append(BadRecord(where, name, exc.reason, detail))
-        return sample
+        return decode_sample(
+            row_values(row, self.modalities),
+            self.modalities,
+            self.train,
+            np.random.default_rng([self.seed, epoch, i]),
+            id=row.id,
+            label=row.label,
+            index=i,
+            where=f"{self.source}:{row.line}" if self.source else row.id,
+        )
 
 
-class Collate:
-    """List of samples -> batch dict with stacked tensors and ``present`` masks.
-
-    Samples left with no modality after decoding are dropped (their bad records are kept),
-    unless ``keep_empty``: then they stay as all-absent rows so every batch keeps its size. Training
-    streams need that: the cross-process all-gather requires equal batch sizes on every rank, and
-    the losses ignore rows whose ``present`` bits are all False.
-    """
-
-    def __init__(self, modalities: Mapping[str, ModalitySpec], keep_empty: bool = False) -> None:
-        self.modalities = dict(modalities)
-        self.keep_empty = keep_empty
-
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
-        bad = [rec for s in samples for rec in s["bad"]]
-        kept = [s for s in samples if self.keep_empty or any(m in s for m in self.modalities)]
-        batch: Batch = {
-            "id": [s["id"] for s in kept],
-            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-            "label": [s["label"] for s in kept],
-            "present": {},
-            "bad": bad,
-        }
-        for name, spec in self.modalities.items():
-            mask = [name in s for s in kept]
-            if not any(mask):
-                continue
-            batch[name] = spec.collate([s[name] if name in s else spec.placeholder for s in kept])
-            batch["present"][name] = torch.tensor(mask, dtype=torch.bool)
-        return batch
+def row_values(row: ManifestRow, specs: Mapping[str, ModalitySpec]) -> dict[str, tuple[str, Any]]:
+    """A manifest row's raw values as ``(origin, value)`` for :func:`decode_sample`."""
+    return {
+        m: ("" if spec.inline else v, v)
+        for m, spec in specs.items()
+        if (v := row.values.get(m)) is not None
+    }
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -250,8 +173,8 @@ class RawSource(IterableDataset):
     """An iterable source whose records are cheap to read and skip; decoding comes after.
 
     Subclasses give ``raw(worker, num_workers)`` (this rank's records for ``self.epoch``, for one
-    DataLoader worker, in a deterministic order), ``decode(raw, position)`` (record -> sample dict
-    as :meth:`PairedDataset.__getitem__` returns) and ``counts(num_workers)`` (records per worker).
+    DataLoader worker, in a deterministic order), ``decode(raw, position)`` (record ->
+    :class:`Sample`, as :meth:`PairedDataset.__getitem__` returns) and ``counts(num_workers)`` (records per worker).
     Resuming sets ``skip`` (records to pass over, per worker) and ``worker_offset`` (which worker
     the DataLoader's round-robin starts at); :class:`~modalign.data.stream.SourceStream` does that.
     """
@@ -272,6 +195,20 @@ class RawSource(IterableDataset):
         self.epoch = 0
         self.skip: list[int] = []
         self.worker_offset = 0
+        self.skipped: dict[str, int] = {}  # rows dropped while reading (manifests), by reason
+        self.skipped_examples: list[str] = []
+
+    def batches(
+        self, batch_size: int, num_workers: int = 0, keep_empty: bool = False
+    ) -> Iterator[Batch]:
+        """One pass over this epoch's records as :class:`Batch` es (evaluation, embedding)."""
+        loader = DataLoader(
+            self,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=Collate(self.modalities, keep_empty=keep_empty),
+        )
+        return iter(loader)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the (seed, epoch) order; call before creating the DataLoader iterator."""
@@ -280,13 +217,13 @@ class RawSource(IterableDataset):
     def raw(self, worker: int, num_workers: int) -> Iterator[Any]:
         raise NotImplementedError
 
-    def decode(self, raw: Any, position: int) -> dict[str, Any]:
+    def decode(self, raw: Any, position: int) -> Sample:
         raise NotImplementedError
 
     def counts(self, num_workers: int) -> list[int]:
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (physical + self.worker_offset) % num_workers

@@ -11,14 +11,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modalign.core.errors import DataError
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
-RESERVED_COLUMNS = ("id", "label")
+# Manifest columns (and batch fields) that are never modalities; a modality may not use them.
+RESERVED_COLUMNS = ("id", "label", "present", "index", "bad", "line")
 
 
 @dataclass(slots=True)  # slots: millions of rows stay small in every DataLoader worker
@@ -39,6 +41,13 @@ class Manifest:
     rows: list[ManifestRow]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped at read time
     skipped_examples: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)  # every column seen, in first-seen order
+    wanted: tuple[str, ...] = ()  # the modality columns asked for
+
+    @property
+    def unknown_columns(self) -> list[str]:
+        """Columns that are neither reserved nor one of the modalities read."""
+        return [c for c in self.columns if c not in RESERVED_COLUMNS and c not in self.wanted]
 
     @property
     def modalities(self) -> list[str]:
@@ -51,11 +60,15 @@ def is_manifest(src: str | Path) -> bool:
 
 
 def read_manifest(
-    path: str | Path, modalities: Sequence[str], inline: Iterable[str] = ("text",)
+    path: str | Path,
+    modalities: Sequence[str] | Mapping[str, Any],
+    inline: Iterable[str] | None = None,
 ) -> Manifest:
     """Read a manifest, keeping the given modality columns.
 
-    Raises :class:`DataError` (naming file and line) for a missing/malformed file or when no row
+    ``modalities`` are names or a ``{name: ModalitySpec}`` mapping. Inline columns (values kept
+    as they are, not resolved as paths) are ``inline`` when given, else those whose spec is
+    ``inline`` (for names: the registered modality's spec). Raises :class:`DataError` (naming file and line) for a missing/malformed file or when no row
     has any of ``modalities``.
     """
     path = Path(path)
@@ -70,9 +83,12 @@ def read_manifest(
         records = _read_parquet(path)
     else:
         raise DataError(f"{path}: unknown manifest type {suffix!r}; use one of {MANIFEST_SUFFIXES}")
-    manifest = Manifest(path=path, rows=[])
-    inline = set(inline)
+    inline = set(_inline_names(modalities) if inline is None else inline)
+    modalities = list(modalities)
+    manifest = Manifest(path=path, rows=[], wanted=tuple(modalities))
+    seen: dict[str, None] = {}
     for line, record in records:
+        seen.update(dict.fromkeys(record))
         row = _make_row(record, line, path.parent, modalities, inline)
         if row is None:
             manifest.skipped["no_modality"] = manifest.skipped.get("no_modality", 0) + 1
@@ -82,12 +98,22 @@ def read_manifest(
                 )
             continue
         manifest.rows.append(row)
+    manifest.columns = list(seen)
     if not manifest.rows:
         raise DataError(
             f"{path}: no usable rows (none has any of the columns {list(modalities)}); "
             "each row needs at least one modality value"
         )
     return manifest
+
+
+def _inline_names(modalities: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    if isinstance(modalities, Mapping):
+        return [m for m, spec in modalities.items() if spec.inline]
+    from modalign.data.modality import MODALITIES, modality_specs  # same layer; cycle-free here
+
+    known = [m for m in modalities if m in MODALITIES]
+    return [m for m, spec in modality_specs(known).items() if spec.inline]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:

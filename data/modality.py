@@ -1,22 +1,37 @@
-"""Modalities, registered by name: how to load one value and how to batch many.
+"""Modalities as plugins: a :class:`ModalitySpec` owns everything the data layer does per modality.
 
-A :class:`ModalitySpec` is everything the data layer needs to handle a modality; the default
-set is built by :func:`default_modalities`. Adding a modality (depth maps, tabular vectors...)
-means passing one more spec: loaders, collation and presence masks handle it by name.
+A spec says how one value is decoded and transformed (``load``), what an absent row holds
+(``placeholder``), how values are batched (``collate``), which files and shard members carry it
+(``extensions``/``suffixes``), what ``data pack`` writes for it (``pack``), what ``data inspect``
+reports (``describe``), how robustness evaluation perturbs it (``perturb``) and the input preset
+of the tower it feeds (``preset``). Nothing in ``modalign.data`` branches on a modality's name.
+
+Specs are built by *factories* registered in :data:`MODALITIES` (entry-point group
+``modalign.modalities``): ``factory(data_cfg, options, preset) -> ModalitySpec``. The built-ins
+``image``, ``audio`` and ``text`` live in :mod:`modalign.data.builtin_modalities`; a plugin
+package adds its own with a hook ``def hook(registry): registry.add("depth", factory, Options)``.
+:func:`modality_specs` builds the specs a model needs.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from modalign.core.errors import ConfigError
+from modalign.core.registry import Registry
 from modalign.data.config import DataConfig
-from modalign.data.decode import Source, decode_audio, decode_image, decode_text
+from modalign.data.decode import BadItem
+from modalign.data.manifest import RESERVED_COLUMNS
+
+Loader = Callable[[Any, bool, np.random.Generator], Any]
+Stats = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -31,99 +46,166 @@ class ImagePreset:
 
 
 @dataclass(frozen=True)
-class ModalitySpec:
-    """How one modality is read and batched.
+class StatKind:
+    """How ``data inspect`` aggregates one statistic: ``minmax`` (per component), ``summary``
+    (min/mean/max/total) or ``counts`` (value -> occurrences)."""
 
-    ``load(source, train, rng)`` turns a path/bytes (or inline value) into a tensor or string,
-    raising :class:`~modalign.data.decode.BadItem` when the item is unusable. ``placeholder`` is
-    what an absent row holds in a batch (its ``present`` bit is False).
+    key: str  # report key, e.g. "image_size"
+    kind: str = "summary"
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """Everything the data layer needs to handle one modality.
+
+    ``load(source, train, rng)`` turns a path/bytes (or inline manifest value) into the model
+    input (tensor or string), raising :class:`~modalign.data.decode.BadItem` when unusable.
+    ``placeholder`` is what an absent row holds in a batch (its ``present`` bit is False).
+    Optional hooks (``None`` = the generic behaviour documented on each method):
+
+    - ``decode(source)``: the raw decoded value, without transforms (``pack``/``inspect`` check
+      items with it); default ``load(source, False, rng0)``.
+    - ``describe(raw)``: small statistics for ``data inspect``, keys declared in ``stats``.
+    - ``pack_fn(value)``: ``(member extension, bytes)`` for ``data pack``.
+    - ``collate_fn(values)``: batch values; default stacks tensors, lists anything else.
+    - ``perturb_fn(values, level, generator)``: robustness noise, clamped to the valid range.
     """
 
     name: str
-    load: Callable[[Any, bool, np.random.Generator], Any]
+    load: Loader
     placeholder: Any
     inline: bool = False  # value lives in the manifest cell (text), not in a file
-    extensions: tuple[str, ...] = ()  # WebDataset member extensions that carry this modality
+    extensions: tuple[str, ...] = ()  # shard member extensions; the first is what pack writes
+    suffixes: tuple[str, ...] = ()  # manifest file suffixes (default: the extensions)
+    decode: Callable[[Any], Any] | None = None
+    describe: Callable[[Any], Stats] | None = None
+    stats: tuple[StatKind, ...] = ()
+    pack_fn: Callable[[Any], tuple[str, bytes]] | None = None
+    collate_fn: Callable[[Sequence[Any]], Any] | None = None
+    perturb_fn: Callable[[Any, float, torch.Generator], Any] | None = None
+    preset: Any = None  # the tower's input preset (e.g. ImagePreset) the transforms use
+    options: Any = None  # the factory's typed options (for records and plugins)
 
+    # -- batching ------------------------------------------------------------------------
     def collate(self, values: Sequence[Any]) -> Any:
+        """Batch ``values`` (``collate_fn``, else stack tensors / keep a list)."""
+        if self.collate_fn is not None:
+            return self.collate_fn(values)
         if isinstance(self.placeholder, torch.Tensor):
             return torch.stack([torch.as_tensor(v) for v in values])
         return list(values)
 
+    def absent(self, n: int) -> Any:
+        """A batch of ``n`` placeholders (rows that lack this modality)."""
+        return self.collate([self.placeholder] * n)
 
-def image_transform(preset: ImagePreset, cfg: DataConfig, train: bool) -> Callable:
-    """timm's train/eval transform for the tower's input size, adapted to 1 or 3 channels."""
-    from timm.data import create_transform
+    # -- checking, packing, inspecting -----------------------------------------------------
+    def decode_raw(self, source: Any) -> Any:
+        """The decoded value without transforms; raises BadItem."""
+        if self.decode is not None:
+            return self.decode(source)
+        return self.load(source, False, np.random.default_rng(0))
 
-    channels = cfg.image.channels
-    mean, std = _fit_channels(preset.mean, channels), _fit_channels(preset.std, channels)
-    return create_transform(
-        input_size=(channels, preset.input_size, preset.input_size),
-        is_training=train,
-        scale=(cfg.image.train_scale_min, 1.0),
-        hflip=cfg.image.hflip,
-        color_jitter=cfg.image.color_jitter or None,
-        interpolation=preset.interpolation,
-        mean=mean,
-        std=std,
-        crop_pct=preset.crop_pct,
-    )
+    def member_extensions(self) -> tuple[str, ...]:
+        return tuple(e.lower().lstrip(".") for e in self.extensions)
+
+    def file_suffixes(self) -> tuple[str, ...]:
+        return tuple(f".{e.lower().lstrip('.')}" for e in (self.suffixes or self.extensions))
+
+    def pack(self, value: Any) -> tuple[str, bytes]:
+        """``(member extension, bytes)`` that ``data pack`` writes; raises BadItem.
+
+        Default: inline values are decoded and written as UTF-8 under the first extension; files
+        are decoded once (to check them) and their original bytes pass through under their own
+        suffix when it is one of ``extensions`` (else the first extension).
+        """
+        if self.pack_fn is not None:
+            return self.pack_fn(value)
+        exts = self.member_extensions()
+        if not exts:
+            raise BadItem("unpackable", f"modality {self.name!r} declares no member extension")
+        raw = self.decode_raw(value)
+        if self.inline:
+            return exts[0], str(raw).encode("utf-8")
+        path = Path(value)
+        ext = path.suffix.lower().lstrip(".")
+        return (ext if ext in exts else exts[0]), path.read_bytes()
+
+    def inspect(self, source: Any) -> Stats:
+        """Decode ``source`` (raises BadItem) and return its ``describe`` statistics."""
+        raw = self.decode_raw(source)
+        return dict(self.describe(raw)) if self.describe is not None else {}
+
+    # -- robustness ----------------------------------------------------------------------
+    def perturb(self, values: Any, level: float, generator: torch.Generator) -> Any:
+        """Values with noise of ``level`` (``perturb_fn``); unchanged when the spec has none."""
+        if self.perturb_fn is None or level == 0:
+            return values
+        return self.perturb_fn(values, level, generator)
 
 
-def _fit_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
-    values = tuple(values)
-    if len(values) == channels:
-        return values
-    if channels == 1:
-        return (float(np.mean(values)),)
-    return (values[0],) * channels
+class ModalityFactory(Protocol):
+    """``factory(data_cfg, options, preset) -> ModalitySpec`` (options: the entry's dataclass)."""
+
+    def __call__(self, data_cfg: DataConfig, options: Any, preset: Any) -> ModalitySpec: ...
+
+
+MODALITIES: Registry[ModalityFactory] = Registry("modality", "modalign.modalities")
+
+
+def check_name(name: str, where: str = "model.modalities") -> None:
+    """A modality may not be named like a reserved manifest column (``id``, ``label``, ...)."""
+    if name in RESERVED_COLUMNS:
+        raise ConfigError(
+            f"{where}: modality {name!r} is named like the reserved column {name!r} "
+            f"(reserved: {', '.join(RESERVED_COLUMNS)}); rename the modality"
+        )
+
+
+def modality_specs(
+    names: Sequence[str],
+    data_cfg: DataConfig | None = None,
+    presets: Mapping[str, Any] | None = None,
+    extra: Mapping[str, ModalitySpec] | None = None,
+) -> dict[str, ModalitySpec]:
+    """Specs for ``names`` (in order) from :data:`MODALITIES` (``extra`` specs win).
+
+    ``presets[name]`` is passed to that modality's factory (e.g. an :class:`ImagePreset`);
+    options come from ``data_cfg.modality_options(name)``. An unknown name is a ConfigError
+    naming it and the ``modalign.modalities`` entry-point group; a reserved name too.
+    """
+    data_cfg = data_cfg or DataConfig()
+    presets, extra = dict(presets or {}), dict(extra or {})
+    out: dict[str, ModalitySpec] = {}
+    for name in names:
+        check_name(name)
+        if name in extra:
+            out[name] = extra[name]
+            continue
+        where = f"data.modalities.{name}"
+        MODALITIES.get(name, "model.modalities")
+        options = MODALITIES.options(name, data_cfg.modality_options(name), where)
+        spec = MODALITIES.get(name).factory(data_cfg, options, presets.get(name))
+        if not isinstance(spec, ModalitySpec):
+            raise ConfigError(
+                f"modality factory {name!r} returned {type(spec).__name__}, not a ModalitySpec"
+            )
+        out[name] = spec if spec.name == name else dataclasses.replace(spec, name=name)
+    return out
 
 
 def default_modalities(
-    cfg: DataConfig, image_preset: ImagePreset | None = None
+    cfg: DataConfig,
+    image_preset: ImagePreset | None = None,
+    presets: Mapping[str, Any] | None = None,
 ) -> dict[str, ModalitySpec]:
-    """The built-in ``image``, ``audio`` and ``text`` modalities for a data config."""
-    preset = image_preset or ImagePreset()
-    train_tf = image_transform(preset, cfg, train=True)
-    eval_tf = image_transform(preset, cfg, train=False)
+    """The built-in ``image``, ``audio`` and ``text`` specs (``image_preset``: old spelling of
+    ``presets={"image": ...}``)."""
+    presets = dict(presets or {})
+    if image_preset is not None:
+        presets.setdefault("image", image_preset)
+    return modality_specs(["image", "audio", "text"], cfg, presets)
 
-    def load_image(source: Source, train: bool, rng: np.random.Generator) -> torch.Tensor:
-        img = decode_image(source, cfg.image)
-        if not train:
-            return eval_tf(img)
-        # timm transforms draw from the global torch/python RNGs: seed them per item so an
-        # item's augmentation depends on (seed, epoch, index) only, not on worker scheduling.
-        seed = int(rng.integers(0, 2**31 - 1))
-        state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(
-                    seed
-                )  # CPU only: seeding CUDA too costs ~1 ms/item
-                random.seed(seed)
-                return train_tf(img)
-        finally:
-            random.setstate(state)
 
-    def load_audio(source: Source, train: bool, rng: np.random.Generator) -> torch.Tensor:
-        return torch.from_numpy(decode_audio(source, cfg.audio, rng if train else None))
-
-    def load_text(value: Any, train: bool, rng: np.random.Generator) -> str:
-        return decode_text(value)
-
-    size = preset.input_size
-    return {
-        "image": ModalitySpec(
-            "image",
-            load_image,
-            torch.zeros(cfg.image.channels, size, size),
-            extensions=("jpg", "jpeg", "png", "webp", "bmp"),
-        ),
-        "audio": ModalitySpec(
-            "audio",
-            load_audio,
-            torch.zeros(cfg.audio.clip_samples),
-            extensions=("wav", "flac", "ogg", "mp3"),
-        ),
-        "text": ModalitySpec("text", load_text, "", inline=True, extensions=("txt",)),
-    }
+# Built-in factories register themselves on import (after the names above exist).
+from modalign.data import builtin_modalities  # noqa: E402, F401

@@ -1,9 +1,10 @@
-"""WebDataset shards as an iterable of the same sample dicts :class:`PairedDataset` yields.
+"""WebDataset shards as an iterable of the same :class:`Sample` s :class:`PairedDataset` yields.
 
 A shard is a tar file whose members ``KEY.EXT`` are grouped by ``KEY`` into one sample:
-``jpg/png/webp/...`` -> image, ``wav/flac/mp3/...`` -> audio, ``txt`` -> text (each modality's
-:attr:`ModalitySpec.extensions`), ``cls`` -> label, ``json`` -> a dict that may carry ``label``,
-``id`` and inline modalities. Shards are read with the ``webdataset`` library (local paths and
+each modality's :attr:`ModalitySpec.extensions` (built-ins: ``jpg/png/webp/...`` -> image,
+``wav/flac/mp3/...`` -> audio, ``txt`` -> text), ``cls`` -> label, ``json`` -> a dict that may
+carry ``label``, ``id``, inline modalities and other fields (``Sample.meta``). Shards written by
+``data pack`` and img2dataset-style shards (``jpg``/``txt``/``json``) read the same way. Shards are read with the ``webdataset`` library (local paths and
 ``pipe:`` URLs, brace patterns such as ``dir/train-{000000..000009}.tar``).
 
 Order: the shard list is permuted by (seed, epoch), split across processes (``rank::world``) and
@@ -30,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from modalign.core.errors import DataError
-from modalign.data.dataset import BadRecord, RawSource
+from modalign.data.batch import BadRecord, Sample
+from modalign.data.dataset import RawSource
 from modalign.data.decode import BadItem, decode_text
 from modalign.data.modality import ModalitySpec
+from modalign.data.sample import decode_sample
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BAD_KEY = "__bad__"  # a record that only carries shard-level problems
@@ -232,7 +235,7 @@ class ShardDataset(RawSource):
             out.append(sum(self._counts[u] for u in urls))
         return out
 
-    def decode(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
+    def decode(self, raw: dict[str, Any], position: int) -> Sample:
         return decode_shard_sample(
             raw, self.modalities, self._by_ext, self.train, self.seed, self.epoch, position
         )
@@ -257,30 +260,38 @@ def decode_shard_sample(
     seed: int,
     epoch: int,
     position: int,
-) -> dict[str, Any]:
-    """Raw shard record -> ``{"id", "label", "index", "bad", modality: value, ...}``."""
+) -> Sample:
+    """Raw shard record -> :class:`Sample` (via the shared :func:`decode_sample`).
+
+    Members map to modalities by extension (``by_ext``); ``cls`` or the json's ``label`` is the
+    label, the json's ``id`` the id (else the key), its other fields go to ``Sample.meta`` and
+    may carry inline modalities (img2dataset's ``caption``... only under the modality's name).
+    """
     key, url = raw["__key__"], raw["__url__"]
-    sample: dict[str, Any] = {"id": key, "label": None, "index": position, "bad": []}
     if BAD_KEY in raw:
-        sample["bad"] = [BadRecord(url, "shard", r, d) for r, d in raw[BAD_KEY]]
-        return sample
+        bad = [BadRecord(url, "shard", r, d) for r, d in raw[BAD_KEY]]
+        return Sample(id=key, label=None, index=position, bad=bad)
     where = f"{url}#{key}"
-    meta = _read_meta(raw, where, sample["bad"])
-    sample["id"] = str(meta.get("id", key))
-    sample["label"] = _label(raw, meta)
+    problems: list[BadRecord] = []
+    meta = _read_meta(raw, where, problems)
     values = _modality_values(raw, meta, modalities, by_ext)
-    rng = np.random.default_rng([seed, epoch, stable_hash(url, key)])
-    for name, (ext, value) in values.items():
-        try:
-            sample[name] = modalities[name].load(value, train, rng)
-        except BadItem as exc:
-            detail = f"{ext}: {exc.detail}" if exc.detail else ext
-            sample["bad"].append(BadRecord(where, name, exc.reason, detail))
+    sample = decode_sample(
+        values,
+        modalities,
+        train,
+        np.random.default_rng([seed, epoch, stable_hash(url, key)]),
+        id=str(meta.get("id", key)),
+        label=_label(raw, meta),
+        index=position,
+        where=where,
+        meta={k: v for k, v in meta.items() if k not in ("id", "label")},
+    )
+    sample.bad[:0] = problems
     if not values:
         exts = sorted(k for k in raw if not k.startswith("__"))
         unknown = [e for e in exts if e not in by_ext and e not in META_EXTENSIONS]
         reason = "unknown_extension" if unknown else "no_modality"
-        sample["bad"].append(BadRecord(where, "-", reason, f"members: {', '.join(exts) or 'none'}"))
+        sample.bad.append(BadRecord(where, "-", reason, f"members: {', '.join(exts) or 'none'}"))
     return sample
 
 

@@ -1,4 +1,4 @@
-"""Open any ``SRC`` (manifest or WebDataset shard pattern) and mix several with weights.
+"""Open any ``SRC`` (manifest, WebDataset shard pattern, ``{SRC: weight}`` mix).
 
 ``SRC`` dispatch is by suffix: ``.jsonl/.csv/.parquet`` -> manifest, ``.tar/.tar.gz/.tgz``
 (brace patterns, ``::`` lists, ``pipe:`` URLs) -> shards. Everything comes back as a
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from modalign.core.errors import DataError
+from modalign.data.batch import Sample
 from modalign.data.dataset import PairedDataset, RawSource
 from modalign.data.manifest import Manifest, is_manifest, read_manifest
-from modalign.data.modality import ModalitySpec
+from modalign.data.modality import ModalitySpec, check_name
 from modalign.data.shards import SHARD_SUFFIXES, ShardDataset, is_shard_pattern, stable_hash
 from modalign.data.stream import BatchStream, SourceStream
 
@@ -44,6 +45,9 @@ class ManifestSource(RawSource):
         )
         self.dataset = dataset
         self.manifest = manifest
+        if manifest is not None:
+            self.skipped = dict(manifest.skipped)
+            self.skipped_examples = list(manifest.skipped_examples)
 
     def _rank_rows(self) -> list[int]:
         n = len(self.dataset)
@@ -59,7 +63,7 @@ class ManifestSource(RawSource):
         n = len(range(self.rank, len(self.dataset), self.world))
         return [len(range(w, n, num_workers)) for w in range(num_workers)]
 
-    def decode(self, raw: int, position: int) -> dict[str, Any]:
+    def decode(self, raw: int, position: int) -> Sample:
         # PairedDataset seeds augmentation by (seed, epoch, row) from the index.
         return self.dataset[self.epoch * len(self.dataset) + raw]
 
@@ -89,6 +93,10 @@ class MixedSource(RawSource):
             modalities, first.train, seed, first.shuffle, first.rank, first.world, names
         )
         self.sources, self.weights = list(sources), weights
+        for s in sources:
+            for reason, n in s.skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            self.skipped_examples.extend(s.skipped_examples)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -133,7 +141,7 @@ class MixedSource(RawSource):
             out.append(n)
         return out
 
-    def decode(self, raw: tuple[int, Any], position: int) -> dict[str, Any]:
+    def decode(self, raw: tuple[int, Any], position: int) -> Sample:
         i, item = raw
         return self.sources[i].decode(item, position)
 
@@ -141,8 +149,11 @@ class MixedSource(RawSource):
 _END = object()
 
 
+Src = str | Path | Mapping[str, float]
+
+
 def open_source(
-    src: str | Path,
+    src: Src,
     specs: Mapping[str, ModalitySpec],
     train: bool = False,
     seed: int = 0,
@@ -151,17 +162,21 @@ def open_source(
     world_size: int | None = None,
     shuffle_buffer: int = 1000,
 ) -> RawSource:
-    """Open a manifest or shard pattern as a :class:`RawSource` (shuffled when ``train``).
+    """Open a manifest, a shard pattern (``data pack`` or img2dataset shards) or a ``{SRC:
+    weight}`` mix as a :class:`RawSource` (shuffled when ``train``).
 
     Raises :class:`DataError` naming the file for an unknown suffix, a missing file or shard, or a
-    manifest without usable rows. The manifest's skipped rows are on ``source.manifest.skipped``.
+    manifest without usable rows. Rows skipped while reading are on ``source.skipped``.
     """
+    check_specs(specs)
+    if isinstance(src, Mapping):
+        return open_mix(src, specs, train, seed, rank=rank, world_size=world_size, shuffle=shuffle)
     shuffle = train if shuffle is None else shuffle
     text = str(src)
     if is_shard_pattern(text):
         return ShardDataset(text, specs, train, seed, shuffle, shuffle_buffer, rank, world_size)
     if is_manifest(text):
-        manifest = read_manifest(text, list(specs), inline=_inline(specs))
+        manifest = read_manifest(text, specs)
         dataset = PairedDataset.from_manifest(manifest, specs, train=train, seed=seed)
         return ManifestSource(dataset, shuffle, rank, world_size, manifest=manifest)
     raise DataError(
@@ -177,19 +192,35 @@ def open_mix(
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    shuffle: bool | None = None,
 ) -> RawSource:
     """Several SRCs mixed by weight (``{src: weight}``; a plain list weighs them equally)."""
     weighted = dict(sources) if isinstance(sources, Mapping) else dict.fromkeys(sources, 1.0)
+    if not weighted:
+        raise DataError("a mix needs at least one source (data.train: {SRC: weight, ...})")
     opened = [
-        open_source(s, specs, train, seed, rank=rank, world_size=world_size) for s in weighted
+        open_source(str(s), specs, train, seed, shuffle, rank=rank, world_size=world_size)
+        for s in weighted
     ]
     if len(opened) == 1:
         return opened[0]
     return MixedSource(opened, list(weighted.values()), seed=seed)
 
 
+def open_eval_source(
+    src: Src,
+    specs: Mapping[str, ModalitySpec],
+    rank: int = 0,
+    world_size: int = 1,
+) -> RawSource:
+    """Any SRC for one pass in file order (no shuffle, no augmentation): embed, index, evaluate,
+    finetune and predict read manifests and shards through this. Iterate it with
+    ``source.batches(batch_size)``; rows skipped while reading are on ``source.skipped``."""
+    return open_source(src, specs, train=False, shuffle=False, rank=rank, world_size=world_size)
+
+
 def open_stream(
-    src: str | Path,
+    src: Src,
     specs: Mapping[str, ModalitySpec],
     batch_size: int,
     seed: int = 0,
@@ -202,8 +233,9 @@ def open_stream(
     """Endless training micro-batches for this process from ``src`` (resume with ``start``).
 
     A manifest gets :class:`BatchStream` (global batches split across processes exactly as one
-    process would see them); shards get :class:`SourceStream`. Both carry ``position`` and the
-    manifest's read-time problems in ``skipped``/``skipped_examples`` (for a BadItemLog).
+    process would see them); shards and ``{SRC: weight}`` mixes get :class:`SourceStream`. Both
+    carry ``position`` and read-time problems in ``skipped``/``skipped_examples`` (for a
+    BadItemLog).
     """
     source = open_source(src, specs, train=True, seed=seed, shuffle=shuffle, rank=rank,
                          world_size=world_size)  # fmt: skip
@@ -215,8 +247,13 @@ def open_stream(
         stream.skipped = dict(manifest.skipped) if manifest else {}
         stream.skipped_examples = list(manifest.skipped_examples) if manifest else []
         return stream
-    return SourceStream(source, batch_size, num_workers=num_workers, start=start)
+    stream = SourceStream(source, batch_size, num_workers=num_workers, start=start)
+    stream.skipped = dict(source.skipped)
+    stream.skipped_examples = list(source.skipped_examples)
+    return stream
 
 
-def _inline(specs: Mapping[str, ModalitySpec]) -> list[str]:
-    return [m for m, s in specs.items() if s.inline]
+def check_specs(specs: Mapping[str, ModalitySpec]) -> None:
+    """Every spec's name is a valid modality name (not a reserved column: ConfigError)."""
+    for name in specs:
+        check_name(name, "modalities")

@@ -26,7 +26,7 @@ from data_fixtures import (  # noqa: F401 - specs/text_specs are fixtures
 
 
 def ids(dataset) -> list[str]:
-    return [s["id"] for s in dataset if not s["bad"]]
+    return [s.id for s in dataset if not s.bad]
 
 
 def test_pattern_detection() -> None:
@@ -46,16 +46,16 @@ def test_sample_dicts_match_manifest_samples(tmp_path: Path, specs) -> None:
     )
     ds = ShardDataset(str(tmp_path / "a.tar"), specs, shuffle=False)
     first, second = list(ds)
-    assert first["id"] == "k0" and first["label"] == "7" and first["text"] == "hi"
-    assert first["image"].shape == (1, 16, 16) and first["audio"].shape == (4000,)
-    assert first["bad"] == [] and set(first) >= {"id", "label", "index", "bad"}
-    assert second["id"] == "item-1" and second["label"] == "cat" and "image" not in second
-    assert [r.reason for r in second["bad"]] == ["corrupt_image"]
+    assert first.id == "k0" and first.label == "7" and first.values["text"] == "hi"
+    assert first.values["image"].shape == (1, 16, 16) and first.values["audio"].shape == (4000,)
+    assert first.bad == [] and first.index == 0
+    assert second.id == "item-1" and second.label == "cat" and "image" not in second.values
+    assert [r.reason for r in second.bad] == ["corrupt_image"]
 
 
 def test_unknown_extension_and_no_modality(tmp_path: Path, specs) -> None:
     write_shard(tmp_path / "a.tar", [{"__key__": "k", "xyz": b"1"}, {"__key__": "m", "cls": "1"}])
-    reasons = [s["bad"][0].reason for s in ShardDataset(str(tmp_path / "a.tar"), specs)]
+    reasons = [s.bad[0].reason for s in ShardDataset(str(tmp_path / "a.tar"), specs)]
     assert sorted(reasons) == ["no_modality", "unknown_extension"]
 
 
@@ -71,11 +71,11 @@ def test_truncated_shard_skips_tail_counts_it_and_goes_on(tmp_path: Path, text_s
         list(tar_file_iterator(fh))  # what the handling prevents: plain webdataset raises
     ds = ShardDataset(pattern, text_specs, shuffle=False)
     samples = list(ds)
-    good = [s["id"] for s in samples if "text" in s]
+    good = [s.id for s in samples if "text" in s.values]
     # The cut hides which key the broken member had, so the sample being grouped (s0-0005) may
     # be incomplete: it is dropped with the tail.
     assert good == [f"s0-{i:04d}" for i in range(5)] + [f"s1-{i:04d}" for i in range(10)]
-    bad = [r for s in samples for r in s["bad"]]
+    bad = [r for s in samples for r in s.bad]
     assert [r.reason for r in bad] == ["truncated_shard"] and "shard-000000" in bad[0].item
     log = BadItemLog()
     loader = DataLoader(ds, batch_size=4, collate_fn=Collate(text_specs))
@@ -142,9 +142,9 @@ def test_weighted_mix_follows_weights_and_counts(tmp_path: Path, text_specs) -> 
     mix = open_mix({str(manifest): 3.0, shards: 1.0}, text_specs, train=True, seed=1)
     assert isinstance(mix, MixedSource)
     samples = list(mix)
-    from_manifest = sum(s["id"].startswith("row") for s in samples)
+    from_manifest = sum(s.id.startswith("row") for s in samples)
     assert 0.68 < from_manifest / len(samples) < 0.82  # weight 3:1 -> 75%
-    assert len(samples) == mix.counts(1)[0] and len(set(s["id"] for s in samples)) == len(samples)
+    assert len(samples) == mix.counts(1)[0] and len(set(s.id for s in samples)) == len(samples)
     loader = DataLoader(mix, batch_size=8, num_workers=2, collate_fn=Collate(text_specs))
     assert sum(len(b["id"]) for b in loader) == sum(mix.counts(2))
 

@@ -14,7 +14,14 @@ from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import ModelConfig
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
-from modalign.pretrain.towers import TowerBuilder, build_tower, default_tower_builders, is_frozen
+from modalign.pretrain.tower_api import ExternalWeights, TowerTraits
+from modalign.pretrain.towers import (
+    TowerBuilder,
+    apply_lock,
+    is_frozen,
+    resolve_builder,
+    tower_traits,
+)
 
 
 def projection_head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
@@ -30,10 +37,16 @@ class MultimodalEncoder(nn.Module):
     """
 
     def __init__(
-        self, parts: Mapping[str, Any], embed_dim: int, head_kinds: Mapping[str, str]
+        self,
+        parts: Mapping[str, Any],
+        embed_dim: int,
+        head_kinds: Mapping[str, str],
+        traits: Mapping[str, TowerTraits] | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
+        # Declared tower properties (compilable, external weights...): plain data, not modules.
+        self.traits: dict[str, TowerTraits] = dict(traits or {})
         self.preprocessors = nn.ModuleDict({m: p.preprocessor for m, p in parts.items()})
         self.trunks = nn.ModuleDict({m: p.trunk for m, p in parts.items()})
         self.heads = nn.ModuleDict(
@@ -70,21 +83,48 @@ class MultimodalEncoder(nn.Module):
 
 @dataclass
 class BuiltModel:
+    """An encoder plus what its towers declared (presets, external weights, provenance)."""
+
     encoder: MultimodalEncoder
     image_preset: ImagePreset | None
-    external: dict[str, str] = field(default_factory=dict)
+    external: dict[str, dict[str, Any]] = field(default_factory=dict)  # modality -> weights
+
+    @property
+    def traits(self) -> dict[str, TowerTraits]:
+        return self.encoder.traits
+
+    @property
+    def input_presets(self) -> dict[str, ImagePreset]:
+        """Each tower's own input preset (modality -> preset), for towers that declare one."""
+        return {m: t.input_preset for m, t in self.traits.items() if t.input_preset is not None}
+
+    @property
+    def compilable(self) -> dict[str, bool]:
+        """Which trunks take tensors and may be ``torch.compile``-d (modality -> bool)."""
+        return {m: t.compilable for m, t in self.traits.items()}
 
 
 def build_encoder(
     cfg: ModelConfig, data_cfg: DataConfig, builders: Mapping[str, TowerBuilder] | None = None
 ) -> BuiltModel:
-    """Build towers for ``cfg.modalities`` with the given (or default) tower builders."""
-    builders = dict(builders or default_tower_builders())
-    parts = {m: build_tower(m, cfg.towers[m], data_cfg, builders) for m in cfg.modalities}
-    encoder = MultimodalEncoder(parts, cfg.embed_dim, {m: cfg.towers[m].head for m in parts})
-    preset = next((p.image_preset for p in parts.values() if p.image_preset is not None), None)
-    external = {k: v for p in parts.values() for k, v in p.external.items()}
+    """Build towers for ``cfg.modalities`` from the tower registry (plus extra ``builders``)."""
+    parts, traits = {}, {}
+    for m in cfg.modalities:
+        builder, provenance = resolve_builder(m, cfg.towers[m].kind, builders)
+        parts[m] = builder(cfg.towers[m], data_cfg)
+        apply_lock(parts[m], cfg.towers[m])
+        traits[m] = tower_traits(parts[m], provenance)
+    encoder = MultimodalEncoder(
+        parts, cfg.embed_dim, {m: cfg.towers[m].head for m in parts}, traits
+    )
+    preset = next((p.input_preset for p in parts.values() if p.input_preset is not None), None)
+    external = {m: t.external.to_dict() for m, t in traits.items() if t.external is not None}
     return BuiltModel(encoder, preset, external)
+
+
+def external_of(encoder: MultimodalEncoder) -> dict[str, ExternalWeights]:
+    """Modality -> external weights of the towers that reference weights outside bundles."""
+    return {m: t.external for m, t in encoder.traits.items() if t.external is not None}
 
 
 @dataclass

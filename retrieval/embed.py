@@ -1,34 +1,25 @@
-"""Embedding a corpus with a model bundle: in memory, or streamed to resumable shards.
+"""The one embedding loop: any source (manifest or shard pattern) -> per-modality embeddings.
 
-Shard format (``modalign embed --out DIR``), readable by any tool::
-
-    DIR/embeddings.json             {"format": "modalign.embeddings", "fingerprint", "dim",
-                                     "modalities", "source", "shard_rows", "shards": N}
-    DIR/<modality>/part-000000.npy  (n, dim) float32, L2-normalised
-    DIR/<modality>/part-000000.ids  one item id per line, same order
-    DIR/<modality>/part-000000.json {"rows": n, "labels": [...], "values": [paths or texts]}
-
-Shard i covers manifest rows [i*shard_rows, (i+1)*shard_rows); a shard exists only when all of
-its files were written (the ``.json`` goes last, via rename), so a rerun skips finished shards.
+Every caller (``evaluate retrieval``, ``index build``, fine-tuning features, the trainer's
+validation through a wrapper of its live encoder, and the resumable ``modalign embed`` shards in
+:mod:`modalign.retrieval.embed_shards`) goes through :func:`embed_batches`; sources are opened
+by the data layer (:func:`~modalign.data.sources.open_eval_source`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-from modalign.core.artifact import atomic_write_text, read_json_meta
-from modalign.core.errors import DataError, UserInputError
-from modalign.data.dataset import BadItemLog, PairedDataset, make_loader
-from modalign.data.manifest import ManifestRow, read_manifest
-from modalign.pretrain.bundle import BundleModel
-
-FORMAT = "modalign.embeddings"
+from modalign.core.errors import DataError
+from modalign.data.dataset import BadItemLog, Batch, RawSource
+from modalign.data.modality import ModalitySpec
+from modalign.data.sources import ManifestSource, open_eval_source
 
 
 @dataclass
@@ -40,163 +31,143 @@ class Embeddings:
     vectors: np.ndarray  # (n, D) float32
     labels: list[str | None] = field(default_factory=list)
     values: list[str] = field(default_factory=list)  # file path or inline text per item
+    positions: list[int] = field(default_factory=list)  # item position in the source
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def embed_rows(
-    model: BundleModel,
-    rows: Sequence[ManifestRow],
-    modalities: Sequence[str] | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
+class EncoderModel(Protocol):
+    """What the loop needs from a model: a loaded bundle, or a wrapper of a live encoder."""
+
+    @property
+    def modalities(self) -> list[str]: ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    def modality_specs(self) -> dict[str, ModalitySpec]: ...
+
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+
+ValueOf = Callable[[str, int, str, Any], str]
+
+
+def value_reader(source: RawSource, src: str | Path) -> ValueOf:
+    """How an item is shown in results: its manifest cell (path/text), else ``SRC#id``."""
+    manifest = source.manifest if isinstance(source, ManifestSource) else None
+
+    def value_of(modality: str, position: int, item_id: str, decoded: Any) -> str:
+        if manifest is not None:
+            return str(manifest.rows[position].values[modality])
+        if isinstance(decoded, str):
+            return decoded  # inline values (text) are their own display value
+        return f"{src}#{item_id}"
+
+    return value_of
+
+
+def embed_batches(
+    model: EncoderModel,
+    batches: Iterable[Batch],
+    wanted: Sequence[str],
+    value_of: ValueOf,
     bad: BadItemLog | None = None,
-    source: str = "",
-) -> dict[str, Embeddings]:
-    """Embed every present modality of ``rows``; bad items are skipped and logged in ``bad``."""
-    specs = model.modality_specs()
-    wanted = [m for m in (modalities or model.modalities) if m in specs]
-    dataset = PairedDataset(rows, {m: specs[m] for m in wanted}, train=False, source=source)
-    out = {m: Embeddings(m, [], np.zeros((0, model.embed_dim), np.float32)) for m in wanted}
-    chunks: dict[str, list[np.ndarray]] = {m: [] for m in wanted}
-    for batch in make_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+    max_items: int | None = None,
+) -> Iterator[dict[str, Embeddings]]:
+    """Encode each batch; yields, per batch, the present items of every wanted modality."""
+    seen = 0
+    for batch in batches:
         if bad is not None:
-            bad.add(batch["bad"])
-        embedded = model.encode_batch({m: batch[m] for m in wanted if m in batch})
-        for m, vectors in embedded.items():
-            mask = batch["present"][m]
-            keep = mask.nonzero().flatten().tolist()
-            chunks[m].append(vectors[mask].numpy())
-            out[m].ids.extend(batch["id"][i] for i in keep)
-            out[m].labels.extend(batch["label"][i] for i in keep)
-            out[m].values.extend(rows[int(batch["index"][i])].values[m] for i in keep)
-    for m in wanted:
-        if chunks[m]:
-            out[m].vectors = np.concatenate(chunks[m]).astype(np.float32)
-    return {m: e for m, e in out.items() if len(e)}
+            bad.add(batch.bad)
+        if max_items is not None and seen >= max_items:
+            break
+        seen += len(batch)
+        encoded = model.encode_batch({m: batch.inputs[m] for m in wanted if m in batch.inputs})
+        out: dict[str, Embeddings] = {}
+        for m, vectors in encoded.items():
+            keep = batch.present[m].nonzero().flatten().tolist()
+            inputs = batch.inputs[m]
+            pos = [int(batch.index[i]) for i in keep]
+            out[m] = Embeddings(
+                m,
+                [batch.ids[i] for i in keep],
+                vectors[batch.present[m].cpu()].numpy().astype(np.float32),
+                [batch.labels[i] for i in keep],
+                [value_of(m, p, batch.ids[i], _item(inputs, i)) for p, i in zip(pos, keep)],
+                pos,
+            )
+        yield out
+
+
+def _item(inputs: Any, i: int) -> Any:
+    return inputs[i] if isinstance(inputs, list) else None
+
+
+def concat(parts: Sequence[Embeddings], modality: str, dim: int) -> Embeddings:
+    """Join row-aligned chunks of one modality."""
+    out = Embeddings(modality, [], np.zeros((0, dim), np.float32))
+    for p in parts:
+        out.ids += p.ids
+        out.labels += p.labels
+        out.values += p.values
+        out.positions += p.positions
+    if parts:
+        out.vectors = np.concatenate([p.vectors for p in parts]).astype(np.float32)
+    return out
+
+
+def wanted_specs(
+    model: EncoderModel, modalities: Sequence[str] | None = None
+) -> dict[str, ModalitySpec]:
+    specs = model.modality_specs()
+    return {m: specs[m] for m in (modalities or model.modalities) if m in specs}
 
 
 def embed_source(
-    model: BundleModel,
+    model: EncoderModel,
     src: str | Path,
     modalities: Sequence[str] | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
+    *,
+    train: bool = False,
+    max_items: int | None = None,
 ) -> tuple[dict[str, Embeddings], BadItemLog]:
-    """Embed a manifest in memory (for evaluation and fine-tuning)."""
-    specs = model.modality_specs()
-    manifest = read_manifest(src, list(specs), inline=[m for m, s in specs.items() if s.inline])
+    """Embed any source (manifest or shard pattern) in memory, in file order.
+
+    ``train=True`` decodes with training transforms (augmented views, e.g. for feature
+    augmentation); ``max_items`` stops after that many items. Bad items are skipped and counted.
+    """
+    specs = wanted_specs(model, modalities)
+    source = _open(src, specs, train)
     bad = BadItemLog()
-    bad.add_counts(manifest.skipped, manifest.skipped_examples)
-    embedded = embed_rows(
-        model, manifest.rows, modalities, batch_size, num_workers, bad, str(manifest.path)
-    )
+    bad.add_counts(source.skipped, source.skipped_examples)
+    chunks: dict[str, list[Embeddings]] = {m: [] for m in specs}
+    batches = source.batches(batch_size, num_workers)
+    for part in embed_batches(model, batches, list(specs), value_reader(source, src), bad,
+                              max_items):  # fmt: skip
+        for m, e in part.items():
+            chunks[m].append(e)
+    embedded = {m: concat(c, m, model.embed_dim) for m, c in chunks.items()}
+    embedded = {m: e for m, e in embedded.items() if len(e)}
     if not embedded:
         raise DataError(f"{src}: no item could be embedded ({bad.summary()})")
     return embedded, bad
 
 
-def write_embedding_shards(
-    model: BundleModel,
-    src: str | Path,
-    out_dir: str | Path,
-    shard_rows: int = 10_000,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict:
-    """Stream a manifest into embedding shards; memory holds one shard; finished shards are kept.
+def _open(src: str | Path, specs: dict[str, ModalitySpec], train: bool) -> RawSource:
+    if train:
+        from modalign.data.sources import open_source
 
-    Process ``rank`` of ``world_size`` writes shards ``rank, rank + world_size, ...``.
-    """
-    out = Path(out_dir)
-    specs = model.modality_specs()
-    manifest = read_manifest(src, list(specs), inline=[m for m, s in specs.items() if s.inline])
-    n_shards = (len(manifest.rows) + shard_rows - 1) // shard_rows
-    meta_path = out / "embeddings.json"
-    meta = {
-        "format": FORMAT,
-        "fingerprint": model.fingerprint,
-        "dim": model.embed_dim,
-        "modalities": model.modalities,
-        "source": str(Path(src).resolve()),
-        "shard_rows": shard_rows,
-        "shards": n_shards,
-        "model": str(Path(model.path).resolve()),
-    }
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old.get("fingerprint") != model.fingerprint or old.get("shard_rows") != shard_rows:
-            raise UserInputError(
-                f"{out}: holds embeddings from another model or shard size; use a new --out dir"
-            )
-    if rank == 0:
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
-    bad = BadItemLog()
-    written = skipped = 0
-    for shard in range(rank, n_shards, world_size):
-        name = f"part-{shard:06d}"
-        if all(
-            (out / m / f"{name}.json").is_file()
-            for m in model.modalities
-            if _shard_has(manifest.rows, shard, shard_rows, m)
-        ):
-            skipped += 1
-            continue
-        rows = manifest.rows[shard * shard_rows : (shard + 1) * shard_rows]
-        for m, emb in embed_rows(
-            model, rows, None, batch_size, num_workers, bad, str(manifest.path)
-        ).items():
-            _write_shard(out / m, name, emb)
-        written += 1
-    return {"shards": n_shards, "written": written, "already_done": skipped, **bad.to_dict()}
+        return open_source(src, specs, train=True, shuffle=False, rank=0, world_size=1)
+    return open_eval_source(src, specs, rank=0, world_size=1)
 
 
-def _shard_has(rows: Sequence[ManifestRow], shard: int, size: int, modality: str) -> bool:
-    return any(modality in r.values for r in rows[shard * size : (shard + 1) * size])
+def __getattr__(name: str) -> Any:  # shard writer/reader moved to embed_shards
+    if name in ("write_embedding_shards", "read_embedding_shards", "FORMAT"):
+        from modalign.retrieval import embed_shards
 
-
-def _write_shard(directory: Path, name: str, emb: Embeddings) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, emb.vectors.astype(np.float32))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / f"{name}.npy")
-    atomic_write_text(directory / f"{name}.ids", "".join(f"{i}\n" for i in emb.ids))
-    atomic_write_text(
-        directory / f"{name}.json",
-        json.dumps({"rows": len(emb), "labels": emb.labels, "values": emb.values}),
-    )
-
-
-def read_embedding_shards(directory: str | Path) -> tuple[dict[str, Embeddings], dict]:
-    """Load all finished shards of an embeddings dir -> per-modality :class:`Embeddings` + meta."""
-    root = Path(directory)
-    meta = read_json_meta(
-        root / "embeddings.json", "embeddings dir", "create it with `modalign embed`"
-    )
-    out: dict[str, Embeddings] = {}
-    for m in meta.get("modalities", []):
-        parts = sorted((root / m).glob("part-*.json")) if (root / m).is_dir() else []
-        if not parts:
-            continue
-        vectors, ids, labels, values = [], [], [], []
-        for part in parts:
-            info = json.loads(part.read_text())
-            stem = part.with_suffix("")
-            vec = np.load(stem.with_suffix(".npy"), allow_pickle=False)
-            part_ids = stem.with_suffix(".ids").read_text().splitlines()
-            if vec.shape != (len(part_ids), meta["dim"]) or len(part_ids) != info["rows"]:
-                raise UserInputError(
-                    f"{part}: shard is inconsistent ({vec.shape} vectors, {len(part_ids)} ids); delete it and rerun `modalign embed`"
-                )
-            vectors.append(vec)
-            ids.extend(part_ids)
-            labels.extend(info.get("labels", [None] * len(part_ids)))
-            values.extend(info.get("values", [""] * len(part_ids)))
-        out[m] = Embeddings(m, ids, np.concatenate(vectors).astype(np.float32), labels, values)
-    return out, meta
+        return getattr(embed_shards, name)
+    raise AttributeError(name)

@@ -74,8 +74,8 @@ def test_lock_all_and_partial_unlock() -> None:
         ),
         DATA,
         default_tower_builders(),
-    ).trunk
-    groups = parameter_groups(partial)
+    )
+    groups = parameter_groups(partial)  # the tower declares its (timm) layer groups
     assert len(groups) > 1
     assert all(p.requires_grad for p in groups[-1])
     assert not any(p.requires_grad for g in groups[:-1] for p in g)

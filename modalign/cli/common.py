@@ -1,0 +1,84 @@
+"""Shared CLI pieces: output contract (``--json``), common flags, ``--set`` pairs, the world."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from modalign.core.errors import UserInputError
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
+    """``--json``: exactly one JSON object on stdout; else ``text`` (or pretty JSON)."""
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    elif text is not None:
+        print(text)
+    else:
+        print(json.dumps(result, indent=2, default=str))
+
+
+def launch_world() -> tuple[int, int]:
+    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) when run directly."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return launch_world()[0] == 0
+
+
+def add_common(p: argparse.ArgumentParser, json_flag: bool = True, device: bool = False) -> None:
+    """``--json`` and (for model commands) ``--device``/``--batch-size``."""
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        p.add_argument("--batch-size", type=int, default=64)
+
+
+DATA_HELP = "SRC: manifest (.jsonl/.csv/.parquet) or WebDataset shard pattern (.tar, {a..b})"
+
+
+def add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, metavar="SRC", help=DATA_HELP)
+
+
+def add_set(p: argparse.ArgumentParser) -> None:
+    """``--set a=1 b=2`` (several pairs after one flag) and repeated ``--set`` flags."""
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override config keys: --set a=1 b=2 (repeatable)",
+    )
+
+
+def set_pairs(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` pairs; a word without ``=`` is a usage error naming it."""
+    pairs = list(getattr(args, "set", None) or [])
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise UserInputError(
+            f"--set {bad[0]!r}: expected KEY=VALUE (e.g. --set train.steps=10 model.embed_dim=64); "
+            "put the config name before --set"
+        )
+    return pairs
+
+
+def load_cli_config(args: argparse.Namespace) -> Any:
+    from modalign.config import load_config
+
+    return load_config(args.config, set_pairs(args))
+
+
+def floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserInputError(
+            f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.5,1"
+        ) from None

@@ -1,0 +1,116 @@
+"""``modalign demo`` and ``modalign data build-demo|avmnist|inspect|pack``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from modalign.cli.common import add_common, emit
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.demo import run_demo
+
+    result, text = run_demo(Path(args.out), steps=args.steps, fresh=args.fresh)
+    emit(args, result, text)
+    return result
+
+
+def cmd_build_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.data.demo_corpus import build_demo_corpus
+
+    corpus = build_demo_corpus(args.out, seed=args.seed)
+    result = {
+        "out": str(corpus.root),
+        "train": str(corpus.train),
+        "test": str(corpus.test),
+        "items": corpus.items,
+        "wall_s": round(corpus.seconds, 2),
+    }
+    text = (
+        f"wrote {corpus.items} items to {corpus.root} ({corpus.seconds:.1f}s): "
+        f"{corpus.train.name}, {corpus.test.name}"
+    )
+    emit(args, result, text)
+    return result
+
+
+def cmd_avmnist(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.data.avmnist import build_avmnist
+
+    result = build_avmnist(
+        args.mnist,
+        args.fsdd,
+        args.out,
+        seed=args.seed,
+        images_per_recording=args.images_per_recording,
+    )
+    emit(args, result)
+    return result
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.data.inspect import inspect_source
+
+    result = inspect_source(args.src)
+    emit(args, result)
+    return result
+
+
+def cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.data.pack import pack_shards
+
+    result = pack_shards(args.src, args.out, args.shard_size)
+    emit(args, result)
+    return result
+
+
+def add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="whole pipeline on the built-in corpus; prints a report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default: the demo config's)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="rebuild the corpus and retrain from scratch"
+    )
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def add_data_group(sub: Any) -> None:
+    data = sub.add_parser("data", help="corpora: build, inspect, pack").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    p = data.add_parser(
+        "build-demo", help="built-in corpus (pip-only sources) -> files + manifests"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    add_common(p)
+    p.set_defaults(func=cmd_build_demo)
+    p = data.add_parser("avmnist", help="AV-MNIST-style corpus from FSDD + MNIST")
+    p.add_argument("--mnist", required=True)
+    p.add_argument("--fsdd", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-recording", type=int, default=4,
+                   help="MNIST images paired with each recording")  # fmt: skip
+    add_common(p)
+    p.set_defaults(func=cmd_avmnist)
+    p = data.add_parser("inspect", help="counts per modality, bad items and why")
+    p.add_argument("src", metavar="SRC")
+    add_common(p)
+    p.set_defaults(func=cmd_inspect)
+    p = data.add_parser(
+        "pack",
+        help="manifest -> WebDataset shards",
+        description="Write shard-NNNNNN.tar files (each atomically) and index.json into --out; "
+        "stale shard files numbered past the new count, left by an earlier larger pack, are removed.",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+    add_common(p)
+    p.set_defaults(func=cmd_pack)

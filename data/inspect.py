@@ -1,51 +1,49 @@
 """``modalign data inspect SRC``: decode every item of a source and say what is usable.
 
 The result is the JSON contract of ``docs/design.md`` (``items``, ``ok``, ``bad``,
-``bad_by_reason``, ``modalities``) plus details: problems per modality, label counts, image
-sizes, audio durations and the first bad items with file and reason.
+``bad_by_reason``, ``modalities``) plus details: problems per modality, label counts, each
+modality's own statistics (its spec's ``describe``/``stats``: image sizes, audio durations and
+sample rates, caption lengths, or whatever a plugin declares) and the first bad items.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
+from modalign.data.batch import Sample
 from modalign.data.config import DataConfig
-from modalign.data.dataset import PairedDataset
-from modalign.data.decode import decode_image, decode_text, read_audio
-from modalign.data.manifest import read_manifest
-from modalign.data.modality import ModalitySpec
-from modalign.data.shards import ShardDataset, is_shard_pattern
+from modalign.data.modality import MODALITIES, ModalitySpec, modality_specs
+from modalign.data.shards import is_shard_pattern
+from modalign.data.sources import open_eval_source
 
 MAX_EXAMPLES = 20
 
 
-def inspection_specs(cfg: DataConfig | None = None) -> dict[str, ModalitySpec]:
-    """image/audio/text specs that fully decode an item but return only small stats."""
-    cfg = cfg or DataConfig()
+class _Describe:
+    """``load`` replacement: full decode (``decode_raw``) but only the small ``describe`` stats."""
 
-    def image(source: Any, train: bool, rng: np.random.Generator) -> tuple[int, int]:
-        return decode_image(source, cfg.image).size
+    def __init__(self, spec: ModalitySpec) -> None:
+        self.spec = spec
 
-    def audio(source: Any, train: bool, rng: np.random.Generator) -> tuple[float, int]:
-        wave, sr = read_audio(source)  # no resampling: the checks do not need it
-        return wave.shape[0] / sr, sr
+    def __call__(self, source: Any, train: bool, rng: np.random.Generator) -> dict[str, Any]:
+        return dict(self.spec.inspect(source))
 
-    def text(value: Any, train: bool, rng: np.random.Generator) -> int:
-        return len(decode_text(value))
 
+def inspection_specs(
+    cfg: DataConfig | None = None, specs: Mapping[str, ModalitySpec] | None = None
+) -> dict[str, ModalitySpec]:
+    """Specs whose ``load`` fully decodes an item but returns only its statistics (default:
+    every registered modality)."""
+    specs = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
     return {
-        "image": ModalitySpec(
-            "image", image, None, extensions=("jpg", "jpeg", "png", "webp", "bmp")
-        ),
-        "audio": ModalitySpec("audio", audio, None, extensions=("wav", "flac", "ogg", "mp3")),
-        "text": ModalitySpec("text", text, None, inline=True, extensions=("txt",)),
+        m: dataclasses.replace(s, load=_Describe(s), placeholder=None) for m, s in specs.items()
     }
 
 
@@ -62,38 +60,32 @@ def inspect_source(
     manifest rows (or shard samples, plus one per damaged shard tail), ``ok + bad == items``;
     ``bad_by_reason`` counts problems (an item may have several); ``modalities`` maps each
     modality to the number of items where it decoded. Extra keys: ``source``, ``format``,
-    ``modality_bad``, ``labels``, ``image_size``, ``audio_seconds``, ``audio_sample_rates``,
-    ``text_chars``, ``examples``. Raises :class:`DataError` for an unusable source.
+    ``modality_bad``, ``labels``, ``examples``, ``unknown_columns`` (manifests) and each spec's
+    statistics (built-ins: ``image_size``, ``audio_seconds``, ``audio_sample_rates``,
+    ``text_chars``). Raises :class:`DataError` for an unusable source.
     """
-    specs = dict(specs or inspection_specs(cfg))
-    report = _Report(max_examples)
+    full = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
+    wrapped = inspection_specs(specs=full)
     text = str(src)
-    if is_shard_pattern(text):
-        dataset: Any = ShardDataset(text, specs, shuffle=False, rank=0, world_size=1)
-        fmt = "webdataset"
-    else:
-        inline = [m for m, s in specs.items() if s.inline]
-        manifest = read_manifest(text, list(specs), inline=inline)
-        report.add_skipped(manifest.skipped, manifest.skipped_examples)
-        dataset = PairedDataset.from_manifest(manifest, specs, train=False)
-        fmt = Path(text).suffix.lower().lstrip(".")
-    report.add_samples(_samples(dataset, num_workers), list(specs))
-    return {"source": text, "format": fmt, **report.result(list(specs))}
+    source = open_eval_source(text, wrapped)
+    report = _Report(max_examples)
+    report.add_skipped(source.skipped, source.skipped_examples)
+    report.add_samples(_samples(source, num_workers), list(wrapped))
+    fmt = "webdataset" if is_shard_pattern(text) else Path(text).suffix.lower().lstrip(".")
+    out = {"source": text, "format": fmt, **report.result(list(wrapped), full)}
+    manifest = getattr(source, "manifest", None)
+    if manifest is not None and manifest.unknown_columns:
+        out["unknown_columns"] = manifest.unknown_columns
+    return out
 
 
-def _samples(dataset: Any, num_workers: int) -> Iterable[dict[str, Any]]:
+def _samples(source: Any, num_workers: int) -> Iterable[Sample]:
     # batch_size=None: samples come through one by one; workers only parallelise the decoding.
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=_identity,
-        shuffle=False,
-    )
+    loader = DataLoader(source, batch_size=None, num_workers=num_workers, collate_fn=_identity)
     return iter(loader)
 
 
-def _identity(sample: dict[str, Any]) -> dict[str, Any]:
+def _identity(sample: Sample) -> Sample:
     return sample
 
 
@@ -107,7 +99,7 @@ class _Report:
         self.present: Counter = Counter()
         self.modality_bad: dict[str, Counter] = {}
         self.labels: Counter = Counter()
-        self.stats: dict[str, list] = {"image": [], "audio": [], "rate": [], "text": []}
+        self.stats: dict[str, list] = {}
         self.examples: list[dict[str, str]] = []
 
     def add_skipped(self, skipped: Mapping[str, int], examples: Sequence[str]) -> None:
@@ -119,34 +111,24 @@ class _Report:
             where, _, why = text.partition(": ")
             self._example(where, "-", "no_modality", why)
 
-    def add_samples(self, samples: Iterable[dict[str, Any]], modalities: list[str]) -> None:
+    def add_samples(self, samples: Iterable[Sample], modalities: list[str]) -> None:
         for sample in samples:
             self.items += 1
-            for rec in sample["bad"]:
+            for rec in sample.bad:
                 self.reasons[rec.reason] += 1
                 self.modality_bad.setdefault(rec.modality, Counter())[rec.reason] += 1
                 self._example(rec.item, rec.modality, rec.reason, rec.detail)
-            if sample["bad"]:
+            if sample.bad:
                 self.bad += 1
             else:
                 self.ok += 1
-            if sample.get("label") is not None:
-                self.labels[str(sample["label"])] += 1
+            if sample.label is not None:
+                self.labels[str(sample.label)] += 1
             for m in modalities:
-                if m in sample:
+                if m in sample.values:
                     self.present[m] += 1
-                    self._stat(m, sample[m])
-
-    def _stat(self, modality: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            return  # user-supplied specs: no stats, just the count
-        if modality == "image" and isinstance(value, tuple | list):
-            self.stats["image"].append(tuple(int(v) for v in value))
-        elif modality == "audio" and isinstance(value, tuple | list):
-            self.stats["audio"].append(float(value[0]))
-            self.stats["rate"].append(int(value[1]))
-        elif modality == "text" and isinstance(value, int):
-            self.stats["text"].append(value)
+                    for key, value in sample.values[m].items():
+                        self.stats.setdefault(key, []).append(value)
 
     def _example(self, item: str, modality: str, reason: str, detail: str) -> None:
         if len(self.examples) < self.max_examples:
@@ -154,7 +136,7 @@ class _Report:
                 {"item": item, "modality": modality, "reason": reason, "detail": detail}
             )
 
-    def result(self, modalities: list[str]) -> dict[str, Any]:
+    def result(self, modalities: list[str], specs: Mapping[str, ModalitySpec]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "items": self.items,
             "ok": self.ok,
@@ -165,23 +147,24 @@ class _Report:
             "labels": dict(sorted(self.labels.items())),
             "examples": self.examples,
         }
-        if self.stats["image"]:
-            sizes = np.array(self.stats["image"])
-            out["image_size"] = {
-                "min": [int(v) for v in sizes.min(axis=0)],
-                "max": [int(v) for v in sizes.max(axis=0)],
-            }
-        if self.stats["audio"]:
-            out["audio_seconds"] = _summary(self.stats["audio"])
-            out["audio_sample_rates"] = {
-                str(k): v for k, v in Counter(self.stats["rate"]).most_common()
-            }
-        if self.stats["text"]:
-            out["text_chars"] = _summary(self.stats["text"])
+        kinds = {k.key: k.kind for s in specs.values() for k in s.stats}
+        for key, values in self.stats.items():
+            out[key] = aggregate(values, kinds.get(key, "summary"))
         return out
 
 
-def _summary(values: Sequence[float]) -> dict[str, float]:
+AGGREGATES = ("minmax", "summary", "counts")
+
+
+def aggregate(values: Sequence[Any], kind: str) -> Any:
+    """One statistic over all items: see :class:`~modalign.data.modality.StatKind`."""
+    if kind == "counts":
+        return {str(k): v for k, v in Counter(values).most_common()}
+    if kind == "minmax":
+        arr = np.asarray(values, dtype=np.float64)
+        return {"min": _plain(arr.min(axis=0)), "max": _plain(arr.max(axis=0))}
+    if kind != "summary":
+        raise ValueError(f"unknown statistic kind {kind!r}; valid: {', '.join(AGGREGATES)}")
     arr = np.asarray(values, dtype=np.float64)
     return {
         "min": round(float(arr.min()), 4),
@@ -189,3 +172,9 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
         "max": round(float(arr.max()), 4),
         "total": round(float(arr.sum()), 4),
     }
+
+
+def _plain(arr: np.ndarray) -> Any:
+    if arr.ndim == 0:
+        return int(arr) if float(arr).is_integer() else float(arr)
+    return [int(v) if float(v).is_integer() else float(v) for v in arr]

@@ -1,31 +1,41 @@
-"""``modalign data pack SRC --out DIR``: a manifest -> WebDataset shards.
+"""``modalign data pack SRC --out DIR``: a manifest -> WebDataset shards, for any modality.
 
-Each row becomes one sample ``KEY.{jpg,png,wav,...}`` + ``KEY.txt`` + ``KEY.cls`` (the label) +
-``KEY.json`` (``id``, ``label``, source line). Every file is decoded once to check it; a bad
-modality is left out of its sample and counted, a row with nothing usable is skipped. Each shard
-is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written ``shard-*.tar`` that readers would take for a finished one.
+Each row becomes one sample: per modality the member its spec's :meth:`ModalitySpec.pack` gives
+(file modalities: the original bytes under their own extension; inline ones: UTF-8), plus
+``KEY.cls`` (the label) and ``KEY.json`` (``id``, ``label``, source line). Every value is
+decoded once to check it; a bad modality is left out of its sample and counted, a row with
+nothing usable is skipped. Manifest columns that are no registered modality are reported
+(``unknown_columns``), never dropped silently.
+
+Crash safety (:mod:`modalign.core.artifact`): the output folder is locked for the whole run,
+each shard is written under a temporary name and renamed when complete, and ``index.json``
+(per-shard sample counts) is written last, atomically.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import logging
 import tarfile
 from collections import Counter
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from modalign.core.errors import DataError
+from modalign.core.artifact import atomic_path, lock_dir, remove_stale_temp, write_meta
+from modalign.core.errors import ConfigError, DataError
 from modalign.data.config import DataConfig
-from modalign.data.decode import BadItem, decode_image, decode_text, read_audio
-from modalign.data.manifest import ManifestRow, read_manifest
+from modalign.data.decode import BadItem
+from modalign.data.manifest import Manifest, ManifestRow, read_manifest
+from modalign.data.modality import MODALITIES, ModalitySpec, modality_specs
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
+log = logging.getLogger(__name__)
+
 INDEX_FILE = "index.json"
+INDEX_FORMAT, INDEX_VERSION = "modalign.shards", 1
+META_MEMBERS = ("json", "cls")
 
 
 def pack_shards(
@@ -35,107 +45,136 @@ def pack_shards(
     prefix: str = "shard",
     cfg: DataConfig | None = None,
     max_examples: int = 20,
+    specs: Mapping[str, ModalitySpec] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/{prefix}-000000.tar ...`` with ``shard_size`` samples each.
 
-    Returns ``{"pattern", "shards", "items", "written", "bad", "bad_by_reason", "examples",
-    "out", "removed_stale"}`` where ``pattern`` is the brace pattern to pass as SRC, ``items`` the manifest's
-    rows, ``written`` the samples packed and ``bad`` the rows dropped entirely (``bad_by_reason``
-    counts every problem, including modalities dropped from kept rows). Also writes
-    ``index.json`` (the same plus per-shard sample counts). Raises :class:`DataError` for an
-    unusable manifest or a non-positive ``shard_size``.
+    ``specs`` default to every registered modality (built-ins and installed plugins). Returns
+    ``{"pattern", "shards", "items", "written", "bad", "bad_by_reason", "examples", "out",
+    "removed_stale", "modalities", "unknown_columns"}``: ``pattern`` is the brace pattern to pass
+    as SRC, ``items`` the manifest's rows, ``written`` the samples packed, ``bad`` the rows dropped
+    entirely (``bad_by_reason`` counts every problem, including modalities dropped from kept
+    rows). ``index.json`` holds the same plus per-shard ``counts``. Raises :class:`DataError` for
+    an unusable manifest or a non-positive ``shard_size``.
     """
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
-    cfg = cfg or DataConfig()
-    manifest = read_manifest(src, ["image", "audio", "text"])
+    specs = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
+    _check_extensions(specs)
+    manifest = read_manifest(src, specs)
+    if manifest.unknown_columns:
+        log.warning(
+            "%s: columns %s are no registered modality; not packed", src, manifest.unknown_columns
+        )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    reasons: Counter = Counter(manifest.skipped)
-    examples = list(manifest.skipped_examples)[:max_examples]
-    writer = _ShardWriter(out, prefix, shard_size)
-    dropped = sum(manifest.skipped.values())
-    for row in manifest.rows:
-        members, problems = _members(row, cfg)
-        for modality, exc in problems:
-            reasons[exc.reason] += 1
-            if len(examples) < max_examples:
-                examples.append(f"{manifest.path}:{row.line} [{modality}] {exc}")
-        if not any(k.rsplit(".", 1)[-1] not in ("json", "cls") for k in members):
-            dropped += 1
-            continue
-        writer.add(members, row)
-    writer.close()
-    stale = _remove_stale(out, prefix, len(writer.counts))
-    result = {
-        "out": str(out),
-        "pattern": writer.pattern(),
-        "shards": len(writer.counts),
-        "items": len(manifest.rows) + sum(manifest.skipped.values()),
-        "written": sum(writer.counts),
-        "bad": dropped,
-        "bad_by_reason": dict(reasons.most_common()),
-        "examples": examples,
-        "removed_stale": stale,
-    }
-    _atomic_write(out / INDEX_FILE, json.dumps({**result, "counts": writer.counts}, indent=1))
+    with lock_dir(out, "shard folder"):
+        remove_stale_temp(out)
+        tally = _Tally(manifest, max_examples)
+        with _ShardWriter(out, prefix, shard_size) as writer:
+            for row in manifest.rows:
+                members = tally.members(row, specs)
+                if members is None:
+                    continue
+                writer.add(members)
+        stale = _remove_stale(out, prefix, len(writer.counts))
+        result = {
+            "out": str(out),
+            "pattern": writer.pattern(),
+            "shards": len(writer.counts),
+            **tally.result(),
+            "written": sum(writer.counts),
+            "removed_stale": stale,
+            "modalities": {m: s.member_extensions() for m, s in specs.items()},
+            "unknown_columns": manifest.unknown_columns,
+        }
+        write_meta(
+            out / INDEX_FILE, INDEX_FORMAT, INDEX_VERSION, {**result, "counts": writer.counts}
+        )
     return result
 
 
-def _members(row: ManifestRow, cfg: DataConfig) -> tuple[dict[str, bytes], list]:
-    """Tar member suffix -> bytes for one row, and the (modality, BadItem) problems found."""
-    members: dict[str, bytes] = {}
-    problems: list[tuple[str, BadItem]] = []
-    for modality, value in row.values.items():
-        try:
-            ext, data = _encode(modality, value, cfg)
-        except BadItem as exc:
-            if exc.detail != value and modality != "text":
-                exc = BadItem(exc.reason, f"{value}: {exc.detail}" if exc.detail else value)
-            problems.append((modality, exc))
-            continue
-        members[ext] = data
-    meta = {"id": row.id, "label": row.label, "line": row.line}
-    members["json"] = json.dumps(meta).encode()
-    if row.label is not None:
-        members["cls"] = row.label.encode()
-    return members, problems
+def _check_extensions(specs: Mapping[str, ModalitySpec]) -> None:
+    owner: dict[str, str] = {}
+    for name, spec in specs.items():
+        for ext in spec.member_extensions():
+            if ext in META_MEMBERS or owner.get(ext, name) != name:
+                other = owner.get(ext, "shard metadata")
+                raise ConfigError(
+                    f"modality {name!r}: member extension {ext!r} is already used by {other}; "
+                    "give the modality its own extensions"
+                )
+            owner[ext] = name
 
 
-def _encode(modality: str, value: str, cfg: DataConfig) -> tuple[str, bytes]:
-    """(member extension, bytes) for one modality value; checks it decodes first."""
-    if modality == "text":
-        return "txt", decode_text(value).encode()
-    path = Path(value)
-    ext = path.suffix.lower().lstrip(".")
-    if modality == "image":
-        img = decode_image(path, cfg.image)
-        if ext in IMAGE_EXTENSIONS:
-            return ext, path.read_bytes()
-        buf = io.BytesIO()  # a format shard readers do not map to "image": store as PNG
-        img.save(buf, format="PNG")
-        return "png", buf.getvalue()
-    if modality == "audio":
-        wave, sr = read_audio(path)
-        if ext in AUDIO_EXTENSIONS:
-            return ext, path.read_bytes()
-        import soundfile as sf
+class _Tally:
+    """Rows read, dropped and the problems found while packing."""
 
-        buf = io.BytesIO()
-        sf.write(buf, wave, sr, format="WAV", subtype="FLOAT")
-        return "wav", buf.getvalue()
-    raise BadItem("unknown_modality", modality)
+    def __init__(self, manifest: Manifest, max_examples: int) -> None:
+        self.manifest, self.max_examples = manifest, max_examples
+        self.reasons: Counter = Counter(manifest.skipped)
+        self.examples = list(manifest.skipped_examples)[:max_examples]
+        self.dropped = sum(manifest.skipped.values())
+
+    def members(
+        self, row: ManifestRow, specs: Mapping[str, ModalitySpec]
+    ) -> dict[str, bytes] | None:
+        """Tar member suffix -> bytes for ``row``; None (and counted) when nothing is usable."""
+        members: dict[str, bytes] = {}
+        for modality, value in row.values.items():
+            spec = specs[modality]
+            try:
+                ext, data = spec.pack(value)
+            except BadItem as exc:
+                if exc.detail != value and not spec.inline:
+                    exc = BadItem(exc.reason, f"{value}: {exc.detail}" if exc.detail else value)
+                self._problem(row, modality, exc)
+                continue
+            members[ext] = data
+        if not members:
+            self.dropped += 1
+            return None
+        members["json"] = json.dumps({"id": row.id, "label": row.label, "line": row.line}).encode()
+        if row.label is not None:
+            members["cls"] = row.label.encode()
+        return members
+
+    def _problem(self, row: ManifestRow, modality: str, exc: BadItem) -> None:
+        self.reasons[exc.reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{self.manifest.path}:{row.line} [{modality}] {exc}")
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "items": len(self.manifest.rows) + sum(self.manifest.skipped.values()),
+            "bad": self.dropped,
+            "bad_by_reason": dict(self.reasons.most_common()),
+            "examples": self.examples,
+        }
 
 
 class _ShardWriter:
-    """Rolls samples into fixed-size shards, each written to a temp name then renamed."""
+    """Rolls samples into fixed-size shards, each staged by :func:`atomic_path` then renamed."""
 
     def __init__(self, out: Path, prefix: str, shard_size: int) -> None:
         self.out, self.prefix, self.shard_size = out, prefix, shard_size
         self.counts: list[int] = []
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._stage: AbstractContextManager[Path] | None = None
         self._n = 0
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if self._tar is None:
+            return
+        if kind is None:
+            self._finish()
+            return
+        self._tar.close()  # a failed pack leaves no shard under a final name
+        assert self._stage is not None
+        self._stage.__exit__(kind, exc, tb)
+        self._tar = self._stage = None
 
     def _name(self, index: int) -> str:
         return f"{self.prefix}-{index:06d}.tar"
@@ -146,9 +185,11 @@ class _ShardWriter:
             return str(self.out / self._name(0))
         return str(self.out / f"{self.prefix}-{{{0:06d}..{last:06d}}}.tar")
 
-    def add(self, members: Mapping[str, bytes], row: ManifestRow) -> None:
+    def add(self, members: Mapping[str, bytes]) -> None:
         if self._tar is None:
-            self._open()
+            self._stage = atomic_path(self.out / self._name(len(self.counts)))
+            # Closed in _finish once the shard is full (or at the end): it spans many add() calls.
+            self._tar = tarfile.open(self._stage.__enter__(), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         key = f"{sum(self.counts) + self._n:09d}"  # dot-free: WebDataset keys end at the first dot
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -162,24 +203,12 @@ class _ShardWriter:
         if self._n == self.shard_size:
             self._finish()
 
-    def _open(self) -> None:
-        final = self.out / self._name(len(self.counts))
-        self._tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        # Closed in _finish once the shard is full (or at the end): it spans many add() calls.
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-
     def _finish(self) -> None:
-        assert self._tar is not None and self._tmp is not None
+        assert self._tar is not None and self._stage is not None
         self._tar.close()
-        with open(self._tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self._tmp, self.out / self._name(len(self.counts)))
+        self._stage.__exit__(None, None, None)  # fsync + rename into place
         self.counts.append(self._n)
-        self._tar, self._tmp, self._n = None, None, 0
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._finish()
+        self._tar, self._stage, self._n = None, None, 0
 
 
 def _remove_stale(out: Path, prefix: str, shards: int) -> list[str]:
@@ -191,9 +220,3 @@ def _remove_stale(out: Path, prefix: str, shards: int) -> list[str]:
             path.unlink()
             stale.append(path.name)
     return stale
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -33,54 +33,40 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import weakref
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 
 import numpy as np
 
 from modalign.core.errors import UserInputError
+from modalign.data.espeak import (
+    _AUDIO_OUTPUT_SYNCHRONOUS,
+    _BUFFER_MS,
+    _CHARS_UTF8,
+    _EE_OK,
+    _INITIALIZE_DONT_EXIT,
+    _PARAM_PITCH,
+    _PARAM_RANGE,
+    _PARAM_RATE,
+    _PITCH_RANGE,
+    _POS_CHARACTER,
+    _RAND_SEED,
+    _RANGE_RANGE,
+    _RATE_RANGE,
+    _SynthCallback,
+    available_voices,
+    declare,
+    dlclose,
+    import_loader,
+    private_copy,
+    remove_dir,
+    variant_names,
+)
 
 __all__ = ["SpeechInputError", "SpeechSynthesizer", "available_voices"]
-
-# --- eSpeak NG C API constants (speak_lib.h) -------------------------------------------------
-_AUDIO_OUTPUT_SYNCHRONOUS = 2  # synthesise inside espeak_Synth, delivering audio to our callback
-_INITIALIZE_DONT_EXIT = 0x8000  # return an error instead of calling exit() on missing data
-_POS_CHARACTER = 1
-_CHARS_UTF8 = 1  # plain UTF-8 text: no SSML, no [[phoneme]] input
-_EE_OK = 0
-_PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE = 1, 3, 4
-# Milliseconds of audio per callback; bigger means fewer Python round-trips.
-_BUFFER_MS = 1000
-# Fixed seed for eSpeak's own noise generator (breathy voices), otherwise seeded from the clock.
-_RAND_SEED = 1
-
-# Documented parameter ranges (speak_lib.h). eSpeak silently clamps outside them, which would
-# hide a caller's mistake, so we reject instead.
-_RATE_RANGE = (80, 450)
-_PITCH_RANGE = (0, 100)
-_RANGE_RANGE = (0, 100)
-
-# English base voices offered by available_voices(), and the classic male/female variants.
-# Immutable; filtered against the shipped data at call time.
-_ENGLISH_BASES = (
-    "en",
-    "en-us",
-    "en-gb-x-rp",
-    "en-gb-scotland",
-    "en-gb-x-gbclan",
-    "en-gb-x-gbcwmd",
-    "en-us-nyc",
-    "en-029",
-)
-_CLASSIC_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
-
-# int (*t_espeak_callback)(short *wav, int numsamples, espeak_EVENT *events)
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
 
 
 class SpeechInputError(UserInputError, ValueError):
@@ -88,105 +74,6 @@ class SpeechInputError(UserInputError, ValueError):
 
     A :class:`~modalign.core.errors.UserInputError` (CLI exit status 2) and a ``ValueError``.
     """
-
-
-def _import_loader() -> ModuleType:
-    """Import ``espeakng_loader`` lazily, so importing this module never requires it."""
-    try:
-        import espeakng_loader
-    except ImportError as exc:
-        raise RuntimeError(
-            "speech synthesis needs the eSpeak NG library shipped by the 'espeakng-loader' "
-            "package: pip install espeakng-loader  (or: pip install 'modalign[demo]')"
-        ) from exc
-    return espeakng_loader
-
-
-def _variant_names(data_path: Path) -> frozenset[str]:
-    """Voice variant names (the part after ``+``) present in the shipped data."""
-    vdir = data_path / "voices" / "!v"
-    if not vdir.is_dir():
-        return frozenset()
-    return frozenset(p.name for p in vdir.iterdir() if p.is_file())
-
-
-def _language_voice_files(data_path: Path) -> frozenset[str]:
-    """Lower-cased language voice names (e.g. ``en-gb-x-rp``) present in the shipped data."""
-    ldir = data_path / "lang"
-    if not ldir.is_dir():
-        return frozenset()
-    return frozenset(p.name.lower() for p in ldir.rglob("*") if p.is_file())
-
-
-def available_voices() -> list[str]:
-    """English voice names that work with the shipped eSpeak NG data.
-
-    Every English base voice (``en``, ``en-us``, ``en-gb-x-rp``, ``en-gb-scotland``, ...)
-    alone and combined with the classic variants ``+m1``..``+m8`` and ``+f1``..``+f5``, limited
-    to what the installed data contains. Any other eSpeak voice name or variant (e.g.
-    ``fr``, ``en+klatt``, ``en+whisper``) can still be passed to
-    :meth:`SpeechSynthesizer.synthesize`.
-
-    Raises:
-        RuntimeError: ``espeakng-loader`` is not installed.
-    """
-    data_path = Path(_import_loader().get_data_path())
-    bases = _language_voice_files(data_path)
-    variants = _variant_names(data_path)
-    voices: list[str] = []
-    for base in _ENGLISH_BASES:
-        if base not in bases:
-            continue
-        voices.append(base)
-        voices.extend(f"{base}+{v}" for v in _CLASSIC_VARIANTS if v in variants)
-    return voices
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    """Set ctypes prototypes, so arguments are converted and checked as C expects."""
-    c_int, c_uint = ctypes.c_int, ctypes.c_uint
-    lib.espeak_Initialize.argtypes = [c_int, c_int, ctypes.c_char_p, c_int]
-    lib.espeak_Initialize.restype = c_int
-    lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
-    lib.espeak_SetSynthCallback.restype = None
-    lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
-    lib.espeak_ListVoices.restype = ctypes.c_void_p
-    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-    lib.espeak_SetVoiceByName.restype = c_int
-    lib.espeak_SetParameter.argtypes = [c_int, c_int, c_int]
-    lib.espeak_SetParameter.restype = c_int
-    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-    lib.espeak_ng_SetRandSeed.restype = c_int
-    lib.espeak_ng_GetSampleRate.argtypes = []
-    lib.espeak_ng_GetSampleRate.restype = c_int
-    lib.espeak_Synth.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-        c_uint,
-        c_int,
-        c_uint,
-        c_uint,
-        ctypes.POINTER(c_uint),
-        ctypes.c_void_p,
-    ]
-    lib.espeak_Synth.restype = c_int
-    lib.espeak_Terminate.argtypes = []
-    lib.espeak_Terminate.restype = c_int
-
-
-def _dlclose(lib: ctypes.CDLL) -> None:
-    """Unload a library for real (ctypes never does), so the next load has pristine globals."""
-    import _ctypes
-
-    if sys.platform == "win32":
-        _ctypes.FreeLibrary(lib._handle)  # type: ignore[attr-defined]
-    else:
-        _ctypes.dlclose(lib._handle)  # type: ignore[attr-defined]
-
-
-def _remove_dir(path: str) -> None:
-    """Finalizer body: delete the private library copy (best effort, also at exit)."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class SpeechSynthesizer:
@@ -203,13 +90,13 @@ class SpeechSynthesizer:
     """
 
     def __init__(self) -> None:
-        loader = _import_loader()
+        loader = import_loader()
         src = Path(loader.get_library_path())
         self._data_path = Path(loader.get_data_path())
         if not src.is_file():
             raise RuntimeError(f"espeakng-loader is installed but its library is missing: {src}")
         self._data_path_c = os.fsencode(self._data_path)
-        self._variants = _variant_names(self._data_path)
+        self._variants = variant_names(self._data_path)
         self._lock = threading.Lock()
         # Audio chunks of the call in progress. The callback closes over this list, not over
         # self, so the instance can still be garbage collected (and finalised) normally.
@@ -230,8 +117,8 @@ class SpeechSynthesizer:
             self._free.argtypes = [ctypes.c_void_p]
             self._free.restype = None
 
-        self._tmpdir, self._lib_path = self._private_copy(src)
-        self._finalizer = weakref.finalize(self, _remove_dir, self._tmpdir)
+        self._tmpdir, self._lib_path = private_copy(src)
+        self._finalizer = weakref.finalize(self, remove_dir, self._tmpdir)
         try:
             lib, voice_table = self._load()
             try:
@@ -242,46 +129,11 @@ class SpeechSynthesizer:
             self._finalizer()
             raise
 
-    # ------------------------------------------------------------------ library lifecycle
-    @staticmethod
-    def _private_copy(src: Path) -> tuple[str, str]:
-        """Copy the shared library somewhere we can load it from; returns (dir, path).
-
-        Some systems mount the temp dir ``noexec`` (dlopen fails there), so fall back to a
-        per-user runtime or cache directory.
-        """
-        candidates = [
-            None,
-            os.environ.get("XDG_RUNTIME_DIR"),
-            str(Path.home() / ".cache" / "modalign"),
-        ]
-        errors: list[str] = []
-        for parent in candidates:
-            if parent is not None and not parent:
-                continue
-            tmpdir = None
-            try:
-                if parent is not None:
-                    os.makedirs(parent, exist_ok=True)
-                tmpdir = tempfile.mkdtemp(prefix="modalign-espeak-", dir=parent)
-                path = os.path.join(tmpdir, src.name)
-                shutil.copyfile(src, path)
-                _dlclose(ctypes.CDLL(path))  # probe: can code be loaded from here?
-                return tmpdir, path
-            except OSError as exc:
-                errors.append(f"{parent or tempfile.gettempdir()}: {exc}")
-                if tmpdir is not None:
-                    shutil.rmtree(tmpdir, ignore_errors=True)
-        raise RuntimeError(
-            "could not load a private copy of the eSpeak NG library from any writable "
-            "directory (is it mounted noexec?): " + "; ".join(errors)
-        )
-
     def _load(self) -> tuple[ctypes.CDLL, int | None]:
         """Load and initialise a pristine library image; returns it and its voice table."""
         lib = ctypes.CDLL(self._lib_path)
         try:
-            _declare(lib)
+            declare(lib)
             # A never-initialised image reports sample rate 0. Anything else means the previous
             # image was not unloaded (someone else holds it) and its state would leak into
             # this call, breaking determinism, so refuse rather than return wrong audio.
@@ -303,7 +155,7 @@ class SpeechSynthesizer:
             # returns the table's address, which espeak_Terminate never frees, see _unload.
             voice_table = lib.espeak_ListVoices(None)
         except BaseException:
-            _dlclose(lib)
+            dlclose(lib)
             raise
         return lib, voice_table
 
@@ -314,7 +166,7 @@ class SpeechSynthesizer:
             if voice_table and self._free is not None:
                 self._free(voice_table)
         finally:
-            _dlclose(lib)
+            dlclose(lib)
 
     # ------------------------------------------------------------------ public API
     def available_voices(self) -> list[str]:
@@ -347,6 +199,20 @@ class SpeechSynthesizer:
             SpeechInputError: unknown voice or variant, parameter out of range, NUL in text.
             RuntimeError: the synthesizer is closed or eSpeak NG fails.
         """
+        encoded = self._check(text, voice, rate, pitch, range_)
+        with self._lock:
+            if not self._finalizer.alive:
+                raise RuntimeError("SpeechSynthesizer is closed")
+            lib, voice_table = self._load()
+            try:
+                pcm = self._speak(lib, encoded, voice, (rate, pitch, range_))
+            finally:
+                self._chunks.clear()
+                self._unload(lib, voice_table)
+        return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / np.float32(32768.0)
+
+    def _check(self, text: str, voice: str, rate: int, pitch: int, range_: int) -> bytes:
+        """Validate the arguments (SpeechInputError); the NUL-terminated UTF-8 text."""
         if not isinstance(text, str):
             raise SpeechInputError(f"text must be a str, got {type(text).__name__}")
         if "\x00" in text:
@@ -369,40 +235,27 @@ class SpeechSynthesizer:
                 f"unknown eSpeak voice variant {variant!r} in {voice!r}; shipped variants "
                 "include m1..m8 and f1..f5, see available_voices()"
             )
-        encoded = text.encode("utf-8") + b"\x00"
+        return text.encode("utf-8") + b"\x00"
 
-        with self._lock:
-            if not self._finalizer.alive:
-                raise RuntimeError("SpeechSynthesizer is closed")
-            lib, voice_table = self._load()
-            try:
-                if lib.espeak_SetVoiceByName(voice.encode("utf-8")) != _EE_OK:
-                    raise SpeechInputError(
-                        f"unknown eSpeak voice {voice!r}; see available_voices()"
-                    )
-                for param, value in (
-                    (_PARAM_RATE, rate),
-                    (_PARAM_PITCH, pitch),
-                    (_PARAM_RANGE, range_),
-                ):
-                    lib.espeak_SetParameter(param, int(value), 0)
-                got_rate = lib.espeak_ng_GetSampleRate()
-                if got_rate != self.sample_rate:  # e.g. an MBROLA voice; none are shipped
-                    raise RuntimeError(
-                        f"voice {voice!r} produces {got_rate} Hz, not {self.sample_rate} Hz"
-                    )
-                lib.espeak_ng_SetRandSeed(_RAND_SEED)
-                self._chunks.clear()
-                status = lib.espeak_Synth(
-                    encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
-                )
-                if status != _EE_OK:
-                    raise RuntimeError(f"espeak_Synth failed with status {status}")
-                pcm = b"".join(self._chunks)
-            finally:
-                self._chunks.clear()
-                self._unload(lib, voice_table)
-        return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / np.float32(32768.0)
+    def _speak(
+        self, lib: ctypes.CDLL, encoded: bytes, voice: str, params: tuple[int, int, int]
+    ) -> bytes:
+        """Set voice and (rate, pitch, range) on a fresh image, synthesise; the 16-bit PCM."""
+        if lib.espeak_SetVoiceByName(voice.encode("utf-8")) != _EE_OK:
+            raise SpeechInputError(f"unknown eSpeak voice {voice!r}; see available_voices()")
+        for param, value in zip((_PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE), params, strict=True):
+            lib.espeak_SetParameter(param, int(value), 0)
+        got_rate = lib.espeak_ng_GetSampleRate()
+        if got_rate != self.sample_rate:  # e.g. an MBROLA voice; none are shipped
+            raise RuntimeError(f"voice {voice!r} produces {got_rate} Hz, not {self.sample_rate} Hz")
+        lib.espeak_ng_SetRandSeed(_RAND_SEED)
+        self._chunks.clear()
+        status = lib.espeak_Synth(
+            encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+        )
+        if status != _EE_OK:
+            raise RuntimeError(f"espeak_Synth failed with status {status}")
+        return b"".join(self._chunks)
 
     def close(self) -> None:
         """Delete the private library copy. Idempotent; later synthesize() calls raise."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from modalign.core.errors import DataError
+from modalign.core.artifact import LOCK_FILE
 from modalign.data.avmnist import build_avmnist, read_idx
 from modalign.data.inspect import inspect_source
 from modalign.data.manifest import read_manifest
@@ -89,7 +90,7 @@ def test_pack_then_inspect_shards(tmp_path: Path) -> None:
     # rows "good" and "rate" keep everything; "missing" keeps its text
     assert result["written"] == 3 and result["shards"] == 3 and result["items"] == 11
     assert result["bad"] == 8 and result["bad_by_reason"] == EXPECTED_REASONS
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == [
         "index.json",
         "shard-000000.tar",
         "shard-000001.tar",

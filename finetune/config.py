@@ -1,9 +1,46 @@
-"""Fine-tuning configuration (the ``finetune`` section)."""
+"""Fine-tuning configuration (the ``finetune`` section).
+
+Strategy axes are registry names plus an options mapping typed by the entry:
+
+* ``head: {kind: lowrank, options: {rank: 8, hidden: 128}}`` (or just ``head: late``), registry
+  :data:`modalign.finetune.heads.HEADS`;
+* ``pseudo_label: knn`` + ``pseudo_label_options: {k: 20}``, registry
+  :data:`modalign.finetune.labelers.PSEUDO_LABELERS`;
+* ``threshold_policy: flexmatch`` + ``threshold_options: {warmup: false}``, registry
+  :data:`modalign.finetune.thresholds.THRESHOLDS` (self-training only).
+
+Options are checked against the entry's dataclass when the config is built (ConfigError naming
+the key, before any work); ``classifier.json`` stores the head's fully resolved options.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
+
+from modalign.core.config_io import from_dict, to_dict
+from modalign.core.errors import ConfigError
+
+
+@dataclass
+class HeadSpec:
+    """A fusion head: registry name and its options (resolved: every field of the dataclass)."""
+
+    kind: str = "late"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from modalign.finetune.heads import HEADS
+
+        HEADS.get(self.kind, "finetune.head.kind")
+        HEADS.options(self.kind, self.options, "finetune.head.options")  # validate up front
+
+    def resolved(self) -> dict[str, Any]:
+        """Every option of the head, defaults filled in (what ``classifier.json`` stores)."""
+        from modalign.finetune.heads import HEADS
+
+        return to_dict(HEADS.options(self.kind, self.options, "finetune.head.options"))
 
 
 @dataclass
@@ -17,30 +54,17 @@ class FinetuneConfig:
     labels_per_class: int = 5
     val_per_class: int = 0  # labeled validation rows per class (early stopping); 0 = off
     label_seed: int = 0
-    pseudo_label: Literal["none", "zero_shot", "knn", "self_training"] = "zero_shot"
-    prompts: list[str] = field(
-        default_factory=lambda: [
-            "{}",
-            "the number {}",
-            "a picture of the digit {}",
-            "someone saying {}",
-        ]
-    )
+    pseudo_label: str = "zero_shot"  # none, zero_shot, knn, self_training, or a plugin's name
+    pseudo_label_options: dict[str, Any] = field(default_factory=dict)
     threshold: float = 0.5  # min pseudo-label confidence kept
-    zero_shot_temperature: float = 0.02
-    knn_k: int = 10
-    knn_iterations: int = 100
     balance: bool = True
     balance_ratio: float = 1.5  # a class keeps at most ratio x the smallest class's count
     rounds: int = 1
-    # self_training (FixMatch-style over cached views)
-    threshold_policy: Literal["fixed", "flexmatch", "freematch"] = "fixed"
+    # self_training (FixMatch-style over cached views): confidence policy and its cut
+    threshold_policy: str = "fixed"
+    threshold_options: dict[str, Any] = field(default_factory=dict)
     tau: float = 0.95
-    strong_views: int = 2
-    strong_audio_noise: float = 0.5  # max noise RMS relative to the clip's RMS
-    unlabeled_weight: float = 1.0
-    head: Literal["concat", "late", "gated", "transformer", "lowrank"] = "late"
-    hidden: int = 256
+    head: Any = field(default_factory=HeadSpec)  # HeadSpec, its mapping, or a kind name
     epochs: int = 60
     batch_size: int = 128
     lr: float = 2e-3
@@ -48,3 +72,45 @@ class FinetuneConfig:
     modality_dropout: float = 0.3
     pseudo_weight: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from modalign.finetune.labelers import PSEUDO_LABELERS
+        from modalign.finetune.thresholds import THRESHOLDS
+
+        self.head = _head_spec(self.head)
+        PSEUDO_LABELERS.get(self.pseudo_label, "finetune.pseudo_label")
+        PSEUDO_LABELERS.options(
+            self.pseudo_label, self.pseudo_label_options, "finetune.pseudo_label_options"
+        )
+        THRESHOLDS.get(self.threshold_policy, "finetune.threshold_policy")
+        THRESHOLDS.options(
+            self.threshold_policy, self.threshold_options, "finetune.threshold_options"
+        )
+
+    def resolved(self) -> FinetuneConfig:
+        """A copy with every strategy's options fully resolved (what bundles save)."""
+        from modalign.finetune.labelers import PSEUDO_LABELERS
+        from modalign.finetune.thresholds import THRESHOLDS
+
+        pl = PSEUDO_LABELERS.options(self.pseudo_label, self.pseudo_label_options, "")
+        th = THRESHOLDS.options(self.threshold_policy, self.threshold_options, "")
+        return dataclasses.replace(
+            self,
+            head=HeadSpec(self.head.kind, self.head.resolved()),
+            pseudo_label_options=to_dict(pl),
+            threshold_options=to_dict(th),
+        )
+
+
+def _head_spec(value: Any) -> HeadSpec:
+    """``finetune.head`` as a :class:`HeadSpec`: from a spec, a mapping, or a bare kind name."""
+    if isinstance(value, HeadSpec):
+        return value
+    if isinstance(value, str):  # the short form ``head: late``
+        return HeadSpec(value)
+    if isinstance(value, dict):
+        return from_dict(HeadSpec, value, "finetune.head")
+    raise ConfigError(
+        f"finetune.head: expected a head kind (e.g. late) or {{kind: ..., options: {{...}}}}, "
+        f"got {value!r}"
+    )

@@ -3,23 +3,32 @@
 The cached-embedding path (``pipeline.py``) is the fast default. Here the towers run on every
 step on augmented inputs (training transforms), so they can adapt: starting from a pretrained
 encoder (library use) or from random weights (the labels-only baseline of the benchmark).
-Classifier bundles from this path are not written yet: ``modalign finetune`` uses locked towers.
+Training goes through the one loop :func:`~modalign.finetune.fit.fit_head`; embedding through
+:func:`~modalign.retrieval.embed.embed_batches`. Classifier bundles from this path are not
+written yet: ``modalign finetune`` uses locked towers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from modalign.data.dataset import PairedDataset, make_loader
+from modalign.data.batch import Batch
+from modalign.data.dataset import EpochBatchSampler, PairedDataset, make_loader
 from modalign.data.manifest import ManifestRow
 from modalign.data.modality import ModalitySpec
 from modalign.finetune.config import FinetuneConfig
-from modalign.finetune.heads import FusionHead, build_head, modality_dropout
-from modalign.finetune.pipeline import EmbeddedSet
+from modalign.finetune.embedded import EmbeddedSet
+from modalign.finetune.fit import fit_head, local_rng
+from modalign.finetune.head_base import FusionHead, modality_dropout
+from modalign.finetune.heads import build_head_from_options
+from modalign.finetune.labels import NO_LABEL
 from modalign.pretrain.model import MultimodalEncoder
+from modalign.retrieval.embed import embed_batches
 
 
 def train_end_to_end(
@@ -33,33 +42,57 @@ def train_end_to_end(
     tower_lr_scale: float = 1.0,
 ) -> FusionHead:
     """Train encoder towers and a fresh head on labeled ``rows`` with modality dropout."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head = build_head(
-        cfg.head, {m: encoder.embed_dim for m in cfg.inputs}, len(class_index), hidden=cfg.hidden
-    )
-    params = [
-        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": lr * tower_lr_scale},
-        {"params": list(head.parameters()), "lr": lr},
-    ]
-    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-    dataset = PairedDataset(rows, {m: specs[m] for m in cfg.inputs}, train=True, seed=cfg.seed)
-    from modalign.data.dataset import EpochBatchSampler
+    device = next(encoder.parameters()).device
+    with local_rng(cfg.seed, device) as gen:
+        spec = cfg.head
+        dims = {m: encoder.embed_dim for m in cfg.inputs}
+        head = build_head_from_options(spec.kind, dims, len(class_index), spec.options)
+        params = [
+            {
+                "params": [p for p in encoder.parameters() if p.requires_grad],
+                "lr": lr * tower_lr_scale,
+            },
+            {"params": list(head.parameters()), "lr": lr},
+        ]
+        opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+        dataset = PairedDataset(rows, {m: specs[m] for m in cfg.inputs}, train=True, seed=cfg.seed)
+        batch = min(cfg.batch_size, len(rows))
 
-    batch = min(cfg.batch_size, len(rows))
-    for epoch in range(epochs):
-        encoder.train()
-        head.train()
-        sampler = EpochBatchSampler(len(rows), batch, seed=cfg.seed, epoch=epoch, drop_last=False)
-        for b in make_loader(dataset, sampler):
-            y = torch.tensor([class_index[lab] for lab in b["label"]])
-            present = modality_dropout(dict(b["present"]), cfg.modality_dropout, gen)
-            emb = encoder({m: b[m] for m in cfg.inputs if m in b})
-            loss = F.cross_entropy(head(emb, present), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return head.eval()
+        def batches(epoch: int) -> Iterable[Batch]:
+            sampler = EpochBatchSampler(
+                len(rows), batch, seed=cfg.seed, epoch=epoch, drop_last=False
+            )
+            return make_loader(dataset, sampler)
+
+        def loss_fn(h: FusionHead, b: Batch) -> torch.Tensor:
+            y = torch.tensor([class_index[lab] for lab in b.labels])
+            present = modality_dropout(dict(b.present), cfg.modality_dropout, gen)
+            emb = encoder({m: b.inputs[m] for m in cfg.inputs if m in b.inputs})
+            return F.cross_entropy(h(emb, present), y)
+
+        return fit_head(head, batches, loss_fn, opt, epochs, modules=[encoder])
+
+
+@dataclass
+class _LiveEncoder:
+    """An :class:`~modalign.retrieval.embed.EncoderModel` view of an encoder being trained."""
+
+    encoder: MultimodalEncoder
+    specs: dict[str, ModalitySpec]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def modality_specs(self) -> dict[str, ModalitySpec]:
+        return dict(self.specs)
+
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {m: e.detach().cpu() for m, e in self.encoder(batch).items()}
 
 
 @torch.no_grad()
@@ -72,23 +105,26 @@ def embed_with(
 ) -> EmbeddedSet:
     """Eval-mode embeddings of ``rows`` from any encoder, as an :class:`EmbeddedSet`."""
     encoder.eval()
-    dataset = PairedDataset(rows, {m: specs[m] for m in inputs}, train=False)
+    wanted = {m: specs[m] for m in inputs}
+    dataset = PairedDataset(rows, wanted, train=False)
     n = len(rows)
     x = {m: torch.zeros(n, encoder.embed_dim) for m in inputs}
     present = {m: torch.zeros(n, dtype=torch.bool) for m in inputs}
-    ids, ys = [], []
-    offset = 0
-    for b in make_loader(dataset, batch_size=128):
-        k = len(b["id"])
-        for m, e in encoder({m: b[m] for m in inputs if m in b}).items():
-            x[m][offset : offset + k] = e
-            present[m][offset : offset + k] = b["present"][m]
-        ids.extend(b["id"])
-        ys.extend(class_index.get(lab, -1) if lab is not None else -1 for lab in b["label"])
-        offset += k
-    return EmbeddedSet(
-        ids,
-        {m: v[:offset] for m, v in x.items()},
-        {m: v[:offset] for m, v in present.items()},
-        torch.tensor(ys),
-    )
+    y = torch.full((n,), NO_LABEL, dtype=torch.long)
+    ids = [r.id for r in rows]
+    loader = make_loader(dataset, batch_size=128, keep_empty=True)
+    for part in embed_batches(_LiveEncoder(encoder, wanted), loader, list(inputs), _no_value):
+        for m, e in part.items():
+            pos = torch.tensor(e.positions, dtype=torch.long)
+            x[m][pos] = torch.from_numpy(e.vectors)
+            present[m][pos] = True
+            for p, lab in zip(e.positions, e.labels):
+                y[p] = class_index.get(lab, NO_LABEL) if lab is not None else NO_LABEL
+    return EmbeddedSet(ids, x, present, y)
+
+
+def _no_value(modality: str, position: int, item_id: str, decoded: Any) -> str:
+    return item_id
+
+
+__all__ = ["embed_with", "train_end_to_end"]

@@ -1,22 +1,23 @@
 """Robustness of a classifier on raw inputs: noise curves and L-inf attacks on one modality.
 
 Both run the full model (tower + fusion head) on decoded inputs, perturbing one modality while
-the others stay clean. Units: images are perturbed in the tower's normalised input space
-(a noise level / epsilon of 0.1 is 0.1 standard deviations of the training normalisation);
-audio noise is relative to each clip's RMS (level 1.0 = 0 dB SNR) and audio epsilons are in
-waveform amplitude (full scale = 1).
+the others stay clean. Noise comes from the modality's own
+:meth:`~modalign.data.modality.ModalitySpec.perturb` (units are the spec's: built-in images in
+the tower's normalised input space, audio relative to each clip's RMS, level 1.0 = 0 dB SNR);
+attack epsilons are in the modality's input units. Any source (manifest or shards) works.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from modalign.core.errors import UserInputError
-from modalign.data.dataset import PairedDataset, make_loader
-from modalign.data.manifest import read_manifest
+from modalign.data.batch import Batch
+from modalign.data.sources import open_eval_source
 from modalign.finetune.metrics import fgsm, pgd, robustness_auc
 from modalign.finetune.pipeline import Classifier
 from modalign.finetune.pseudo_label import NO_LABEL
@@ -24,36 +25,53 @@ from modalign.finetune.pseudo_label import NO_LABEL
 
 def _batches(
     clf: Classifier, src: str, batch_size: int, max_items: int | None
-) -> Iterator[tuple[dict, torch.Tensor]]:
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Labeled rows of any source (manifest or shards), in order, as batches + class indices."""
     specs = {m: s for m, s in clf.model.modality_specs().items() if m in clf.inputs}
-    manifest = read_manifest(src, list(specs), inline=[m for m, s in specs.items() if s.inline])
-    rows = [r for r in manifest.rows if r.label is not None][:max_items]
-    if not rows:
-        raise UserInputError(f"{src}: no labeled rows to evaluate robustness on")
+    source = open_eval_source(src, specs)
     index = {c: i for i, c in enumerate(clf.class_names)}
-    dataset = PairedDataset(rows, specs, train=False, source=str(manifest.path))
-    for batch in make_loader(dataset, batch_size=batch_size):
-        y = torch.tensor([index.get(lab, NO_LABEL) for lab in batch["label"]])
-        yield batch, y
+    seen = 0
+    for batch in source.batches(batch_size):
+        if max_items is not None and seen >= max_items:
+            break
+        rows = [i for i, lab in enumerate(batch.labels) if lab is not None]
+        if max_items is not None:
+            rows = rows[: max_items - seen]
+        if not rows:
+            continue
+        seen += len(rows)
+        batch = _take(batch, torch.tensor(rows, dtype=torch.long))
+        yield batch, torch.tensor([index.get(lab, NO_LABEL) for lab in batch.labels])
+    if seen == 0:
+        raise UserInputError(f"{src}: no labeled rows to evaluate robustness on")
 
 
-def _logits(clf: Classifier, batch: dict, modality: str, x: torch.Tensor) -> torch.Tensor:
+def _take(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The rows ``rows`` of ``batch`` (tensor inputs indexed, list inputs picked)."""
+    picked = rows.tolist()
+    inputs = {
+        m: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in picked]
+        for m, v in batch.inputs.items()
+    }
+    return dataclasses.replace(
+        batch,
+        inputs=inputs,
+        present={m: p[rows] for m, p in batch.present.items()},
+        ids=[batch.ids[i] for i in picked],
+        labels=[batch.labels[i] for i in picked],
+        index=batch.index[rows],
+        bad=[],
+    )
+
+
+def _logits(clf: Classifier, batch: Batch, modality: str, x: Any) -> torch.Tensor:
     enc = clf.model.encoder
     emb = {
-        m: (enc.encode(m, x) if m == modality else enc.encode(m, batch[m]))
-        for m in clf.inputs
-        if m in batch
+        m: enc.encode(m, x if m == modality else v)
+        for m, v in batch.inputs.items()
+        if m in clf.inputs
     }
-    present = {m: batch["present"][m] for m in emb}
-    return clf.head(emb, present)
-
-
-def _perturb(modality: str, x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(x.shape, generator=gen)
-    if modality == "audio":
-        rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
-        return x + level * rms * noise
-    return x + level * noise
+    return clf.head(emb, {m: batch.present[m] for m in emb})
 
 
 def _check(clf: Classifier, modality: str) -> None:
@@ -77,11 +95,14 @@ def noise_curve(
     _check(clf, modality)
     correct = torch.zeros(len(levels))
     total = 0
+    spec = clf.model.modality_specs()[modality]
     for batch, y in _batches(clf, src, batch_size, max_items):
-        keep = batch["present"][modality] & (y != NO_LABEL)
+        if modality not in batch.inputs:
+            continue
+        keep = batch.present[modality] & (y != NO_LABEL)
         for i, level in enumerate(levels):
             gen = torch.Generator().manual_seed(seed + i)
-            x = _perturb(modality, batch[modality], level, gen)
+            x = spec.perturb(batch.inputs[modality], level, gen)
             pred = _logits(clf, batch, modality, x).argmax(1)
             correct[i] += (pred[keep] == y[keep]).sum()
         total += int(keep.sum())
@@ -115,22 +136,15 @@ def adversarial(
     total = 0
     gen = torch.Generator().manual_seed(seed)
     for batch, y in _batches(clf, src, batch_size, max_items):
-        keep = batch["present"][modality] & (y != NO_LABEL)
+        if modality not in batch.inputs:
+            continue
+        keep = batch.present[modality] & (y != NO_LABEL)
         if not bool(keep.any()):
             continue
-        sub = {
-            m: (
-                v[keep]
-                if isinstance(v, torch.Tensor)
-                else [v[i] for i in keep.nonzero().flatten().tolist()]
-            )
-            for m, v in batch.items()
-            if m in clf.inputs
-        }
-        sub["present"] = {m: p[keep] for m, p in batch["present"].items()}
-        x, target = sub[modality], y[keep]
+        sub = _take(batch, keep.nonzero().flatten())
+        x, target = sub.inputs[modality], y[keep]
 
-        def forward(inp: torch.Tensor, sub: dict = sub) -> torch.Tensor:
+        def forward(inp: torch.Tensor, sub: Batch = sub) -> torch.Tensor:
             return _logits(clf, sub, modality, inp)
 
         for i, e in enumerate(eps):

@@ -1,42 +1,39 @@
 """FixMatch-style self-training over cached embeddings of weak and strong views.
 
 Towers are locked, so views are embedded once: the weak view is the clean (eval-transform)
-embedding; strong views use the training transforms (random resized crops, random time shift)
-plus waveform noise. Each step: cross-entropy on labeled rows + cross-entropy of the strong view
-against the weak view's confident hard label (threshold: FixMatch fixed, FlexMatch per-class
-curriculum or FreeMatch self-adaptive).
+embedding; strong views use the training transforms of each modality plus its own perturbation
+(:meth:`ModalitySpec.perturb`, at a random level up to ``strong_noise``). Each step:
+cross-entropy on labeled rows + cross-entropy of the strong view against the weak view's
+confident hard label (threshold policy from :data:`~modalign.finetune.thresholds.THRESHOLDS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from modalign.data.dataset import PairedDataset, make_loader
-from modalign.data.manifest import read_manifest
-from modalign.finetune.config import FinetuneConfig
-from modalign.finetune.heads import FusionHead, build_head, modality_dropout
-from modalign.finetune.pseudo_label import (
-    ConfidenceThreshold,
-    FixedThreshold,
-    FlexMatchThreshold,
-    FreeMatchThreshold,
-    PseudoLabels,
-    self_training_loss,
-)
+from modalign.data.batch import Batch
+from modalign.data.modality import ModalitySpec
+from modalign.data.sources import open_source
+from modalign.finetune.fit import cosine_adamw, fit_head, local_rng
+from modalign.finetune.head_base import FusionHead, modality_dropout
+from modalign.finetune.labels import PseudoLabels
+from modalign.finetune.thresholds import make_threshold, self_training_loss
 from modalign.pretrain.bundle import BundleModel
+from modalign.retrieval.embed import embed_batches, value_reader
 
 
-def make_threshold(
-    cfg: FinetuneConfig, num_classes: int, num_unlabeled: int
-) -> ConfidenceThreshold:
-    if cfg.threshold_policy == "flexmatch":
-        return FlexMatchThreshold(num_classes, tau=cfg.tau, num_unlabeled=num_unlabeled)
-    if cfg.threshold_policy == "freematch":
-        return FreeMatchThreshold(num_classes)
-    return FixedThreshold(cfg.tau)
+def _perturbed(
+    batches: Iterator[Batch], specs: Mapping[str, ModalitySpec], noise: float, gen: torch.Generator
+) -> Iterator[Batch]:
+    for batch in batches:
+        level = float(torch.rand((), generator=gen)) * noise
+        inputs = {m: specs[m].perturb(v, level, gen) for m, v in batch.inputs.items()}
+        yield dataclasses.replace(batch, inputs=inputs)
 
 
 @torch.no_grad()
@@ -52,83 +49,71 @@ def embed_strong_views(
 ) -> list[dict[str, torch.Tensor]]:
     """``views`` augmented embeddings per row of ``ids`` (row-aligned, zeros where absent)."""
     specs = {m: s for m, s in model.modality_specs().items() if m in inputs}
-    manifest = read_manifest(src, list(specs), inline=[m for m, s in specs.items() if s.inline])
-    by_id = {r.id: r for r in manifest.rows}
-    rows = [by_id[i] for i in ids]
+    pos = {i: n for n, i in enumerate(ids)}
     out = []
     for v in range(views):
-        dataset = PairedDataset(
-            rows, specs, train=True, seed=seed + 1000 * (v + 1), source=str(manifest.path)
+        source = open_source(
+            src, specs, train=True, seed=seed + 1000 * (v + 1), shuffle=False, rank=0, world_size=1
         )
         gen = torch.Generator().manual_seed(seed + v)
-        emb = {m: torch.zeros(len(rows), model.embed_dim) for m in inputs}
-        offset = 0
-        for batch in make_loader(dataset, batch_size=batch_size):
-            n = len(batch["id"])
-            if "audio" in batch and noise > 0:
-                wave = batch["audio"]
-                rms = wave.pow(2).mean(-1, keepdim=True).sqrt()
-                level = torch.rand(n, 1, generator=gen) * noise
-                batch["audio"] = wave + level * rms * torch.randn(wave.shape, generator=gen)
-            for m, e in model.encode_batch({m: batch[m] for m in inputs if m in batch}).items():
-                emb[m][offset : offset + n][batch["present"][m]] = e[batch["present"][m]]
-            offset += n
+        batches = _perturbed(iter(source.batches(batch_size)), specs, noise, gen)
+        emb = {m: torch.zeros(len(ids), model.embed_dim) for m in inputs}
+        for part in embed_batches(model, batches, list(specs), value_reader(source, src)):
+            for m, e in part.items():
+                keep = [(n, pos[i]) for n, i in enumerate(e.ids) if i in pos]
+                if keep:
+                    src_rows, dst_rows = (torch.tensor(c) for c in zip(*keep))
+                    emb[m][dst_rows] = torch.from_numpy(e.vectors)[src_rows]
         out.append(emb)
     return out
 
 
 def fixmatch_train(
-    labeled_x: dict[str, torch.Tensor],
-    labeled_present: dict[str, torch.Tensor],
-    labeled_y: torch.Tensor,
-    weak_x: dict[str, torch.Tensor],
-    present: dict[str, torch.Tensor],
-    strong_views: list[dict[str, torch.Tensor]],
-    num_classes: int,
-    cfg: FinetuneConfig,
+    ctx: Any, strong_views: list[dict[str, torch.Tensor]], unlabeled_weight: float
 ) -> tuple[FusionHead, PseudoLabels]:
-    """Train a head with the supervised + unlabeled consistency loss; returns head and final
-    pseudo-labels of the pool (weak-view predictions with confidences)."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head = build_head(
-        cfg.head, {m: v.shape[1] for m, v in labeled_x.items()}, num_classes, hidden=cfg.hidden
+    """Train a head with the supervised + unlabeled consistency loss; returns the head and the
+    final pseudo-labels of the pool (weak-view predictions with confidences).
+
+    ``ctx`` is a :class:`~modalign.finetune.labelers.LabelContext`.
+    """
+    cfg, lab, pool = ctx.cfg, ctx.labeled, ctx.pool
+    num_classes, n_lab, n_pool = len(ctx.class_names), len(lab), len(pool)
+    threshold = make_threshold(
+        cfg.threshold_policy, num_classes, n_pool, cfg.tau, cfg.threshold_options
     )
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_pool = len(next(iter(weak_x.values())))
-    threshold = make_threshold(cfg, num_classes, n_pool)
-    steps = cfg.epochs * max(1, (n_pool + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    n_lab = len(labeled_y)
-    for _ in range(steps):
-        head.train()
-        li = torch.randint(0, n_lab, (min(cfg.batch_size, 4 * n_lab),), generator=gen)
-        lp = modality_dropout(
-            {m: p[li] for m, p in labeled_present.items()}, cfg.modality_dropout, gen
+    steps_per_epoch = max(1, (n_pool + cfg.batch_size - 1) // cfg.batch_size)
+    with local_rng(cfg.seed) as gen:
+        head = ctx.new_head()
+        opt, sched = cosine_adamw(
+            head.parameters(), cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch
         )
-        sup = F.cross_entropy(head({m: v[li] for m, v in labeled_x.items()}, lp), labeled_y[li])
-        ui = torch.randint(0, n_pool, (cfg.batch_size,), generator=gen)
-        up = {m: p[ui] for m, p in present.items()}
-        with torch.no_grad():
-            head.eval()
-            probs = head({m: v[ui] for m, v in weak_x.items()}, up).softmax(1)
-            head.train()
-        view = strong_views[int(torch.randint(0, len(strong_views), (1,), generator=gen))]
-        strong_present = modality_dropout(up, cfg.modality_dropout, gen)
-        unsup, _ = self_training_loss(
-            head({m: v[ui] for m, v in view.items()}, strong_present), probs, threshold
-        )
-        if isinstance(threshold, FlexMatchThreshold):
+
+        def step_loss(h: FusionHead, _: int) -> torch.Tensor:
+            li = torch.randint(0, n_lab, (min(cfg.batch_size, 4 * n_lab),), generator=gen)
+            lp = modality_dropout(
+                {m: p[li] for m, p in lab.present.items()}, cfg.modality_dropout, gen
+            )
+            sup = F.cross_entropy(h({m: v[li] for m, v in lab.x.items()}, lp), lab.y[li])
+            ui = torch.randint(0, n_pool, (cfg.batch_size,), generator=gen)
+            up = {m: p[ui] for m, p in pool.present.items()}
+            with torch.no_grad():
+                h.eval()
+                probs = h({m: v[ui] for m, v in pool.x.items()}, up).softmax(1)
+                h.train()
+            view = strong_views[int(torch.randint(0, len(strong_views), (1,), generator=gen))]
+            strong_present = modality_dropout(up, cfg.modality_dropout, gen)
+            logits = h({m: v[ui] for m, v in view.items()}, strong_present)
+            unsup, _ = self_training_loss(logits, probs, threshold)
             threshold.update(probs, ui)
-        else:
-            threshold.update(probs)
-        loss = sup + cfg.unlabeled_weight * unsup
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    head.eval()
+            return sup + unlabeled_weight * unsup
+
+        fit_head(
+            head, lambda e: range(steps_per_epoch), step_loss, opt, cfg.epochs, scheduler=sched
+        )
     with torch.no_grad():
-        probs = head(weak_x, present).softmax(1)
+        probs = head(pool.x, pool.present).softmax(1)
     conf, labels = probs.max(1)
     return head, PseudoLabels(labels, conf, f"self_training/{cfg.threshold_policy}", probs)
+
+
+__all__ = ["embed_strong_views", "fixmatch_train"]

@@ -1,0 +1,125 @@
+"""The one head-training loop (:func:`fit_head`) and its RNG discipline.
+
+Every caller (cached-embedding training :func:`train_head`, FixMatch self-training, end-to-end
+training with unlocked towers) describes an epoch as an iterable of batches and a loss function;
+``fit_head`` owns the optimizer steps, the schedule, train/eval modes and early stopping.
+
+Randomness: callers draw batch order and modality-dropout masks from the ``torch.Generator`` that
+:func:`local_rng` yields. Weight initialisation and ``nn.Dropout`` can only use torch's default
+generator, so ``local_rng`` also forks it (seeded with the same seed) and restores it on exit:
+results are deterministic for a given seed and the process RNG state is left as it was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.finetune.embedded import EmbeddedSet
+from modalign.finetune.head_base import FusionHead, modality_dropout
+
+B = TypeVar("B")
+
+
+@contextmanager
+def local_rng(seed: int, device: torch.device | str | None = None) -> Iterator[torch.Generator]:
+    """A seeded CPU generator; the default generators are forked, seeded, and restored on exit.
+
+    ``device`` (a CUDA device) also forks and seeds that device's default generator, for dropout
+    inside towers that run there. Only CPU (and that device) state is touched, never lazily queued
+    CUDA seeding, so a process without CUDA initialised stays that way.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def fit_head(
+    head: FusionHead,
+    epoch_batches: Callable[[int], Iterable[B]],
+    loss_fn: Callable[[FusionHead, B], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    *,
+    scheduler: Any = None,
+    modules: Sequence[nn.Module] = (),
+    score: Callable[[FusionHead], float] | None = None,
+) -> FusionHead:
+    """Train ``head`` for ``epochs`` epochs; returns it in eval mode.
+
+    ``epoch_batches(epoch)`` yields the batches of one epoch; ``loss_fn(head, batch)`` returns the
+    loss to minimise (it may also update towers in ``modules``, which are put in train mode with
+    the head). ``scheduler.step()`` runs after every optimizer step. With ``score`` (higher is
+    better, e.g. validation accuracy), it is called after each epoch and the best epoch's head
+    weights are kept (ties keep the earlier epoch).
+    """
+    best, best_state = float("-inf"), None
+    for epoch in range(epochs):
+        for m in (head, *modules):
+            m.train()
+        for batch in epoch_batches(epoch):
+            loss = loss_fn(head, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        if score is not None:
+            value = score(head)
+            if value > best:
+                best, best_state = value, {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    for m in (head, *modules):
+        m.eval()
+    return head
+
+
+def cosine_adamw(
+    params: Iterable[Any], lr: float, weight_decay: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with a cosine schedule over ``total_steps`` (the fine-tuning default)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+
+
+def train_cached(
+    head: FusionHead,
+    train: EmbeddedSet,
+    weights: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    dropout: float,
+    score: Callable[[FusionHead], float] | None = None,
+) -> FusionHead:
+    """Weighted cross-entropy on cached embeddings, shuffled with ``gen``, modality dropout."""
+    n = len(train)
+    steps_per_epoch = max(1, (n + batch_size - 1) // batch_size)
+    opt, sched = cosine_adamw(head.parameters(), lr, weight_decay, epochs * steps_per_epoch)
+
+    def batches(epoch: int) -> Iterable[torch.Tensor]:
+        return torch.randperm(n, generator=gen).split(batch_size)
+
+    def loss_fn(h: FusionHead, idx: torch.Tensor) -> torch.Tensor:
+        present = modality_dropout({m: p[idx] for m, p in train.present.items()}, dropout, gen)
+        logits = h({m: v[idx] for m, v in train.x.items()}, present)
+        ce = F.cross_entropy(logits, train.y[idx], reduction="none")
+        return (ce * weights[idx]).sum() / weights[idx].sum()
+
+    return fit_head(head, batches, loss_fn, opt, epochs, scheduler=sched, score=score)
+
+
+__all__ = ["cosine_adamw", "fit_head", "local_rng", "train_cached"]

@@ -194,9 +194,12 @@ def test_usage_and_input_errors_exit_2(
         main(["evaluate", "retrieval", "--model", str(tmp_path), "--data", str(tiny_corpus)]) == 2
     )
     assert "not a model bundle" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as info:
-        main(["search", "--index", "x"])  # argparse: one of --text/--image/--audio required
-    assert info.value.code == 2
+    assert main(["search", "--index", "x"]) == 2  # a query (--query or --text/...) is required
+    assert "give a query" in capsys.readouterr().err
+    assert main(["search", "--index", "x", "--query", "no-equals-sign"]) == 2
+    assert "MODALITY=VALUE" in capsys.readouterr().err
+    assert main(["pretrain", "demo", "--set", "train.steps=1", "stray"]) == 2
+    assert "'stray': expected KEY=VALUE" in capsys.readouterr().err
 
 
 def test_robustness_curves(

@@ -49,7 +49,8 @@ def pack_shards(
 ) -> dict[str, Any]:
     """Write ``out_dir/{prefix}-000000.tar ...`` with ``shard_size`` samples each.
 
-    ``specs`` default to every registered modality (built-ins and installed plugins). Returns
+    ``specs`` default to every registered modality (built-ins and installed plugins); those
+    that the manifest uses must have distinct member extensions (ConfigError). Returns
     ``{"pattern", "shards", "items", "written", "bad", "bad_by_reason", "examples", "out",
     "removed_stale", "modalities", "unknown_columns"}``: ``pattern`` is the brace pattern to pass
     as SRC, ``items`` the manifest's rows, ``written`` the samples packed, ``bad`` the rows dropped
@@ -60,8 +61,9 @@ def pack_shards(
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
     specs = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
-    _check_extensions(specs)
     manifest = read_manifest(src, specs)
+    specs = {m: s for m, s in specs.items() if m in manifest.modalities}  # the ones in use
+    _check_extensions(specs)
     if manifest.unknown_columns:
         log.warning(
             "%s: columns %s are no registered modality; not packed", src, manifest.unknown_columns
@@ -84,7 +86,7 @@ def pack_shards(
             **tally.result(),
             "written": sum(writer.counts),
             "removed_stale": stale,
-            "modalities": {m: s.member_extensions() for m, s in specs.items()},
+            "modalities": {m: list(s.member_extensions()) for m, s in specs.items()},
             "unknown_columns": manifest.unknown_columns,
         }
         write_meta(

@@ -101,3 +101,23 @@ def test_open_stream_kinds_and_empty_epoch(tmp_path: Path, text_specs) -> None:
         next(iter(shard_stream))  # 3 items: an endless stream would spin forever
     src = open_source(text_shards(tmp_path / "sh2", [2, 2]), text_specs, train=True)
     assert torch.tensor(src.counts(2)).tolist() == [2, 2]
+
+
+def test_mix_from_config_streams_and_resumes(tmp_path: Path, text_specs) -> None:
+    from modalign.core.config_io import from_dict
+    from modalign.data.config import DataConfig
+
+    shards = text_shards(tmp_path / "sh", [10, 12])
+    manifest = text_manifest(tmp_path, 15)
+    cfg = from_dict(DataConfig, {"train": {str(manifest): 2, shards: 1}}, "data")
+    assert cfg.train == {str(manifest): 2.0, shards: 1.0}
+
+    def stream(start: int):
+        return open_stream(cfg.train, text_specs, 4, seed=4, start=start)
+
+    assert isinstance(stream(0), SourceStream)
+    full = take(stream(0), 10)
+    manual = open_mix({str(manifest): 2.0, shards: 1.0}, text_specs, train=True, seed=4)
+    assert full == take(SourceStream(manual, 4), 10)  # the same draws as open_mix
+    for p in (3, 7):
+        assert take(stream(p), 10 - p) == full[p:]

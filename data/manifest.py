@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modalign.core.errors import DataError
+from modalign.core.errors import ConfigError, DataError
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Manifest columns (and batch fields) that are never modalities; a modality may not use them.
@@ -71,6 +71,12 @@ def read_manifest(
     ``inline`` (for names: the registered modality's spec). Raises :class:`DataError` (naming file and line) for a missing/malformed file or when no row
     has any of ``modalities``.
     """
+    reserved = [m for m in modalities if m in RESERVED_COLUMNS]
+    if reserved:
+        raise ConfigError(
+            f"modality {reserved[0]!r} is named like the reserved column {reserved[0]!r} "
+            f"(reserved: {', '.join(RESERVED_COLUMNS)}); rename the modality"
+        )
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found; pass an existing .jsonl/.csv/.parquet file")

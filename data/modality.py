@@ -194,6 +194,12 @@ def modality_specs(
     return out
 
 
+def modality_for_path(path: str | Path, specs: Mapping[str, ModalitySpec]) -> str | None:
+    """The file modality whose suffixes include ``path``'s (first in ``specs`` order), or None."""
+    suffix = Path(path).suffix.lower()
+    return next((m for m, s in specs.items() if not s.inline and suffix in s.file_suffixes()), None)
+
+
 def default_modalities(
     cfg: DataConfig,
     image_preset: ImagePreset | None = None,

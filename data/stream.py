@@ -1,13 +1,17 @@
 """Endless, resumable streams of training micro-batches for one process.
 
-:class:`BatchStream` serves a manifest (map-style, global batches split across processes);
-:class:`SourceStream` serves any :class:`RawSource` (WebDataset shards, weighted mixes). Both
-expose ``position`` (micro-batches consumed) and take ``start=position`` to resume.
+One interface, :class:`Stream`, and one resume rule: ``position`` counts the micro-batches this
+process has consumed, and a stream built with ``start=position`` (same source, seed, batch size,
+process count and workers) yields exactly what the uninterrupted stream yields after them.
+:class:`BatchStream` serves a manifest (global batches split across processes, so N processes
+see what one process sees); :class:`SourceStream` serves any :class:`RawSource` (WebDataset
+shards, weighted mixes). :func:`~modalign.data.sources.open_stream` picks one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from torch.utils.data import DataLoader
 
@@ -20,6 +24,17 @@ from modalign.data.dataset import (
     RawSource,
     make_loader,
 )
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """Endless training micro-batches with a resume position (see the module docstring)."""
+
+    position: int  # micro-batches consumed so far; pass as ``start`` to resume
+    skipped: dict[str, int]  # rows dropped while reading the source, by reason
+    skipped_examples: list[str]
+
+    def __iter__(self) -> Iterator[Batch]: ...
 
 
 class BatchStream:

@@ -1,0 +1,100 @@
+"""The ASGI application and the uvicorn runner.
+
+``create_app(engine, settings)`` assembles: token guard (when a token is set) -> body-size limit
+-> FastAPI routes, a JSON error for every failure (a broken request never kills the server),
+the web page and its static files, and the micro-batching worker started/stopped with the
+app's lifespan. ``serve(...)`` runs it on uvicorn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modalign.server.batching import MicroBatcher
+from modalign.server.engine import SearchEngine
+from modalign.server.errors import RequestError, error_body
+from modalign.server.guards import BodyLimit, TokenGuard
+from modalign.server.routes import ServerState, build_router
+from modalign.server.settings import ServeSettings, check_bind
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: SearchEngine, settings: ServeSettings | None = None) -> Any:
+    """The ASGI app serving ``engine`` (FastAPI wrapped in the token and body-size guards)."""
+    settings = settings or ServeSettings()
+    limits = settings.limits
+    state = ServerState(engine, limits, MicroBatcher(engine, limits.max_batch, limits.max_pending))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.batcher.start()
+        try:
+            yield
+        finally:
+            state.batcher.stop()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="modalign search", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.modalign = state
+    app.include_router(build_router(state))
+    _add_error_handlers(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    guarded: Any = BodyLimit(app, limits.max_body_bytes)
+    if settings.token:
+        guarded = TokenGuard(guarded, settings.token)
+    return guarded
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(exc.field, exc.message), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body("path", f"{request.url.path}: {exc.detail}"), status_code=exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(
+            error_body("server", f"internal error ({type(exc).__name__}); see the server log"),
+            status_code=500,
+        )
+
+
+def serve(engine: SearchEngine, settings: ServeSettings, log_level: str = "info") -> None:
+    """Run the app on uvicorn until interrupted (refuses a non-loopback bind without a token)."""
+    import uvicorn
+
+    check_bind(settings)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()

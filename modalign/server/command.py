@@ -1,0 +1,83 @@
+"""``modalign serve``: the CLI entry (the top-level parser registers it with
+:func:`add_serve_command`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from modalign.server.settings import ServeLimits, ServeSettings, check_bind, read_token
+
+__all__ = ["add_serve_command", "cmd_serve", "settings_from_args"]
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to the ``modalign`` sub-command parsers."""
+    d = ServeLimits()
+    p = subparsers.add_parser(
+        "serve", help="serve cross-modal search over HTTP (JSON API + web page)"
+    )
+    p.add_argument("--index", required=True, help="index directory (modalign index build --out)")
+    p.add_argument("--model", help="model bundle (default: the one the index records)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token-file",
+        help="file holding the access token (required when --host is not a loopback address)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--max-k", type=int, default=d.max_k, help=f"largest k (default {d.max_k})")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=d.max_body_bytes / 1048576,
+        help="largest request body in MiB (default %(default)g)",
+    )
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="queries per forward pass")
+    p.add_argument(
+        "--decode-timeout", type=float, default=d.decode_timeout_s, help="seconds per upload"
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser calls from this origin (e.g. a clip-front page); repeatable",
+    )
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """Checked settings (token read, limits validated) from parsed arguments."""
+    limits = ServeLimits(
+        max_body_bytes=int(args.max_upload_mb * 1048576),
+        max_k=args.max_k,
+        decode_timeout_s=args.decode_timeout,
+        max_batch=args.max_batch,
+    )
+    token = read_token(args.token_file) if args.token_file else None
+    settings = ServeSettings(args.host, args.port, token, limits, tuple(args.cors_origin))
+    check_bind(settings)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the index and model once, then serve until interrupted; returns 0."""
+    from modalign.server.app import serve
+    from modalign.server.engine import SearchEngine
+
+    settings = settings_from_args(args)  # bad flags fail before the model loads
+    engine = SearchEngine.open(args.index, args.model, device=args.device)
+    log.info(
+        "serving %s (%s) on http://%s:%d/%s",
+        args.index,
+        ", ".join(engine.target_modalities),
+        settings.host,
+        settings.port,
+        "" if settings.token is None else "  (token required)",
+    )
+    serve(engine, settings)
+    return 0

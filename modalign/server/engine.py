@@ -1,0 +1,186 @@
+"""The search engine the server stands on: one model bundle + one corpus index, loaded once.
+
+:class:`SearchEngine` decodes a query value through the model's
+:class:`~modalign.data.modality.ModalitySpec` (the same ``spec.load`` that
+``BundleModel.encode`` uses, so a query gives the same vector here as in ``modalign search``),
+encodes many decoded values of one modality in one forward pass, and searches many vectors at
+once (:meth:`~modalign.retrieval.corpus_index.CorpusIndex.search_batch`). It knows which files
+the index lists, and serves only those (:meth:`media`).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import torch
+
+from modalign.core.errors import UserInputError
+from modalign.data.decode import BadItem
+from modalign.data.modality import ModalitySpec
+from modalign.pretrain.bundle import BundleModel, load_bundle
+from modalign.retrieval.corpus_index import CorpusIndex, Hit, Query
+
+__all__ = ["DecodeError", "MediaFile", "SearchEngine"]
+
+
+class DecodeError(ValueError):
+    """A query value cannot be decoded by its modality (names the reason)."""
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    """A file the index lists, with the content type guessed from its suffix."""
+
+    path: Path
+    media_type: str
+
+
+class SearchEngine:
+    """Batched encode + search over a :class:`BundleModel` and a :class:`CorpusIndex`."""
+
+    def __init__(self, model: BundleModel, index: CorpusIndex) -> None:
+        index.require_model(model.fingerprint)
+        self.model, self.index = model, index
+        self.specs: dict[str, ModalitySpec] = dict(model.modality_specs())
+        self._media = {
+            media_key(m, item_id): Path(r["value"])
+            for (m, item_id), r in index.items.items()
+            if m in self.specs and not self.specs[m].inline
+        }
+
+    @classmethod
+    def open(
+        cls, index_dir: str | Path, model_dir: str | Path | None = None, device: str = "cpu"
+    ) -> SearchEngine:
+        """Load the index and its model (the one the index records unless ``model_dir``)."""
+        index = CorpusIndex.open(index_dir)
+        model_path = model_dir or index.meta.get("model")
+        if not model_path:
+            raise UserInputError(f"{index_dir} does not record its model; pass --model DIR")
+        return cls(load_bundle(model_path, device=device), index)
+
+    # -- what can be asked -----------------------------------------------------------------
+    @property
+    def query_modalities(self) -> list[str]:
+        """Modalities a query may be given in (the model's, in its order)."""
+        return [m for m in self.model.modalities if m in self.specs]
+
+    @property
+    def target_modalities(self) -> list[str]:
+        """Modalities the index holds vectors for."""
+        return self.index.modalities
+
+    def is_inline(self, modality: str) -> bool:
+        """True when the modality's value is inline (text), False when it is a file."""
+        return bool(self.specs[modality].inline)
+
+    def default_targets(self, modality: str | None) -> tuple[str, ...]:
+        """Every indexed modality but the query's own (all of them if that leaves none)."""
+        others = [m for m in self.index.modalities if m != modality]
+        return tuple(others or self.index.modalities)
+
+    # -- decode / encode / search ----------------------------------------------------------
+    def decode(self, modality: str, value: bytes | str) -> Any:
+        """One query value -> model input, exactly as ``BundleModel.encode`` prepares it."""
+        try:
+            return self.specs[modality].load(value, False, np.random.default_rng(0))
+        except BadItem as exc:
+            raise DecodeError(str(exc)) from None
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+
+    def encode(self, modality: str, prepared: Sequence[Any]) -> np.ndarray:
+        """L2-normalised ``(n, dim)`` float32 vectors of decoded values, one forward pass."""
+        batch = self.specs[modality].collate(list(prepared))
+        with torch.inference_mode():
+            out = self.model.encode_batch({modality: batch})[modality]
+        return out.numpy().astype(np.float32, copy=False)
+
+    def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
+        """Hits for many queries (each its own k and targets), as one at a time would give."""
+        return self.index.search_batch(queries)
+
+    # -- items and media -------------------------------------------------------------------
+    def item(self, modality: str, item_id: str) -> dict[str, Any] | None:
+        """The indexed item's record (``value`` is a listed path or the inline text)."""
+        return self.index.item(modality, item_id)
+
+    def media(self, key: str) -> MediaFile | None:
+        """The listed file for a media key (``modality:id``), or None: never a request path."""
+        path = self._media.get(key)
+        if path is None or not path.is_file():
+            return None
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return MediaFile(path, media_type)
+
+    def hit_record(self, hit: Hit, base_url: str = "") -> dict[str, Any]:
+        """``search --json``'s record plus ``caption``, ``media_url`` and ``media_type``."""
+        out = hit.to_dict()
+        key = media_key(hit.modality, hit.id)
+        listed = key in self._media
+        out["caption"] = self._caption(hit)
+        out["media_url"] = f"{base_url}/media/{quote(key, safe='')}" if listed else None
+        out["media_type"] = (
+            (mimetypes.guess_type(hit.value)[0] or "application/octet-stream") if listed else None
+        )
+        return out
+
+    def _caption(self, hit: Hit) -> str | None:
+        """The item's own text if inline, else the first inline value indexed under its id."""
+        if self.is_inline_target(hit.modality):
+            return hit.value
+        for m in self.index.modalities:
+            if self.is_inline_target(m):
+                record = self.index.item(m, hit.id)
+                if record is not None:
+                    return str(record["value"])
+        return hit.label
+
+    def is_inline_target(self, modality: str) -> bool:
+        """Inline per the model's spec; an indexed modality the model lacks counts as a file."""
+        spec = self.specs.get(modality)
+        return bool(spec is not None and spec.inline)
+
+    def info(self) -> dict[str, Any]:
+        """Model and index statistics for ``GET /info``."""
+        build = self.index.meta.get("build", {})
+        return {
+            "model": {
+                "path": str(self.model.path),
+                "fingerprint": self.model.fingerprint,
+                "embed_dim": self.model.embed_dim,
+                "modalities": list(self.model.modalities),
+            },
+            "index": {
+                "name": self.index.root.name,
+                "fingerprint": self.index.meta.get("fingerprint"),
+                "dim": self.index.meta.get("dim"),
+                "modalities": {
+                    m: {
+                        "items": len(ix),
+                        "factory": ix.factory,
+                        "search_params": build.get(m, {}).get("search_params", {}),
+                    }
+                    for m, ix in self.index.indexes.items()
+                },
+            },
+            "query_modalities": {
+                m: {
+                    "inline": self.is_inline(m),
+                    "suffixes": list(self.specs[m].file_suffixes()),
+                    "default_targets": list(self.default_targets(m)),
+                }
+                for m in self.query_modalities
+            },
+        }
+
+
+def media_key(modality: str, item_id: str) -> str:
+    """The key ``/media/{key}`` takes: ``modality:id`` (ids repeat across modalities)."""
+    return f"{modality}:{item_id}"

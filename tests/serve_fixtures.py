@@ -1,0 +1,69 @@
+"""Helpers for the server tests: a tiny trained index, and uvicorn running in a thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conftest import tiny_overrides, write_tiny_corpus
+
+
+@dataclass(frozen=True)
+class TinyIndex:
+    corpus: Path  # manifest
+    model: Path
+    index: Path
+
+
+def build_tiny_index(root: Path, n: int = 32, steps: int = 4) -> TinyIndex:
+    """Pretrain the tiny image/audio/text model a few steps and index its corpus (~10 s)."""
+    from modalign.config import load_config
+    from modalign.pretrain.bundle import load_bundle
+    from modalign.pretrain.trainer import pretrain
+    from modalign.retrieval.corpus_index import build_corpus_index
+    from modalign.retrieval.embed import embed_source
+
+    manifest = write_tiny_corpus(root / "corpus", n=n)
+    model_dir = root / "model"
+    cfg = load_config("demo", tiny_overrides(manifest, model_dir, steps=steps, batch=16))
+    pretrain(cfg)
+    model = load_bundle(model_dir)
+    emb, _ = embed_source(model, manifest, batch_size=32)
+    build_corpus_index(emb, root / "index", model.fingerprint, str(model_dir.resolve()))
+    return TinyIndex(manifest, model_dir, root / "index")
+
+
+class ThreadedServer:
+    """uvicorn serving ``app`` on a free loopback port in a background thread."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+        self._sock.close()

@@ -1,86 +1,74 @@
-"""Periodic validation during pretraining: retrieval Recall@K per modality pair.
+"""Validation during pretraining: the loop calls an ``evaluate`` callback from the layer above.
 
-Kept small and self-contained (``retrieval`` sits above ``pretrain`` in the import order):
-the validation set is embedded once per call, scored with one matmul per pair. Positives are
-same-label items when every row has a label (class level), else the row's own partner.
+``pretrain`` sits below ``retrieval`` in the import order, so it does not score anything
+itself: the caller passes ``evaluate(view, step) -> dict`` (as open_clip passes ``evaluate`` into
+its loop), typically :func:`modalign.retrieval.evaluate.make_validator`, which embeds
+``data.val`` with the shared embedding loop and scores it exactly like ``evaluate retrieval``.
+
+:class:`EncoderView` is the live encoder as that callback sees it: it has the embedding-model
+interface (``modalities``, ``embed_dim``, ``modality_specs()``, ``encode_batch(batch)``) that
+``modalign.retrieval.embed`` loops over, like a loaded bundle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from modalign.data.modality import ModalitySpec
-from modalign.data.sources import open_source
 from modalign.pretrain.model import MultimodalEncoder
 
 
-@torch.no_grad()
-def validation_recall(
-    encoder: MultimodalEncoder,
-    src: str,
-    specs: Mapping[str, ModalitySpec],
-    device: torch.device,
-    ks: Sequence[int] = (1, 5),
-    max_items: int = 5000,
-    batch_size: int = 128,
-) -> dict[str, dict[str, float]]:
-    """``{"audio->image": {"recall@1": .., "recall@5": ..}, ...}`` on up to ``max_items`` rows."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        emb, present, labels = _embed(encoder, src, specs, device, max_items, batch_size)
-    finally:
-        encoder.train(was_training)
-    class_level = all(lab is not None for lab in labels)
-    codes = {lab: i for i, lab in enumerate(sorted(set(map(str, labels))))}
-    group = (
-        torch.tensor([codes[str(lab)] for lab in labels])
-        if class_level
-        else torch.arange(len(labels))
-    )
-    out = {}
-    for q in emb:
-        for g in emb:
-            if q == g:
-                continue
-            qi, gi = present[q].nonzero().flatten(), present[g].nonzero().flatten()
-            if len(qi) == 0 or len(gi) == 0:
-                continue
-            sims = emb[q][qi] @ emb[g][gi].T
-            top = sims.topk(min(max(ks), len(gi)), dim=1).indices
-            hits = group[gi][top] == group[qi].unsqueeze(1)
-            out[f"{q}->{g}"] = {f"recall@{k}": float(hits[:, :k].any(1).float().mean()) for k in ks}
-    return out
+@dataclass
+class EncoderView:
+    """A live encoder with the embedding-model interface (eval-mode use only)."""
 
+    encoder: MultimodalEncoder
+    specs: Mapping[str, ModalitySpec]
+    device: torch.device
 
-def _embed(encoder, src, specs, device, max_items, batch_size):
-    from torch.utils.data import DataLoader
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoder.modalities)
 
-    from modalign.data.dataset import Collate
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encoder.embed_dim)
 
-    # Main process only, all of the source: rank 0 of a world of 1.
-    source = open_source(src, specs, train=False, shuffle=False, rank=0, world_size=1)
-    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in specs}
-    masks: dict[str, list[torch.Tensor]] = {m: [] for m in specs}
-    labels: list = []
-    for batch in DataLoader(source, batch_size=batch_size, collate_fn=Collate(specs)):
-        if len(labels) >= max_items:
-            break
-        k = len(batch["id"])
+    def modality_specs(self) -> dict[str, ModalitySpec]:
+        return {m: self.specs[m] for m in self.modalities if m in self.specs}
+
+    @torch.no_grad()
+    def encode_batch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Collated inputs by modality -> L2-normalised float32 CPU embeddings."""
         inputs = {
-            m: (v.to(device) if isinstance(v, torch.Tensor) else v)
+            m: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
             for m, v in batch.items()
-            if m in specs
+            if m in self.modalities
         }
-        feats = encoder(inputs)
-        for m in specs:
-            chunks[m].append(
-                feats[m].float().cpu() if m in feats else torch.zeros(k, encoder.embed_dim)
-            )
-            masks[m].append(batch["present"].get(m, torch.zeros(k, dtype=torch.bool)))
-        labels.extend(batch["label"])
-    emb = {m: torch.cat(c) for m, c in chunks.items() if c}
-    present = {m: torch.cat(v) for m, v in masks.items() if v}
-    return emb, present, labels
+        return {m: e.float().cpu() for m, e in self.encoder(inputs).items()}
+
+
+Evaluate = Callable[[EncoderView, int], Mapping[str, Any]]
+"""``evaluate(view, step) -> {"audio->image": {"recall@1": ...}, ...}`` (JSON-ready)."""
+
+
+def run_validation(evaluate: Evaluate, view: EncoderView, step: int) -> dict[str, Any]:
+    """Call ``evaluate`` in eval mode without grad, leaving every RNG and the train mode as
+    they were (validation must not change training: a resumed run stays bit-identical)."""
+    was_training = view.encoder.training
+    py_rng, np_rng = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    view.encoder.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            return dict(evaluate(view, step))
+    finally:
+        view.encoder.train(was_training)
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)

@@ -14,20 +14,20 @@ import sys
 from pathlib import Path
 
 from modalign.config import load_config
-from modalign.pretrain import trainer
+from modalign.pretrain import train_state, trainer
 
 
 def main(kill_step: int, overrides_file: str) -> None:
     overrides = json.loads(Path(overrides_file).read_text(encoding="utf-8"))
-    save = trainer._save_checkpoint
+    save = train_state.save_checkpoint
 
-    def save_then_die(run, step, position):
-        path = save(run, step, position)
+    def save_then_die(state, out_dir, cfg, step, position):
+        path = save(state, out_dir, cfg, step, position)
         if step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    trainer._save_checkpoint = save_then_die
+    train_state.save_checkpoint = save_then_die
     trainer.pretrain(load_config(None, overrides))
 
 

@@ -1,0 +1,76 @@
+"""Accelerate setup for a pretraining run: the Accelerator, BatchNorm conversion, compile.
+
+The Accelerator is built inside :func:`modalign.pretrain.process_state.process_state_guard`,
+which hands it an empty process-wide Accelerate state, so every run picks its own precision and
+device as in a fresh process; nothing here resets Accelerate's singletons by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from modalign.core.errors import ConfigError
+from modalign.pretrain.config import PretrainConfig
+from modalign.pretrain.distributed import convert_batchnorm
+
+# train.precision -> Accelerate's mixed_precision name.
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def uses_cpu(cfg: PretrainConfig) -> bool:
+    """Whether the run trains on CPU (``train.device=cpu``, or ``auto`` without CUDA)."""
+    device = cfg.train.device
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def check_precision(cfg: PretrainConfig) -> None:
+    """Refuse settings Accelerate would silently change (raised before any work starts)."""
+    if uses_cpu(cfg) and cfg.train.precision == "fp16":
+        # Accelerate silently runs fp16 on CPU as fp32 (no autocast, no scaler): say so instead.
+        raise ConfigError(
+            "train.precision=fp16 needs a CUDA device (it uses a loss scaler); "
+            "on CPU use train.precision=bf16 or fp32"
+        )
+
+
+def make_accelerator(cfg: PretrainConfig) -> Any:
+    """An Accelerator for ``cfg.train`` (precision, device; DDP tolerates unused parameters)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    check_precision(cfg)
+    # Rows may lack a modality for a whole batch; DDP must then tolerate unused parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(
+        cpu=uses_cpu(cfg),
+        mixed_precision=PRECISIONS[cfg.train.precision],
+        kwargs_handlers=[ddp],
+    )
+
+
+def compile_trunks(encoder: nn.Module, compilable: Mapping[str, bool]) -> list[str]:
+    """``torch.compile`` in place each trunk whose tower declared itself compilable.
+
+    ``Module.compile`` keeps state-dict keys, so checkpoints and bundles stay interchangeable
+    with uncompiled runs. Returns the compiled modalities.
+    """
+    done = []
+    for m, trunk in encoder.trunks.items():
+        if compilable.get(m, False):
+            trunk.compile()
+            done.append(m)
+    return done
+
+
+def sync_batchnorm(task: nn.Module, device: torch.device) -> None:
+    """Global batch statistics across processes, so N x B equals 1 x N*B."""
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        task.encoder = convert_sync_batchnorm(task.encoder)
+    else:
+        convert_batchnorm(task.encoder)

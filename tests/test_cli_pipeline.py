@@ -161,6 +161,15 @@ def test_finetune_and_classify(
     assert {"accuracy", "macro_f1", "confusion"} <= set(ev)
     pred = run_json(capsys, ["predict", "--model", str(clf), "--data", str(test_manifest)])
     assert len(pred["predictions"]) == 16 and all(p["label"] in WORDS for p in pred["predictions"])
+    pattern = run_json(
+        capsys, ["data", "pack", str(test_manifest), "--out", str(tmp_path / "sh"),
+                 "--shard-size", "8"],
+    )["pattern"]  # fmt: skip
+    on_shards = run_json(capsys, ["predict", "--model", str(clf), "--data", pattern])
+    assert on_shards["predictions"] == pred["predictions"]  # same items and labels from shards
+    ev_shards = run_json(capsys, ["evaluate", "classify", "--model", str(clf), "--data", pattern,
+                                  "--drop", "audio"])  # fmt: skip
+    assert ev_shards["accuracy"] == ev["accuracy"]
     assert (
         main(
             [
@@ -397,3 +406,65 @@ def test_search_bad_input(
     (idx / "index.json").write_text("{not json")
     assert main(["search", "--index", str(idx), "--text", "x"]) == 2
     assert "corrupt modalign index metadata" in capsys.readouterr().err
+
+
+def test_embed_out_of_another_corpus_is_refused(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    manifest, out = trained
+    other = write_tiny_corpus(tmp_path / "other", n=12, seed=3)
+    emb = tmp_path / "emb"
+    base = ["embed", "--model", str(out), "--out", str(emb), "--shard-rows", "10"]
+    assert run_json(capsys, [*base, "--data", str(manifest)])["written"] == 4
+    assert main([*base, "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "another model, corpus or settings" in err and "source" in err
+    assert main([*base[:-1], "16", "--data", str(manifest)]) == 2  # other shard size
+    assert "shard_rows" in capsys.readouterr().err
+
+
+def test_embed_ids_with_line_separators_read_back(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from modalign.retrieval.embed_shards import read_embedding_shards
+
+    _, out = trained
+    manifest = write_tiny_corpus(tmp_path / "c", n=6)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    seps = ["a\nb", "c\rd", "e\u2028f", "g\u2029h", "i\u0085j", "plain"]
+    for row, item_id in zip(rows, seps):
+        row["id"] = item_id
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    emb = tmp_path / "emb"
+    run_json(capsys, ["embed", "--model", str(out), "--data", str(manifest), "--out", str(emb)])
+    loaded, _ = read_embedding_shards(emb)
+    assert loaded["image"].ids == seps and loaded["text"].ids == seps
+
+
+def test_shard_patterns_for_every_corpus_command(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    manifest, out = trained
+    pattern = run_json(
+        capsys, ["data", "pack", str(manifest), "--out", str(tmp_path / "sh"), "--shard-size", "8"]
+    )["pattern"]
+    emb = run_json(capsys, ["embed", "--model", str(out), "--data", pattern, "--out",
+                            str(tmp_path / "emb"), "--shard-rows", "10"])  # fmt: skip
+    assert emb["shards"] == 4 and emb["written"] == 4
+    ev = run_json(capsys, ["evaluate", "retrieval", "--model", str(out), "--data", pattern])
+    ev_manifest = run_json(
+        capsys, ["evaluate", "retrieval", "--model", str(out), "--data", str(manifest)]
+    )
+    assert ev["pairs"] == ev_manifest["pairs"]  # same items, same order, same metrics
+    res = build_index(capsys, out, Path(pattern), tmp_path / "idx", "--target-recall", "0.9")
+    assert res["modalities"]["image"]["items"] == 32
+    hits = run_json(capsys, ["search", "--index", str(tmp_path / "idx"), "--query",
+                             "text=the sound two", "--query", f"image={manifest.parent}/img/2.png",
+                             "-k", "2"])  # fmt: skip
+    assert [q["query"] for q in hits["queries"]] == [
+        {"text": "the sound two"},
+        {"image": f"{manifest.parent}/img/2.png"},
+    ]
+    assert all(len(q["results"]) == 2 for q in hits["queries"])
+    assert main(["search", "--index", str(tmp_path / "idx"), "--query", "depth=x.npy"]) == 2
+    assert "no 'depth' modality" in capsys.readouterr().err

@@ -133,12 +133,7 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
     root = Path(path)
     meta = _read_meta(root)
     verify_files(root, meta, "classifier bundle")
-    model = load_bundle(_model_dir(root, meta), device=device)
-    if model.fingerprint != meta["model_fingerprint"]:
-        raise UserInputError(
-            f"{root}: its pretrained model at {model.path} has changed (fingerprint "
-            f"{model.fingerprint} != {meta['model_fingerprint']}); fine-tune again"
-        )
+    model = _load_model(root, meta, device)
     import yaml
 
     cfg = from_dict(
@@ -162,15 +157,24 @@ def _read_meta(root: Path) -> dict[str, Any]:
     )
 
 
-def _model_dir(root: Path, meta: dict[str, Any]) -> Path:
+def _load_model(root: Path, meta: dict[str, Any], device: str) -> BundleModel:
+    """The model bundle at the classifier's relative path, fingerprint checked."""
     model_dir = root / meta["model"]
-    if not model_dir.is_dir():
+    try:
+        model = load_bundle(model_dir, device=device)
+    except UserInputError as exc:
         raise UserInputError(
-            f"{root}: its model bundle is expected at {meta['model']!r} relative to the classifier "
-            f"({model_dir}), and is not there; move the model and classifier folders together "
-            "(keeping their relative place) or fine-tune again"
+            f"{root}: its model bundle is expected at {meta['model']!r} relative to the "
+            f"classifier ({model_dir.resolve()}) and could not be loaded there ({exc}); move the "
+            "model and classifier folders together (keeping their relative place) or fine-tune "
+            "again"
+        ) from None
+    if model.fingerprint != meta["model_fingerprint"]:
+        raise UserInputError(
+            f"{root}: its pretrained model at {model_dir.resolve()} has changed (fingerprint "
+            f"{model.fingerprint} != {meta['model_fingerprint']}); fine-tune again"
         )
-    return model_dir
+    return model
 
 
 def _build_head(root: Path, meta: dict[str, Any]) -> FusionHead:

@@ -43,6 +43,28 @@ def local_rng(seed: int, device: torch.device | str | None = None) -> Iterator[t
         yield torch.Generator().manual_seed(seed)
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore torch's CPU (and initialised CUDA), NumPy's and Python's global RNG states on exit.
+
+    Public entry points wrap their work in it, so lower layers that still draw from the global
+    generators (weight init before loading, ``DataLoader`` base seeds) cannot leak into the
+    caller's process (issue 15). Nothing is seeded here.
+    """
+    import random
+
+    import numpy as np
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 def fit_head(
     head: FusionHead,
     epoch_batches: Callable[[int], Iterable[B]],
@@ -122,4 +144,4 @@ def train_cached(
     return fit_head(head, batches, loss_fn, opt, epochs, scheduler=sched, score=score)
 
 
-__all__ = ["cosine_adamw", "fit_head", "local_rng", "train_cached"]
+__all__ = ["cosine_adamw", "fit_head", "local_rng", "preserved_rng", "train_cached"]

@@ -29,7 +29,7 @@ from modalign.finetune.embedded import (
     fused_embedding,
 )
 from modalign.finetune.evaluate import evaluate_head, predict, subsets
-from modalign.finetune.fit import local_rng, train_cached
+from modalign.finetune.fit import local_rng, preserved_rng, train_cached
 from modalign.finetune.head_base import FusionHead
 from modalign.finetune.heads import build_head_from_options
 from modalign.finetune.labelers import PSEUDO_LABELERS, LabelContext, LabelerOutput
@@ -95,10 +95,17 @@ def _check(cfg: FinetuneConfig) -> None:
 
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path) -> FinetuneResult:
     """Few labels + pseudo-labels -> fusion head; evaluates on ``cfg.test``; writes a classifier
-    bundle into ``out_dir`` (locked for the whole run). Leaves the process RNG state untouched."""
+    bundle into ``out_dir`` (locked while training and writing).
+
+    Deterministic for a given ``finetune.seed``; the process RNG states are left as found.
+    """
     _check(cfg)
+    with preserved_rng():
+        return _run(cfg, Path(out_dir))
+
+
+def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
     labeler = PSEUDO_LABELERS.get(cfg.pseudo_label, "finetune.pseudo_label")
-    out = Path(out_dir)
     model = load_bundle(cfg.model)
     if labeler.factory.check is not None:
         labeler.factory.check(cfg, model.modalities)

@@ -1,0 +1,204 @@
+"""Fine-tuning strategies are registrations: a toy head from this file trains through
+``run_finetune`` from config with options and reloads exactly; built-in heads with non-default
+options reload; a moved model+classifier pair still loads; the process RNG is left untouched."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from modalign.config import load_config
+from modalign.core.errors import ConfigError, UserInputError
+from modalign.finetune.classifier import load_classifier
+from modalign.finetune.head_base import FusionHead
+from modalign.finetune.heads import HEADS
+from modalign.finetune.pipeline import run_finetune
+from modalign.pretrain.trainer import pretrain
+
+from conftest import WORDS, tiny_overrides, write_tiny_corpus
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    scale: float = 1.0
+    width: int = 3
+
+
+class ToyHead(FusionHead):
+    """Sum of per-modality linear maps of width ``width`` then a linear classifier, times ``scale``."""
+
+    def __init__(self, dims, num_classes, scale: float, width: int) -> None:
+        super().__init__(dims, num_classes)
+        self.scale = scale
+        self.proj = nn.ModuleList(nn.Linear(self.dims[m], width) for m in self.modalities)
+        self.out = nn.Linear(width, num_classes)
+
+    def _fuse(self, inputs, mask):
+        h = sum(
+            torch.where(mask[:, i, None], p(x), torch.zeros(()))
+            for i, (p, x) in enumerate(zip(self.proj, inputs))
+        )
+        return self.scale * self.out(h)
+
+
+def _toy(dims, num_classes, opts: ToyOptions) -> FusionHead:
+    return ToyHead(dims, num_classes, opts.scale, opts.width)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("strategies")
+    manifest = write_tiny_corpus(root / "c", n=16)
+    model = root / "pair" / "model"
+    pretrain(load_config(None, tiny_overrides(manifest, model, steps=1, batch=8)))
+    return manifest, model
+
+
+def _cfg(manifest: Path, model: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"finetune.model={model}",
+            f"finetune.train={manifest}",
+            f"finetune.test={manifest}",
+            f"finetune.class_names=[{', '.join(WORDS)}]",
+            "finetune.labels_per_class=2",
+            "finetune.epochs=2",
+            "finetune.pseudo_label=knn",
+            "finetune.threshold=0.0",
+            *extra,
+        ],
+    ).finetune
+
+
+def test_toy_head_is_one_registration(setup, tmp_path: Path) -> None:
+    manifest, model = setup
+    HEADS.add("toy_test_head", _toy, ToyOptions, replace=True)
+    cfg = _cfg(manifest, model, "finetune.head={kind: toy_test_head, options: {width: 5}}")
+    res = run_finetune(cfg, tmp_path / "clf")
+    clf = load_classifier(tmp_path / "clf")
+    assert isinstance(clf.head, ToyHead)
+    assert clf.head.proj[0].out_features == 5 and clf.head.scale == 1.0
+    saved = load_file(str(tmp_path / "clf" / "head.safetensors"))
+    assert all(torch.equal(v, clf.head.state_dict()[k]) for k, v in saved.items())
+    assert clf.evaluate(str(manifest))["accuracy"] == res.fused["accuracy"]
+    preds = clf.predict(str(manifest))
+    assert len(preds) == 16 and {p["label"] for p in preds} <= set(WORDS)
+
+
+def test_bad_head_option_names_the_key(setup) -> None:
+    manifest, model = setup
+    with pytest.raises(ConfigError, match=r"finetune\.head\.options\.ranks"):
+        _cfg(manifest, model, "finetune.head={kind: lowrank, options: {ranks: 8}}")
+    with pytest.raises(ConfigError, match="lowrank"):
+        _cfg(manifest, model, "finetune.head=nope")
+    with pytest.raises(ConfigError, match=r"finetune\.pseudo_label_options\.kk"):
+        _cfg(manifest, model, "finetune.pseudo_label_options={kk: 3}")
+
+
+@pytest.mark.parametrize(
+    "head, check",
+    [
+        ("{kind: lowrank, options: {rank: 7, hidden: 16}}", lambda h: h.rank_weights.numel() == 7),
+        (
+            "{kind: transformer, options: {layers: 3, heads: 2, hidden: 16}}",
+            lambda h: len(h.encoder.layers) == 3,
+        ),
+        ("late", lambda h: h.heads[0][0].out_features == 256),  # the old short form
+    ],
+)
+def test_non_default_options_reload(setup, tmp_path: Path, head: str, check) -> None:
+    manifest, model = setup
+    run_finetune(_cfg(manifest, model, f"finetune.head={head}"), tmp_path / "clf")
+    clf = load_classifier(tmp_path / "clf")
+    assert check(clf.head)
+    s = clf.embed(str(manifest))
+    again = load_classifier(tmp_path / "clf")
+    assert torch.equal(clf.head(s.x, s.present), again.head(s.x, s.present))
+
+
+def test_moved_pair_still_loads_changed_model_refused(setup, tmp_path: Path) -> None:
+    manifest, model = setup
+    pair = tmp_path / "pair"
+    shutil.copytree(model, pair / "model")
+    cfg = _cfg(manifest, pair / "model", "finetune.pseudo_label=none")
+    run_finetune(cfg, pair / "model" / "classifier")
+    before = load_classifier(pair / "model" / "classifier").predict(str(manifest))
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(pair), str(moved))
+    assert load_classifier(moved / "model" / "classifier").predict(str(manifest)) == before
+    # Only the classifier moved: its model is not where the relative path says.
+    shutil.move(str(moved / "model" / "classifier"), str(tmp_path / "lonely"))
+    with pytest.raises(UserInputError, match="move the model and classifier folders together"):
+        load_classifier(tmp_path / "lonely")
+    # A different model in the classifier's model place is refused.
+    shutil.move(str(tmp_path / "lonely"), str(moved / "model" / "classifier"))
+    overrides = tiny_overrides(manifest, moved / "model", steps=2, batch=8)
+    pretrain(load_config(None, [*overrides, "train.seed=5"]))
+    with pytest.raises(UserInputError, match="has changed"):
+        load_classifier(moved / "model" / "classifier")
+
+
+def test_plugin_head_missing_names_package(setup, tmp_path: Path) -> None:
+    import json
+
+    manifest, model = setup
+    run_finetune(_cfg(manifest, model, "finetune.pseudo_label=none"), tmp_path / "clf")
+    meta_path = tmp_path / "clf" / "classifier.json"
+    meta = json.loads(meta_path.read_text())
+    meta["head"].update(kind="fancy_head", provider="modalign-fancy")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match="modalign-fancy"):
+        load_classifier(tmp_path / "clf")
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.parametrize("labeler", ["knn", "zero_shot"])
+def test_rng_untouched_and_runs_deterministic(setup, tmp_path: Path, labeler: str) -> None:
+    manifest, model = setup
+    cfg = _cfg(manifest, model, f"finetune.pseudo_label={labeler}", "finetune.seed=3")
+    torch.manual_seed(1234)
+    before = _rng_state()
+    run_finetune(cfg, tmp_path / "a")
+    after = _rng_state()
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1]) and before[2] == after[2]
+    torch.rand(5)  # the process RNG moves on; the next run must not care
+    run_finetune(cfg, tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "head.safetensors"))
+    b = load_file(str(tmp_path / "b" / "head.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_head_itself_never_touches_global_rng() -> None:
+    from modalign.finetune.config import FinetuneConfig
+    from modalign.finetune.embedded import EmbeddedSet
+    from modalign.finetune.pipeline import train_head
+
+    gen = torch.Generator().manual_seed(0)
+    n = 24
+    s = EmbeddedSet(
+        [str(i) for i in range(n)],
+        {"image": torch.randn(n, 8, generator=gen), "audio": torch.randn(n, 8, generator=gen)},
+        {"image": torch.rand(n, generator=gen) > 0.2, "audio": torch.rand(n, generator=gen) > 0.2},
+        torch.arange(n) % 3,
+    )
+    cfg = FinetuneConfig(head="transformer", epochs=2, batch_size=8)  # dropout inside the head
+    before = torch.get_rng_state()
+    a = train_head(s, torch.ones(n), 3, cfg, val=s)
+    assert torch.equal(before, torch.get_rng_state())
+    torch.rand(3)
+    b = train_head(s, torch.ones(n), 3, cfg, val=s)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

@@ -1,4 +1,4 @@
-"""The one place the top layer starts pretraining (the lead wires validation callbacks here)."""
+"""The one place the top layer starts pretraining: wires the validation callback."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from typing import Any
 def run_pretrain(cfg: Any, resume: str | None = None, **kw: Any) -> Any:
     """Run :func:`modalign.pretrain.trainer.pretrain` for a root config (``--resume`` aware).
 
-    Extra keyword arguments (``evaluate=``, ``tower_builders=``, ``modalities=``) pass through.
+    With ``train.val_every > 0`` and ``data.val`` set, validation scores ``data.val`` with
+    :func:`modalign.retrieval.evaluate.make_validator` (the ``evaluate retrieval`` metrics)
+    unless ``evaluate=`` is given. Other keyword arguments (``tower_builders=``,
+    ``modalities=``) pass through.
     """
     from modalign.pretrain.trainer import pretrain
 
+    if "evaluate" not in kw and cfg.train.val_every > 0 and cfg.data.val:
+        from modalign.retrieval.evaluate import make_validator
+
+        kw["evaluate"] = make_validator(cfg.data.val)
     return pretrain(cfg, resume=resume, **kw)

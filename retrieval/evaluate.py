@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from modalign.retrieval.embed import Embeddings
+from modalign.retrieval.embed import Embeddings, EncoderModel, embed_source
 from modalign.retrieval.metrics import retrieval_metrics
 
 Level = Literal["auto", "class", "instance"]
@@ -61,3 +62,29 @@ def evaluate_pairs(
         result["pairs"][f"{q}->{g}"] = metrics.to_dict()
     result["queries"] = len({i for e in emb.values() for i in e.ids})
     return result
+
+
+def make_validator(
+    src: str | Path,
+    *,
+    level: Level = "auto",
+    ks: Sequence[int] = (1, 5),
+    max_items: int | None = 5000,
+    batch_size: int = 128,
+    num_workers: int = 0,
+) -> Callable[[EncoderModel, int], dict[str, Any]]:
+    """An ``evaluate(model, step)`` callback for ``pretrain(..., evaluate=...)``.
+
+    Embeds ``src`` (up to ``max_items`` items) with the shared embedding loop
+    (:func:`modalign.retrieval.embed.embed_source`) and scores every ordered modality pair with
+    :func:`evaluate_pairs`, exactly as ``modalign evaluate retrieval`` does (pessimistic ties).
+    Returns ``{"audio->image": {"recall@1": ..., "map": ..., ...}, ...}``.
+    """
+
+    def evaluate(model: EncoderModel, step: int) -> dict[str, Any]:
+        emb, _bad = embed_source(
+            model, src, batch_size=batch_size, num_workers=num_workers, max_items=max_items
+        )
+        return evaluate_pairs(emb, level=level, ks=ks)["pairs"]
+
+    return evaluate

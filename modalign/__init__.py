@@ -30,8 +30,11 @@ def load(
 ) -> BundleModel:
     """Load a model bundle (no code is executed: safetensors + JSON + YAML).
 
-    ``tower_builders``/``modalities`` are needed only for bundles with custom modalities (the
-    same ones passed to ``pretrain``). Imported lazily so ``import modalign`` stays cheap.
+    Plugin towers and modalities are found through the registries (entry-point groups
+    ``modalign.towers`` / ``modalign.modalities``); a bundle whose plugin is not installed is
+    refused naming the package. ``tower_builders``/``modalities`` are optional extras for
+    unregistered ones (the same ones passed to ``pretrain``). Imported lazily so ``import
+    modalign`` stays cheap.
     """
     from modalign.pretrain.bundle import load_bundle
 

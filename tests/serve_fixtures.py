@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -19,8 +20,28 @@ class TinyIndex:
     index: Path
 
 
+_BUILT: dict[Path, TinyIndex] = {}
+
+
+def tiny_index_once(base: Path) -> TinyIndex:
+    """:func:`build_tiny_index` under ``base``, built once per test session.
+
+    ``MODALIGN_TEST_SERVE_ROOT=DIR`` reuses (or first builds) the tiny index in DIR across
+    runs, for fast iteration on the server tests.
+    """
+    reuse = os.environ.get("MODALIGN_TEST_SERVE_ROOT")
+    if reuse:
+        root = Path(reuse)
+        if not (root / "index" / "index.json").is_file():
+            build_tiny_index(root)
+        return TinyIndex(root / "corpus" / "train.jsonl", root / "model", root / "index")
+    if base not in _BUILT:
+        _BUILT[base] = build_tiny_index(base / "tiny-serve")
+    return _BUILT[base]
+
+
 def build_tiny_index(root: Path, n: int = 32, steps: int = 4) -> TinyIndex:
-    """Pretrain the tiny image/audio/text model a few steps and index its corpus (~10 s)."""
+    """Pretrain the tiny image/audio/text model a few steps and index its corpus (~10-30 s)."""
     from modalign.config import load_config
     from modalign.pretrain.bundle import load_bundle
     from modalign.pretrain.trainer import pretrain

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from modalign.data.config import DataConfig
 
@@ -51,14 +51,26 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["infonce", "siglip"] = "infonce"
-    pairs: Literal["all", "anchor"] = "all"  # "anchor": bind every modality to `anchor` (ImageBind)
+    """``kind``: a registered contrastive loss (``modalign.pretrain.losses.LOSSES``: infonce,
+    siglip, plugins), its own options in ``options``; ``pairs``: a registered pair policy
+    (``PAIR_POLICIES``: all, anchor). Names and options are checked when the config is built."""
+
+    kind: str = "infonce"
+    pairs: str = "all"  # "anchor": bind every modality to `anchor` (ImageBind)
     anchor: str = "image"
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     learn_temperature: bool = True
     siglip_init_scale: float = 10.0
     siglip_init_bias: float = -10.0
+    options: dict[str, Any] = field(default_factory=dict)  # the loss kind's own options
+
+    def __post_init__(self) -> None:
+        from modalign.pretrain.losses import LOSSES, PAIR_POLICIES
+
+        LOSSES.get(self.kind, "loss.kind")
+        LOSSES.options(self.kind, self.options, "loss.options")
+        PAIR_POLICIES.get(self.pairs, "loss.pairs")
 
 
 @dataclass

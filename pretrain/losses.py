@@ -5,6 +5,10 @@ is scaled by the world size so that DDP's gradient averaging yields exactly the 
 single-process loss over the global batch; rows lacking a modality drop out of that pair (as
 queries and as candidates).
 
+Adding a loss is one registration: ``LOSSES.add(name, factory, OptionsDataclass)`` where
+``factory(loss_cfg, options) -> PairLoss`` (options from ``loss.options``); pair policies
+(``loss.pairs``) live in :data:`PAIR_POLICIES`. Plugins use the ``modalign.losses`` group.
+
 Temperature: one learnable log-scale per pair, capped at ``loss.max_logit_scale`` (100, as in
 CLIP). The forward value is capped with a straight-through estimator, so the gradient never
 stops at the cap, and the trainer clamps the parameter in place after every optimizer step
@@ -17,13 +21,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.core.registry import NoOptions, Registry
 from modalign.pretrain.config import LossConfig
 from modalign.pretrain.distributed import (
     all_sizes,
@@ -32,23 +38,97 @@ from modalign.pretrain.distributed import (
     rank_offset,
 )
 
+PairPolicy = Callable[[Sequence[str], str], list[tuple[str, str]]]
+PAIR_POLICIES: Registry[PairPolicy] = Registry("pair policy", "modalign.pair_policies")
+
+
+@PAIR_POLICIES.register("all")
+def all_pairs(mods: Sequence[str], anchor: str) -> list[tuple[str, str]]:
+    """Every unordered pair of modalities."""
+    return list(itertools.combinations(mods, 2))
+
+
+@PAIR_POLICIES.register("anchor")
+def anchor_pairs(mods: Sequence[str], anchor: str) -> list[tuple[str, str]]:
+    """(anchor, m) for every other modality (ImageBind-style binding)."""
+    if anchor not in mods:
+        raise ValueError(f"loss.anchor {anchor!r} is not one of the model modalities {list(mods)}")
+    return [(anchor, m) for m in mods if m != anchor]
+
 
 def select_pairs(
     modalities: Sequence[str], mode: str = "all", anchor: str = "image"
 ) -> list[tuple[str, str]]:
-    """All unordered pairs, or (anchor, m) for every other modality (ImageBind-style binding)."""
-    mods = sorted(modalities)
-    if mode == "all":
-        return list(itertools.combinations(mods, 2))
-    if mode == "anchor":
-        if anchor not in mods:
-            raise ValueError(f"loss.anchor {anchor!r} is not one of the model modalities {mods}")
-        return [(anchor, m) for m in mods if m != anchor]
-    raise ValueError(f"loss.pairs must be 'all' or 'anchor', got {mode!r}")
+    """The modality pairs of policy ``mode`` (a :data:`PAIR_POLICIES` name) over ``modalities``."""
+    if mode not in PAIR_POLICIES:
+        raise ValueError(
+            f"loss.pairs must be one of {', '.join(PAIR_POLICIES.names())}, got {mode!r}"
+        )
+    return PAIR_POLICIES.get(mode).factory(sorted(modalities), anchor)
 
 
 def pair_key(a: str, b: str) -> str:
     return f"{a}__{b}"
+
+
+@dataclass
+class PairBatch:
+    """One modality pair's inputs to a pair loss (this process's rows vs all gathered rows).
+
+    ``fa``/``fb``: local (B, D) features; ``all_a``/``all_b``: gathered (N, D); ``rows``: local
+    rows with both modalities; ``cols``: gathered rows with both; ``offset``: this process's first
+    global row; ``scale``: capped logit scale; ``bias``: the pair's bias (None without one).
+    """
+
+    fa: torch.Tensor
+    fb: torch.Tensor
+    all_a: torch.Tensor
+    all_b: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    offset: int
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    n_valid: int
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """A registered contrastive loss: initial log-scale (and bias), and the per-pair loss.
+
+    ``loss(p)`` returns this process's share of the pair's global loss (summed over its rows,
+    divided by the global normaliser, so shares add up to the single-process loss).
+    """
+
+    init_log_scale: float
+    loss: Callable[[PairBatch], torch.Tensor]
+    init_bias: float | None = None  # a learnable per-pair bias starting here (SigLIP); None: none
+
+
+LossFactory = Callable[[LossConfig, Any], PairLoss]
+LOSSES: Registry[LossFactory] = Registry("contrastive loss", "modalign.losses")
+
+
+@LOSSES.register("infonce", NoOptions)
+def infonce(cfg: LossConfig, opts: object) -> PairLoss:
+    """Symmetric InfoNCE (CLIP); temperature starts at ``loss.init_temperature``."""
+
+    def loss(p: PairBatch) -> torch.Tensor:
+        pair_sum = _infonce_sum(p.fa, p.fb, p.all_a, p.all_b, p.rows, p.cols, p.offset, p.scale)
+        return pair_sum / (2 * p.n_valid)
+
+    return PairLoss(math.log(1.0 / cfg.init_temperature), loss)
+
+
+@LOSSES.register("siglip", NoOptions)
+def siglip(cfg: LossConfig, opts: object) -> PairLoss:
+    """Sigmoid loss (SigLIP); scale/bias start at ``loss.siglip_init_scale``/``_bias``."""
+
+    def loss(p: PairBatch) -> torch.Tensor:
+        assert p.bias is not None
+        return _siglip_sum(p.fa, p.all_b, p.rows, p.cols, p.offset, p.scale, p.bias) / p.n_valid
+
+    return PairLoss(math.log(cfg.siglip_init_scale), loss, init_bias=cfg.siglip_init_bias)
 
 
 @dataclass
@@ -60,32 +140,22 @@ class LossOutput:
 
 
 class ContrastiveLoss(nn.Module):
-    """Symmetric InfoNCE (CLIP) or sigmoid (SigLIP) loss, one learnable temperature per pair."""
+    """The configured pair loss (:data:`LOSSES`) over the configured pairs
+    (:data:`PAIR_POLICIES`), one learnable temperature per pair."""
 
     def __init__(self, modalities: Sequence[str], cfg: LossConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.pairs = select_pairs(modalities, cfg.pairs, cfg.anchor)
-        init = (
-            math.log(1.0 / cfg.init_temperature)
-            if cfg.kind == "infonce"
-            else math.log(cfg.siglip_init_scale)
-        )
+        entry = LOSSES.get(cfg.kind, "loss.kind")
+        self.pair_loss = entry.factory(cfg, LOSSES.options(cfg.kind, cfg.options, "loss.options"))
+        keys = [pair_key(a, b) for a, b in self.pairs]
+        init, bias = self.pair_loss.init_log_scale, self.pair_loss.init_bias
         self.log_scale = nn.ParameterDict(
-            {
-                pair_key(a, b): nn.Parameter(
-                    torch.tensor(init), requires_grad=cfg.learn_temperature
-                )
-                for a, b in self.pairs
-            }
+            {k: nn.Parameter(torch.tensor(init), requires_grad=cfg.learn_temperature) for k in keys}
         )
         self.bias = nn.ParameterDict(
-            {
-                pair_key(a, b): nn.Parameter(torch.tensor(cfg.siglip_init_bias))
-                for a, b in self.pairs
-            }
-            if cfg.kind == "siglip"
-            else {}
+            {k: nn.Parameter(torch.tensor(bias)) for k in keys} if bias is not None else {}
         )
 
     @property
@@ -133,16 +203,12 @@ class ContrastiveLoss(nn.Module):
             if n_valid == 0:
                 continue
             scale = self.scale(key)
-            if self.cfg.kind == "infonce":
-                pair_sum = _infonce_sum(
-                    features[a], features[b], gathered[a], gathered[b], rows, cols, offset, scale
+            pair_loss = self.pair_loss.loss(
+                PairBatch(
+                    features[a], features[b], gathered[a], gathered[b], rows, cols, offset,
+                    scale, self.bias[key] if key in self.bias else None, n_valid,
                 )
-                pair_loss = pair_sum / (2 * n_valid)
-            else:
-                pair_sum = _siglip_sum(
-                    features[a], gathered[b], rows, cols, offset, scale, self.bias[key]
-                )
-                pair_loss = pair_sum / n_valid
+            )  # fmt: skip
             total = pair_loss if total is None else total + pair_loss
             value = value + pair_loss.detach()
             active += 1

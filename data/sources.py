@@ -14,8 +14,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 from modalign.core.errors import DataError
-from modalign.data.batch import Sample
+from modalign.data.batch import Batch, Collate, Sample
 from modalign.data.dataset import PairedDataset, RawSource
 from modalign.data.manifest import Manifest, is_manifest, read_manifest
 from modalign.data.modality import ModalitySpec, check_name
@@ -62,6 +64,21 @@ class ManifestSource(RawSource):
     def counts(self, num_workers: int) -> list[int]:
         n = len(range(self.rank, len(self.dataset), self.world))
         return [len(range(w, n, num_workers)) for w in range(num_workers)]
+
+    def batches(
+        self, batch_size: int, num_workers: int = 0, keep_empty: bool = False
+    ) -> Iterator[Batch]:
+        """One pass over this rank's rows, in order for any ``num_workers`` (map-style loader)."""
+        offset = self.epoch * len(self.dataset)
+        rows = [offset + i for i in self._rank_rows()]
+        chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=chunks,
+            num_workers=num_workers,
+            collate_fn=Collate(self.modalities, keep_empty=keep_empty),
+        )
+        return iter(loader)
 
     def decode(self, raw: int, position: int) -> Sample:
         # PairedDataset seeds augmentation by (seed, epoch, row) from the index.

@@ -222,3 +222,14 @@ def test_batch_moves_fills_absent_and_keeps_old_keys(tmp_path: Path) -> None:
     assert batch["id"] == ["a", "b"] and batch["label"] == [None, None]
     assert batch["present"]["text"].all() and batch["text"] == ["x", "y"] and "text" in batch
     assert batch["index"].tolist() == [0, 1] and batch["bad"] == [] and batch.get("audio") is None
+
+
+def test_eval_source_keeps_file_order_with_workers(tmp_path: Path) -> None:
+    specs = modality_specs(["text"])
+    rows = [{"id": f"r{i}", "text": f"t {i}"} for i in range(11)]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    for workers in (0, 2):
+        ids = [i for b in open_eval_source(manifest, specs).batches(3, workers) for i in b.ids]
+        assert ids == [r["id"] for r in rows], workers
+    half = open_eval_source(manifest, specs, rank=1, world_size=2)
+    assert [i for b in half.batches(4) for i in b.ids] == [f"r{i}" for i in range(1, 11, 2)]

@@ -193,3 +193,41 @@ def test_siglip_masks_and_anchor_pairs() -> None:
     want = _grads(ref, list(feats.values()))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
+
+
+def test_a_loss_is_one_registration() -> None:
+    """A one-way InfoNCE (a->b only) registered here, with its own options, matches its formula."""
+    from dataclasses import dataclass
+
+    from modalign.pretrain.losses import LOSSES, PairBatch, PairLoss
+
+    @dataclass(frozen=True)
+    class OneWayOptions:
+        temperature: float = 0.5
+
+    def one_way(cfg: LossConfig, opts: OneWayOptions) -> PairLoss:
+        def loss(p: PairBatch) -> torch.Tensor:
+            logits = (p.scale * p.fa @ p.all_b.T)[p.rows]
+            target = (torch.arange(p.fa.shape[0]) + p.offset)[p.rows]
+            return F.cross_entropy(logits, target, reduction="sum") / p.n_valid
+
+        return PairLoss(math.log(1.0 / opts.temperature), loss)
+
+    LOSSES.add("one_way_test", one_way, OneWayOptions, replace=True)
+    crit = _loss(LossConfig(kind="one_way_test", options={"temperature": 0.25}), ["audio", "image"])
+    feats = _features()
+    out = crit({m: feats[m] for m in ("audio", "image")}, _all_present(6))
+    logits = 4.0 * feats["audio"] @ feats["image"].T
+    ref = F.cross_entropy(logits, torch.arange(6))
+    assert torch.allclose(out.loss, ref, atol=1e-10)
+
+
+def test_unknown_loss_and_option_name_the_key() -> None:
+    from modalign.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss\.kind.*infonce.*siglip"):
+        LossConfig(kind="nope")
+    with pytest.raises(ConfigError, match=r"loss\.options\.tau"):
+        LossConfig(kind="infonce", options={"tau": 1.0})
+    with pytest.raises(ConfigError, match=r"loss\.pairs.*all, anchor"):
+        LossConfig(pairs="some")

@@ -76,24 +76,28 @@ def embed_batches(
     bad: BadItemLog | None = None,
     max_items: int | None = None,
 ) -> Iterator[dict[str, Embeddings]]:
-    """Encode each batch; yields, per batch, the present items of every wanted modality."""
+    """Encode each batch; yields, per batch, the present items of every wanted modality.
+
+    ``max_items`` stops after that many batch rows (the last batch is cut to fit).
+    """
     seen = 0
     for batch in batches:
-        if bad is not None:
-            bad.add(batch.bad)
         if max_items is not None and seen >= max_items:
             break
-        seen += len(batch)
+        if bad is not None:
+            bad.add(batch.bad)
+        rows = len(batch) if max_items is None else min(len(batch), max_items - seen)
+        seen += rows
         encoded = model.encode_batch({m: batch.inputs[m] for m in wanted if m in batch.inputs})
         out: dict[str, Embeddings] = {}
         for m, vectors in encoded.items():
-            keep = batch.present[m].nonzero().flatten().tolist()
+            keep = [i for i in batch.present[m].nonzero().flatten().tolist() if i < rows]
             inputs = batch.inputs[m]
             pos = [int(batch.index[i]) for i in keep]
             out[m] = Embeddings(
                 m,
                 [batch.ids[i] for i in keep],
-                vectors[batch.present[m].cpu()].numpy().astype(np.float32),
+                vectors[keep].numpy().astype(np.float32).reshape(len(keep), vectors.shape[-1]),
                 [batch.labels[i] for i in keep],
                 [value_of(m, p, batch.ids[i], _item(inputs, i)) for p, i in zip(pos, keep)],
                 pos,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -149,28 +149,17 @@ class Batch:
             present={m: self.present[m] for m in keep},
         )
 
-    # -- TEMPORARY dict-style access while callers migrate (the lead removes it) -------------
+    # -- TEMPORARY read-only dict-style access while callers migrate (the lead removes it) ----
     def __getitem__(self, key: str) -> Any:
         if key in _OLD_KEYS:
             return getattr(self, _OLD_KEYS[key])
         return self.inputs[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if key in _OLD_KEYS:
-            raise TypeError(f"Batch.{_OLD_KEYS[key]} cannot be replaced through batch[{key!r}]")
-        self.inputs[key] = value
 
     def __contains__(self, key: object) -> bool:
         return key in _OLD_KEYS or key in self.inputs
 
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
-
-    def keys(self) -> list[str]:
-        return [*_OLD_KEYS, *self.inputs]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
 
 class Collate:

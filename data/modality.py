@@ -215,3 +215,4 @@ def default_modalities(
 
 # Built-in factories register themselves on import (after the names above exist).
 from modalign.data import builtin_modalities  # noqa: E402, F401
+from modalign.data.builtin_modalities import image_transform  # noqa: E402, F401  (old home)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 
 
@@ -73,6 +75,12 @@ class LossConfig:
         PAIR_POLICIES.get(self.pairs, "loss.pairs")
 
 
+def _require(key: str, value: object, ok: bool, want: str) -> None:
+    """Raise (exit 2) naming ``key`` unless ``ok``; checked when the config is loaded."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid: must be {want} (--set {key}=...)")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
@@ -84,6 +92,18 @@ class OptimConfig:
     decay_steps: int = 0  # cosine horizon in steps (independent of train.steps); 0 = no decay
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        _require("optim.lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a number > 0")
+        _require("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        _require("optim.betas", self.betas, ok, "two numbers in [0, 1), e.g. [0.9, 0.98]")
+        _require("optim.eps", self.eps, self.eps > 0, "> 0")
+        _require("optim.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+        _require("optim.decay_steps", self.decay_steps, self.decay_steps >= 0, ">= 0 (0 = none)")
+        ok = 0 <= self.min_lr_ratio <= 1
+        _require("optim.min_lr_ratio", self.min_lr_ratio, ok, "in [0, 1]")
+        _require("optim.grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0 = off)")
 
 
 @dataclass
@@ -103,6 +123,14 @@ class TrainConfig:
     deterministic: bool = False
     progress: bool = True
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "accum_steps", "log_every"):
+            value = getattr(self, key)
+            _require(f"train.{key}", value, value >= 1, "an integer >= 1")
+        for key in ("checkpoint_every", "keep_checkpoints", "val_every", "threads"):
+            value = getattr(self, key)
+            _require(f"train.{key}", value, value >= 0, "an integer >= 0 (0 = off/default)")
 
 
 @dataclass

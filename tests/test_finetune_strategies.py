@@ -202,3 +202,43 @@ def test_train_head_itself_never_touches_global_rng() -> None:
     torch.rand(3)
     b = train_head(s, torch.ones(n), 3, cfg, val=s)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_pseudo_labeler_and_threshold_are_one_registration(setup, tmp_path: Path) -> None:
+    from modalign.core.registry import NoOptions
+    from modalign.finetune.labelers import PSEUDO_LABELERS, Labeler, LabelerOutput
+    from modalign.finetune.labels import PseudoLabels
+    from modalign.finetune.thresholds import THRESHOLDS, ConfidenceThreshold, make_threshold
+
+    @dataclass(frozen=True)
+    class OracleOptions:
+        confidence: float = 1.0
+
+    def oracle(ctx, opts: OracleOptions) -> LabelerOutput:
+        y = ctx.pool.y  # the test corpus has every label: an oracle labeler
+        return LabelerOutput(PseudoLabels(y, torch.full((len(y),), opts.confidence), "oracle"))
+
+    PSEUDO_LABELERS.add("oracle_test", Labeler(oracle), OracleOptions, replace=True)
+    manifest, model = setup
+    cfg = _cfg(
+        manifest,
+        model,
+        "finetune.pseudo_label=oracle_test",
+        "finetune.pseudo_label_options={confidence: 0.75}",
+        "finetune.balance=false",
+    )
+    res = run_finetune(cfg, tmp_path / "clf")
+    assert res.pseudo[0]["method"] == "oracle" and res.pseudo[0]["accuracy"] == 1.0
+    assert res.pseudo[0]["coverage"] == 1.0 and res.pseudo[0]["mean_confidence"] == 0.75
+    assert "confidence: 0.75" in (tmp_path / "clf" / "finetune.yaml").read_text()
+
+    class HalfThreshold(ConfidenceThreshold):
+        def thresholds(self) -> torch.Tensor:
+            return torch.tensor([0.5])
+
+    THRESHOLDS.add("half_test", lambda c, n, tau, o: HalfThreshold(), NoOptions, replace=True)
+    cut = make_threshold("half_test", 3, 10, 0.95)
+    probs = torch.tensor([[0.6, 0.2, 0.2], [0.4, 0.3, 0.3]])
+    assert cut.mask(probs).tolist() == [True, False]
+    with pytest.raises(ConfigError, match=r"finetune\.threshold_options\.ema"):
+        make_threshold("flexmatch", 3, 10, 0.95, {"ema": 0.9})

@@ -133,6 +133,21 @@ def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
     return FinetuneResult(out, class_names, fused, labels_only, reports)
 
 
+def pseudo_label_head(
+    model: BundleModel,
+    labeled: EmbeddedSet,
+    pool: EmbeddedSet,
+    class_names: list[str],
+    cfg: FinetuneConfig,
+    val: EmbeddedSet | None = None,
+) -> tuple[FusionHead, list[dict[str, Any]]]:
+    """The configured pseudo-labeler's rounds on ``pool`` -> head and per-round reports."""
+    labels_only = train_head(labeled, torch.ones(len(labeled)), len(class_names), cfg, val)
+    if not len(pool):
+        return labels_only, []
+    return _pseudo_label_rounds(_context(model, labeled, pool, class_names, cfg), val, labels_only)
+
+
 def _context(
     model: BundleModel,
     labeled: EmbeddedSet,
@@ -227,6 +242,7 @@ __all__ = [
     "load_classifier",
     "new_head",
     "predict",
+    "pseudo_label_head",
     "run_finetune",
     "subsets",
     "train_head",

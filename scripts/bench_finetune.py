@@ -21,11 +21,10 @@ from modalign.data.manifest import read_manifest
 from modalign.finetune.end_to_end import embed_with, train_end_to_end
 from modalign.finetune.heads import HEAD_KINDS
 from modalign.finetune.pipeline import (
-    _fixmatch,
-    _pseudo_label_rounds,
     embed_labeled,
     evaluate_head,
     few_label_split,
+    pseudo_label_head,
     train_head,
 )
 from modalign.pretrain.bundle import load_bundle
@@ -67,10 +66,7 @@ def main() -> None:
     pseudo_rows = []
     for method in ("zero_shot", "knn", "self_training"):
         cfg = dataclasses.replace(base, pseudo_label=method)
-        if method == "self_training":
-            _, rep = _fixmatch(model, labeled, pool, names, cfg)
-        else:
-            _, rep = _pseudo_label_rounds(model, labeled, pool, None, names, cfg)
+        _, rep = pseudo_label_head(model, labeled, pool, names, cfg)
         pseudo_rows.append([method, rep[0]["coverage"], rep[0]["accuracy"], rep[0]["num_selected"]])
 
     specs = model.modality_specs()
@@ -94,11 +90,7 @@ def main() -> None:
         lab_eval = evaluate_head(
             train_head(labeled, torch.ones(len(labeled)), len(names), cfg), test, len(names)
         )
-        pl_head, _ = (
-            _fixmatch(model, labeled, pool, names, cfg)
-            if args.pseudo == "self_training"
-            else _pseudo_label_rounds(model, labeled, pool, None, names, cfg)
-        )
+        pl_head, _ = pseudo_label_head(model, labeled, pool, names, cfg)
         pl_eval = evaluate_head(pl_head, test, len(names))
         for label, ev in (
             ("labels only, towers from scratch", scratch_eval),

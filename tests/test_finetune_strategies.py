@@ -242,3 +242,36 @@ def test_pseudo_labeler_and_threshold_are_one_registration(setup, tmp_path: Path
     assert cut.mask(probs).tolist() == [True, False]
     with pytest.raises(ConfigError, match=r"finetune\.threshold_options\.ema"):
         make_threshold("flexmatch", 3, 10, 0.95, {"ema": 0.9})
+
+
+def test_end_to_end_path_uses_the_shared_loop(setup) -> None:
+    import dataclasses
+
+    from modalign.data.manifest import read_manifest
+    from modalign.finetune.end_to_end import embed_with, train_end_to_end
+    from modalign.finetune.evaluate import evaluate_head
+    from modalign.pretrain.bundle import load_bundle
+    from modalign.pretrain.model import build_encoder
+
+    manifest, model_dir = setup
+    model = load_bundle(model_dir)
+    specs = model.modality_specs()
+    rows = read_manifest(manifest, specs).rows
+    index = {w: i for i, w in enumerate(WORDS)}
+    cfg = dataclasses.replace(_cfg(manifest, model_dir), batch_size=8)
+
+    def run() -> tuple[dict, dict]:
+        enc = build_encoder(
+            dataclasses.replace(model.cfg.model, modalities=list(cfg.inputs)), model.cfg.data
+        ).encoder
+        head = train_end_to_end(enc, rows, specs, index, cfg, epochs=1)
+        ev = evaluate_head(head, embed_with(enc, rows, specs, index, cfg.inputs), len(WORDS))
+        return head.state_dict(), ev
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a, ev = run()
+    assert ev["items"] == 16 and set(ev["by_subset"]) == {"audio+image", "audio", "image"}
+    torch.set_rng_state(state)  # same tower init (built outside the library loop)
+    b, _ = run()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())

@@ -168,7 +168,13 @@ def load_bundle(
         raise UserInputError(
             f"{weights}: cannot read model weights ({exc}); re-export the bundle"
         ) from None
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: another architecture than the bundle's
+        raise UserInputError(
+            f"{weights}: weights do not fit the towers built from the bundle config "
+            f"({str(exc).splitlines()[-1].strip()}); was it trained with another plugin version?"
+        ) from None
     skip = external_trunk_prefixes(encoder)
     missing = [k for k in missing if not any(k.startswith(p) for p in skip)]
     if missing or unexpected:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from modalign.core.errors import UserInputError
+from modalign.core.errors import ConfigError, UserInputError
 from modalign.core.registry import PluginMissing
 from modalign.data.modality import MODALITIES, ImagePreset
 from modalign.pretrain.model import MultimodalEncoder, external_of
@@ -101,18 +101,33 @@ def require_plugins(
     tower_builders: Mapping[str, Any] | None = None,
     modalities: Mapping[str, Any] | None = None,
 ) -> None:
-    """Every plugin the bundle records must be installed (or passed in); else name its package."""
+    """Every plugin the bundle records must be installed (or passed in); else name its package.
+
+    An entry recorded without a provider was passed in as an argument when the bundle was
+    trained: it must be passed again (a same-named entry of some other package is not it).
+    """
     plugins = meta.get("plugins") or {}
     for m, rec in (plugins.get("towers") or {}).items():
-        if tower_builders and rec["name"] in tower_builders:
-            continue
-        if rec.get("provider"):
-            TOWERS.require(rec["name"], rec["provider"], f"{where} (tower {m!r})")
+        if not (tower_builders and rec["name"] in tower_builders):
+            _require(TOWERS, rec, f"{where} (tower {m!r})", "tower_builders=")
     for m, rec in (plugins.get("modalities") or {}).items():
-        if modalities and m in modalities:
-            continue
-        if rec.get("provider"):
-            MODALITIES.require(rec["name"], rec["provider"], f"{where} (modality {m!r})")
+        if not (modalities and m in modalities):
+            _require(MODALITIES, rec, f"{where} (modality {m!r})", "modalities=")
+
+
+def _require(registry: Any, rec: Mapping[str, str], what: str, argument: str) -> None:
+    name, provider = rec["name"], rec.get("provider", "")
+    if not provider:
+        raise ConfigError(
+            f"{what} was built with {name!r} passed in as {argument} (no package provides it); "
+            f"pass the same {argument} to load_bundle() / modalign.load()"
+        )
+    entry = registry.require(name, provider, what)
+    if entry.provider != provider:
+        raise UserInputError(
+            f"{what} needs {registry.what} {name!r} from package {provider!r}, but the installed "
+            f"one comes from {entry.provider!r}; install {provider}"
+        )
 
 
 def check_external(meta: Mapping[str, Any], encoder: MultimodalEncoder, where: str) -> None:

@@ -81,7 +81,7 @@ def _depth_config(manifest: Path, out: Path, steps: int, *extra: str):
         [
             *tiny_overrides(manifest, out, steps=steps, batch=8),
             "model.modalities=[image,depth]",
-            "model.towers.depth.kind=depth_cnn",
+            "model.towers.depth.kind=depth_cnn_local",
             *extra,
         ],
     )
@@ -91,12 +91,16 @@ def test_depth_modality_trains_and_its_bundle_encodes(tmp_path: Path) -> None:
     manifest = _depth_corpus(tmp_path / "corpus")
     out = tmp_path / "model"
     cfg = _depth_config(manifest, out, 3, "train.threads=1")
-    result = pretrain(cfg, tower_builders={"depth_cnn": depth_cnn}, modalities={"depth": DEPTH})
+    result = pretrain(
+        cfg, tower_builders={"depth_cnn_local": depth_cnn}, modalities={"depth": DEPTH}
+    )
     assert result.steps == 3 and np.isfinite(result.final_loss)
     assert all("image__depth" in r["logit_scale"] or "depth__image" in r["logit_scale"]
                for r in result.history)  # fmt: skip
 
-    model = load_bundle(out, tower_builders={"depth_cnn": depth_cnn}, modalities={"depth": DEPTH})
+    model = load_bundle(
+        out, tower_builders={"depth_cnn_local": depth_cnn}, modalities={"depth": DEPTH}
+    )
     assert model.modalities == ["image", "depth"]
     files = sorted((tmp_path / "corpus" / "depth").glob("*.npy"))[:3]
     emb = model.encode(depth=[str(f) for f in files], image=[str(tmp_path / "corpus/img/0.png")])
@@ -108,6 +112,6 @@ def test_bundle_with_custom_tower_needs_its_builder(tmp_path: Path) -> None:
     manifest = _depth_corpus(tmp_path / "corpus")
     out = tmp_path / "model"
     cfg = _depth_config(manifest, out, 1, "train.checkpoint_every=0")
-    pretrain(cfg, tower_builders={"depth_cnn": depth_cnn}, modalities={"depth": DEPTH})
+    pretrain(cfg, tower_builders={"depth_cnn_local": depth_cnn}, modalities={"depth": DEPTH})
     with pytest.raises(ConfigError, match="tower_builders"):
         load_bundle(out)

@@ -17,7 +17,6 @@ callback).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -30,7 +29,7 @@ from torch import nn
 
 from modalign.core.artifact import atomic_write_text, lock_dir, remove_stale_temp
 from modalign.core.config_io import dump_yaml
-from modalign.core.errors import DataError, ModalignError
+from modalign.core.errors import DataError
 from modalign.core.world import world
 from modalign.data.dataset import BadItemLog, Batch
 from modalign.data.modality import ModalitySpec, default_modalities
@@ -53,15 +52,12 @@ from modalign.pretrain.model import ContrastiveTask, build_encoder
 from modalign.pretrain.optim import make_optimizer, make_scheduler
 from modalign.pretrain.process_state import process_state_guard
 from modalign.pretrain.towers import TowerBuilder
+from modalign.pretrain.update import TrainingDiverged, apply_update, check_finite_weights
 from modalign.pretrain.validate import EncoderView, Evaluate, run_validation
 
 __all__ = ["PretrainResult", "TrainingDiverged", "cached_accumulation_step", "pretrain"]
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(ModalignError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -256,7 +252,7 @@ def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:
         meter.seen += sum(len(b) for b in micro) * world_size
         out = _train_step(run.task, run.core, micro, accelerator, cfg)
         loss_value = float(all_reduce_mean(out.value.detach()) * world_size)
-        _apply_update(run, out, loss_value, step + 1)
+        apply_update(run, out, loss_value, step + 1)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             record = meter.record(done, loss_value, run, out, bad)
@@ -269,7 +265,7 @@ def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:
         if cfg.train.checkpoint_every > 0 and (
             done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
         ):
-            _check_finite_weights(run, done)  # every process (weights agree): all raise together
+            check_finite_weights(run, done)  # every process (weights agree): all raise together
             run.last_ckpt = train_state.save_checkpoint(
                 run.state, run.out_dir, cfg, done, stream.position
             )
@@ -327,50 +323,11 @@ def _train_step(
     return cached_accumulation_step(core, micro, accelerator)
 
 
-def _apply_update(run: _Run, out: LossOutput, loss_value: float, step: int) -> None:
-    """Clip, check for divergence, then step optimizer and schedule (nothing applied on NaN)."""
-    if not math.isfinite(loss_value):
-        _diverged(run, f"loss became {loss_value}", step, out)
-    norm = _clip_and_norm(run)
-    # With fp16 the loss scaler owns overflow: it skips that step and lowers the scale.
-    if run.accelerator.scaler is None and norm is not None and not math.isfinite(norm):
-        _diverged(run, f"gradient norm became {norm}", step, out)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.core.loss.clamp_()
-
-
-def _clip_and_norm(run: _Run) -> float | None:
-    """Clip to ``optim.grad_clip`` (0 = off) and return the global gradient norm."""
-    params = [p for p in run.core.parameters() if p.requires_grad]
-    if run.cfg.optim.grad_clip > 0:
-        # Accelerate unscales fp16 gradients before clipping; gradients are already synced.
-        norm = run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip)
-        return None if norm is None else float(norm)
-    if run.accelerator.scaler is not None:
-        return None
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def _diverged(run: _Run, what: str, step: int, out: LossOutput) -> None:
-    run.optimizer.zero_grad(set_to_none=True)
-    pairs = ", ".join(f"{k}={v:.4g}" for k, v in out.per_pair.items()) or "none"
-    raise TrainingDiverged(
-        f"{what} at step {step} (per-pair losses: {pairs}); the update was not applied and no "
-        f"checkpoint was written for this step. Last good checkpoint: "
-        f"{run.last_ckpt or 'none (no checkpoint yet)'}. Lower optim.lr, raise "
-        "optim.warmup_steps, use train.precision=fp32, or check the data; then resume with "
-        "--resume latest"
-    )
-
-
 def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
     """Bundle first; ``run_config.yaml`` and ``metrics.jsonl`` only once it is written."""
     accelerator, cfg = run.accelerator, run.cfg
     accelerator.wait_for_everyone()
-    _check_finite_weights(run, cfg.train.steps)
+    check_finite_weights(run, cfg.train.steps)
     if accelerator.is_main_process:
         save_bundle(
             run.out_dir,
@@ -386,13 +343,3 @@ def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
         if bad.total:
             log.warning(bad.summary())
     accelerator.wait_for_everyone()
-
-
-def _check_finite_weights(run: _Run, step: int) -> None:
-    """Never write non-finite weights over a good checkpoint or bundle."""
-    bad = [n for n, p in run.core.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise TrainingDiverged(
-            f"weights became non-finite by step {step} ({', '.join(bad[:3])}...); nothing was "
-            f"saved for this step. Last good checkpoint: {run.last_ckpt or 'none'}. Lower optim.lr"
-        )

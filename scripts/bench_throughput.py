@@ -86,9 +86,9 @@ def load_cifar(root: Path, n: int, size: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def modalign_step_fn(batch_size: int, out_dir: str, text_cache: bool) -> tuple[Callable, Any]:
-    """The trainer's own step (``_train_step`` + ``_apply_update``) on a batch dict."""
+    """The trainer's own step (``trainer._train_step`` + ``update.apply_update``) on a batch dict."""
     from modalign.config import load_config
-    from modalign.pretrain import trainer
+    from modalign.pretrain import trainer, update
 
     cfg = load_config(
         None,
@@ -120,7 +120,7 @@ def modalign_step_fn(batch_size: int, out_dir: str, text_cache: bool) -> tuple[C
         out = trainer._train_step(run.task, run.core, [batch], run.accelerator, cfg)
         loss = float(out.value)
         counter["step"] += 1
-        trainer._apply_update(run, out, loss, counter["step"])
+        update.apply_update(run, out, loss, counter["step"])
         return loss
 
     return step, run.core

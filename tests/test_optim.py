@@ -16,7 +16,8 @@ from modalign.core.errors import ConfigError
 from modalign.pretrain.config import LossConfig, OptimConfig
 from modalign.pretrain.losses import ContrastiveLoss
 from modalign.pretrain.optim import lr_factor, make_optimizer, param_groups
-from modalign.pretrain.trainer import _clip_and_norm, pretrain
+from modalign.pretrain.trainer import pretrain
+from modalign.pretrain.update import clip_and_norm
 
 from conftest import tiny_overrides, write_tiny_corpus
 
@@ -68,9 +69,9 @@ def test_gradient_clipping_caps_the_global_norm() -> None:
     for p in model.parameters():
         p.grad = torch.full_like(p, 3.0)
     want = math.sqrt(20 * 9.0)
-    assert _clip_and_norm(_fake_run(model, clip=0.0)) == pytest.approx(want)  # off: untouched
+    assert clip_and_norm(_fake_run(model, clip=0.0)) == pytest.approx(want)  # off: untouched
     assert model.weight.grad[0, 0].item() == 3.0
-    assert _clip_and_norm(_fake_run(model, clip=1.0)) == pytest.approx(want)  # pre-clip norm
+    assert clip_and_norm(_fake_run(model, clip=1.0)) == pytest.approx(want)  # pre-clip norm
     total = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
     assert total.item() == pytest.approx(1.0, rel=1e-5)
 

@@ -268,7 +268,7 @@ def build_head_from_options(
 ) -> FusionHead:
     """Build a registered head from its resolved options (what ``classifier.json`` stores)."""
     entry = HEADS.get(kind, "finetune.head.kind")
-    check_head_args(dims, num_classes, 1, 0.0)
+    check_head_args(dims, num_classes)
     return entry.factory(dict(dims), num_classes, HEADS.options(kind, opts, "finetune.head"))
 
 

@@ -18,6 +18,7 @@ import torch
 
 from modalign.core.errors import UserInputError
 from modalign.core.registry import NoOptions, Registry
+from modalign.finetune.config import FinetuneConfig
 from modalign.finetune.embedded import EmbeddedSet, fused_embedding
 from modalign.finetune.head_base import FusionHead
 from modalign.finetune.labels import PseudoLabels
@@ -36,7 +37,7 @@ class LabelContext:
     labeled: EmbeddedSet
     pool: EmbeddedSet
     class_names: list[str]
-    cfg: Any  # FinetuneConfig
+    cfg: FinetuneConfig
     new_head: Callable[[], FusionHead]
     gen: torch.Generator
 
@@ -53,7 +54,7 @@ class Labeler:
     """A registered pseudo-labeler: ``run(ctx, opts)`` and an up-front ``check(cfg, modalities)``."""
 
     run: Callable[[LabelContext, Any], LabelerOutput | None]
-    check: Callable[[Any, Sequence[str]], None] | None = None
+    check: Callable[[FinetuneConfig, Sequence[str]], None] | None = None
     doc: str = ""
 
 
@@ -87,7 +88,7 @@ class ZeroShotOptions:
             raise ValueError("prompts must be a non-empty list of strings each containing '{}'")
 
 
-def _zero_shot_check(cfg: Any, modalities: Sequence[str]) -> None:
+def _zero_shot_check(cfg: FinetuneConfig, modalities: Sequence[str]) -> None:
     if not cfg.class_names:
         raise UserInputError(
             "pseudo_label=zero_shot needs finetune.class_names (words the text tower can read)"

@@ -13,6 +13,7 @@ restores it on exit:
   from an empty state (as in a fresh process, so it may pick its own precision and device), and
   the caller's state is put back afterwards. ``PartialState`` (process group, device) is kept:
   it describes the launch, not the run;
+* float32 matmul precision and the TF32 flags;
 * environment variables (libraries set e.g. ``KMP_INIT_AT_FORK`` or ``HF_HUB_OFFLINE``).
 """
 
@@ -48,6 +49,7 @@ class ProcessState:
     cuda_rng: list[torch.Tensor] | None
     autocast: dict[str, tuple[bool, torch.dtype]]
     autocast_cache: bool
+    matmul: tuple[str, bool, bool]  # float32 matmul precision, cuda matmul / cudnn allow_tf32
     environ: dict[str, str]
 
     @classmethod
@@ -68,6 +70,11 @@ class ProcessState:
                 for d in _AUTOCAST_DEVICES
             },
             autocast_cache=torch.is_autocast_cache_enabled(),
+            matmul=(
+                torch.get_float32_matmul_precision(),
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+            ),
             environ=dict(os.environ),
         )
 
@@ -89,12 +96,20 @@ class ProcessState:
             torch.set_autocast_enabled(device, enabled)
             torch.set_autocast_dtype(device, dtype)
         torch.set_autocast_cache_enabled(self.autocast_cache)
+        if self.matmul != (
+            torch.get_float32_matmul_precision(),
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ):  # Accelerate turns TF32 on for dynamo fp32 runs on CUDA
+            torch.set_float32_matmul_precision(self.matmul[0])
+            torch.backends.cuda.matmul.allow_tf32 = self.matmul[1]
+            torch.backends.cudnn.allow_tf32 = self.matmul[2]
         _restore_environ(self.environ)
 
     def differences(self, other: ProcessState) -> list[str]:
         """Names of the settings that differ from ``other`` (for tests and diagnostics)."""
         out = []
-        for name in ("threads", "default_dtype", "grad", "deterministic", "autocast"):
+        for name in ("threads", "default_dtype", "grad", "deterministic", "autocast", "matmul"):
             if getattr(self, name) != getattr(other, name):
                 out.append(name)
         if self.autocast_cache != other.autocast_cache:

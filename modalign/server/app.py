@@ -88,6 +88,11 @@ def serve(engine: SearchEngine, settings: ServeSettings, log_level: str = "info"
     import uvicorn
 
     check_bind(settings)
+    # FAISS is asked one query at a time (bit-identical batching): idle OpenMP threads would
+    # only spin against the event loop and the encoder for the two cores.
+    import faiss
+
+    faiss.omp_set_num_threads(1)
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app,

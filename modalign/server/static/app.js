@@ -46,7 +46,7 @@ async function loadInfo() {
   if (!res.ok) throw new Error("cannot read /info: HTTP " + res.status);
   info = await res.json();
   const counts = Object.entries(info.index.modalities).map(([m, s]) => s.items + " " + m);
-  $("about").textContent = "index " + info.index.name + ": " + counts.join(", ") +
+  $("about").textContent = "index \u201c" + info.index.name + "\u201d: " + counts.join(", ") +
     " \u00b7 model " + info.model.fingerprint.slice(0, 12);
   renderTargets();
 }
@@ -156,7 +156,8 @@ function renderResults(results) {
     card.append(mediaElement(hit));
     const caption = document.createElement("div");
     caption.className = "caption";
-    caption.textContent = hit.caption || "";
+    // a text hit shows its text already; other hits show their item's caption
+    caption.textContent = hit.caption && hit.caption !== hit.text ? hit.caption : "";
     const meta = document.createElement("div");
     meta.className = "meta";
     const badge = document.createElement("span");

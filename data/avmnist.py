@@ -10,7 +10,6 @@ retrieval on this corpus is judged at class level.
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import shutil
 import time
@@ -19,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from modalign.core.artifact import atomic_path, atomic_write_text, lock_dir, remove_stale_temp
 from modalign.core.errors import DataError
+from modalign.data.corpus_files import commit_manifests, corpus_folder
 from modalign.data.demo_corpus import DIGIT_WORDS
 
 CAPTIONS = (
@@ -117,16 +116,18 @@ def build_avmnist(
     out = Path(out_dir)
     recordings = list_fsdd(fsdd_dir)
     rng = np.random.default_rng(seed)
-    paths, items, written = {}, {}, 0
-    with lock_dir(out, "AV-MNIST corpus"):
-        remove_stale_temp(out)
-        for split in ("train", "test"):
+    paths = {split: out / f"{split}.jsonl" for split in ("train", "test")}
+    manifests, written = {}, 0
+    with corpus_folder(out, [p.name for p in paths.values()], "AV-MNIST corpus"):
+        for split, path in paths.items():
             plan = _SplitWriter(out, split, mnist_dir, rng, copy_audio)
             chosen = [r for r in recordings if (r[3] in TEST_TAKES) == (split == "test")]
-            rows = [row for rec in chosen for row in plan.rows(rec, images_per_recording)]
-            paths[split], items[split] = out / f"{split}.jsonl", len(rows)
-            atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in rows))
+            manifests[path.name] = [
+                row for r in chosen for row in plan.rows(r, images_per_recording)
+            ]
             written += plan.written
+        commit_manifests(out, manifests)
+    items = {split: len(manifests[path.name]) for split, path in paths.items()}
     return {
         "out": str(out),
         "train": str(paths["train"]),
@@ -147,6 +148,7 @@ class _SplitWriter:
         self.images, labels = load_mnist(mnist_dir, split)
         self.pools = _ImagePools(labels, rng)
         self.written = 0
+        self._done: set[int] = set()  # images written by this build (rewritten on every build)
 
     def rows(self, recording: tuple[Path, int, str, int], per_recording: int) -> list[dict]:
         path, digit, speaker, take = recording
@@ -156,8 +158,9 @@ class _SplitWriter:
         for j in range(per_recording):
             index = self.pools.draw(digit)
             image = f"images/{self.split}-{index:05d}.png"
-            if not (self.out / image).is_file():
+            if index not in self._done:
                 _write_png(self.images[index], self.out / image)
+                self._done.add(index)
                 self.written += 1
             suffix = f"-{j}" if per_recording > 1 else ""
             rows.append(
@@ -196,13 +199,13 @@ def _place_audio(path: Path, out: Path, copy: bool) -> str:
         return str(path.resolve())
     target = out / "audio" / path.name
     if not target.is_file() or target.stat().st_size != path.stat().st_size:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(path, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)  # a torn copy differs in size and is copied again
     return f"audio/{path.name}"
 
 
 def _write_png(pixels: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, format="PNG")

@@ -8,7 +8,6 @@ digit. A fixed held-out split (every 5th item, per digit) goes to ``test.jsonl``
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from modalign.core.artifact import (
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_text,
-    lock_dir,
-    remove_stale_temp,
-)
 from modalign.core.errors import UserInputError
+from modalign.data.corpus_files import commit_manifests, corpus_folder
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (
@@ -55,9 +48,9 @@ def build_demo_corpus(
     """Write PNG images, WAV clips and ``train.jsonl``/``test.jsonl`` into ``out``.
 
     Voice, rate, pitch, gain and caption are drawn up front from ``seed``, so the corpus is the
-    same whatever the number of ``workers`` synthesising speech in parallel. The folder is
-    locked while it is written; every file goes through :mod:`modalign.core.artifact` (temp
-    file, fsync, rename) and the manifests come last, so they only name complete files.
+    same whatever the number of ``workers`` synthesising speech in parallel. Written under the
+    :mod:`modalign.data.corpus_files` protocol: locked, old manifests removed first, new ones
+    written atomically last, so a manifest only names complete files.
     """
     try:
         from sklearn.datasets import load_digits
@@ -68,16 +61,12 @@ def build_demo_corpus(
 
     started = time.perf_counter()
     root = Path(out)
-    with lock_dir(root, "demo corpus"):
-        remove_stale_temp(root)
+    with corpus_folder(root, ["train.jsonl", "test.jsonl"], "demo corpus"):
         digits = load_digits()
         n = len(digits.target) if limit is None else min(limit, len(digits.target))
         rows, jobs = _plan(root, digits, n, np.random.default_rng(seed))
         _synthesize_all(jobs, sample_rate, workers)
-        for split, split_rows in rows.items():
-            atomic_write_text(
-                root / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in split_rows)
-            )
+        commit_manifests(root, {f"{split}.jsonl": split_rows for split, split_rows in rows.items()})
     return DemoCorpus(
         root, root / "train.jsonl", root / "test.jsonl", n, time.perf_counter() - started
     )
@@ -123,8 +112,8 @@ def _write_digit_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     img = (image * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    with atomic_path(path) as tmp:
-        Image.fromarray(img, mode="L").resize((32, 32), Image.BILINEAR).save(tmp, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img, mode="L").resize((32, 32), Image.BILINEAR).save(path, format="PNG")
 
 
 def _synthesize_all(jobs: list[Job], sample_rate: int, workers: int) -> None:
@@ -158,4 +147,5 @@ def _synthesize_chunk(args: tuple[list[Job], int]) -> None:
             wave = wave * (level / max(float(np.abs(wave).max()), 1e-6))
             buf = io.BytesIO()
             sf.write(buf, wave.astype(np.float32), sample_rate, format="WAV", subtype="PCM_16")
-            atomic_write_bytes(Path(path), buf.getvalue())
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(buf.getvalue())  # made durable by commit_manifests

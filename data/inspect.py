@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from modalign.data.batch import Sample
 from modalign.data.config import DataConfig
 from modalign.data.modality import MODALITIES, ModalitySpec, modality_specs
-from modalign.data.shards import is_shard_pattern
+from modalign.data.shards import ShardDataset
 from modalign.data.sources import open_eval_source
 
 MAX_EXAMPLES = 20
@@ -71,7 +71,9 @@ def inspect_source(
     report = _Report(max_examples)
     report.add_skipped(source.skipped, source.skipped_examples)
     report.add_samples(_samples(source, num_workers), list(wrapped))
-    fmt = "webdataset" if is_shard_pattern(text) else Path(text).suffix.lower().lstrip(".")
+    fmt = (
+        "webdataset" if isinstance(source, ShardDataset) else Path(text).suffix.lower().lstrip(".")
+    )
     out = {"source": text, "format": fmt, **report.result(list(wrapped), full)}
     manifest = getattr(source, "manifest", None)
     if manifest is not None and manifest.unknown_columns:

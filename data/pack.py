@@ -28,7 +28,7 @@ from modalign.core.artifact import atomic_path, lock_dir, remove_stale_temp, wri
 from modalign.core.errors import ConfigError, DataError
 from modalign.data.config import DataConfig
 from modalign.data.decode import BadItem
-from modalign.data.manifest import Manifest, ManifestRow, read_manifest
+from modalign.data.manifest import Manifest, ManifestRow, is_manifest, read_manifest
 from modalign.data.modality import MODALITIES, ModalitySpec, modality_specs
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ def pack_shards(
     """
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
+    if not is_manifest(src):
+        raise DataError(
+            f"{src}: data pack reads a manifest (.jsonl/.csv/.parquet); shards are already packed "
+            "and every command reads them as they are"
+        )
     specs = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
     manifest = read_manifest(src, specs)
     specs = {m: s for m, s in specs.items() if m in manifest.modalities}  # the ones in use

@@ -196,10 +196,26 @@ def open_source(
         manifest = read_manifest(text, specs)
         dataset = PairedDataset.from_manifest(manifest, specs, train=train, seed=seed)
         return ManifestSource(dataset, shuffle, rank, world_size, manifest=manifest)
+    if Path(text).is_dir():  # an img2dataset / data pack output folder: its shards, sorted
+        urls = shards_in(Path(text))
+        source = ShardDataset(urls, specs, train, seed, shuffle, shuffle_buffer, rank, world_size)
+        source.source = text
+        return source
     raise DataError(
-        f"{text}: not a manifest (.jsonl/.csv/.parquet) or WebDataset shard pattern "
-        f"({'/'.join(SHARD_SUFFIXES)})"
+        f"{text}: not a manifest (.jsonl/.csv/.parquet), a WebDataset shard pattern "
+        f"({'/'.join(SHARD_SUFFIXES)}) or a folder of shards"
     )
+
+
+def shards_in(folder: Path) -> list[str]:
+    """The shard files directly inside ``folder``, sorted; DataError naming it when none."""
+    urls = sorted(str(p) for p in folder.iterdir() if p.name.lower().endswith(SHARD_SUFFIXES))
+    if not urls:
+        raise DataError(
+            f"{folder}: folder holds no shards ({'/'.join(SHARD_SUFFIXES)}); pass a manifest, "
+            "a shard pattern or a folder written by data pack / img2dataset"
+        )
+    return urls
 
 
 def open_mix(

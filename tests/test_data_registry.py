@@ -204,6 +204,9 @@ def test_img2dataset_shards_read_by_eval_source(tmp_path: Path) -> None:
     assert batches[0].inputs["image"].shape[0] == 2 and batches[0].labels == [None, None]
     first = next(iter(source))
     assert first.meta["url"] == "http://x/0.jpg" and first.meta["status"] == "success"
+    folder = open_eval_source(tmp_path, specs)  # img2dataset's output folder works too
+    assert [i for b in folder.batches(4) for i in b.ids] == ids
+    assert inspect_source(tmp_path, small_config())["format"] == "webdataset"
 
 
 def test_batch_moves_fills_absent_and_keeps_old_keys(tmp_path: Path) -> None:

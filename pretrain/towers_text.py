@@ -44,6 +44,12 @@ def hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
+def _st_major() -> int:
+    import sentence_transformers
+
+    return int(sentence_transformers.__version__.split(".")[0])
+
+
 class SentenceTransformerTrunk(nn.Module):
     """list[str] -> sentence embeddings. Locked: no grad, embeddings cached per string."""
 
@@ -59,6 +65,8 @@ class SentenceTransformerTrunk(nn.Module):
 
             hf_logging.disable_progress_bar()  # a per-load weights bar is noise in our logs
             self.st = SentenceTransformer(path, device="cpu", local_files_only=True)
+        # sentence-transformers 6 renamed tokenize() to preprocess(): choose by version.
+        self._prep = self.st.preprocess if _st_major() >= 6 else self.st.tokenize
         self.cache_size = cache_size
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -72,8 +80,7 @@ class SentenceTransformerTrunk(nn.Module):
 
     def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         device = next(self.st.parameters()).device
-        prep = getattr(self.st, "preprocess", None) or self.st.tokenize  # renamed in ST 6
-        features = prep(list(texts))
+        features = self._prep(list(texts))
         features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
         return self.st(features)["sentence_embedding"]
 

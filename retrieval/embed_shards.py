@@ -34,7 +34,7 @@ from modalign.core.artifact import (
 from modalign.core.errors import UserInputError
 from modalign.data.dataset import BadItemLog
 from modalign.data.manifest import is_manifest
-from modalign.data.shards import expand_shards
+from modalign.data.shards import SHARD_SUFFIXES, expand_shards
 from modalign.retrieval.embed import (
     Embeddings,
     EncoderModel,
@@ -51,8 +51,13 @@ META = "embeddings.json"
 
 
 def source_identity(src: str | Path) -> list[dict[str, Any]]:
-    """Path, size and mtime of every file behind a SRC (manifest, or each shard)."""
-    files = [str(src)] if is_manifest(str(src)) else expand_shards(str(src))
+    """Path, size and mtime of every file behind a SRC (manifest, each shard, a shard folder)."""
+    if is_manifest(str(src)):
+        files = [str(src)]
+    elif Path(src).is_dir():  # a folder of shards (img2dataset's output folder)
+        files = sorted(str(f) for f in Path(src).iterdir() if f.name.endswith(SHARD_SUFFIXES))
+    else:
+        files = expand_shards(str(src))
     out = []
     for f in files:
         p = Path(f)

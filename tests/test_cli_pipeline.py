@@ -468,3 +468,32 @@ def test_shard_patterns_for_every_corpus_command(
     assert all(len(q["results"]) == 2 for q in hits["queries"])
     assert main(["search", "--index", str(tmp_path / "idx"), "--query", "depth=x.npy"]) == 2
     assert "no 'depth' modality" in capsys.readouterr().err
+
+
+def test_img2dataset_shards_embed_index_search_evaluate(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """jpg/txt/json shards as img2dataset writes them, through every corpus command."""
+    from data_fixtures import jpeg_bytes, write_shard
+
+    _, out = trained
+    samples = [
+        {"__key__": f"{i:09d}", "jpg": jpeg_bytes(32, seed=i), "txt": f"a photo number {i}",
+         "json": json.dumps({"key": f"{i:09d}", "caption": f"a photo number {i}",
+                             "status": "success"})}
+        for i in range(6)
+    ]  # fmt: skip
+    folder = tmp_path / "i2d"
+    write_shard(folder / "00000.tar", samples[:4])
+    write_shard(folder / "00001.tar", samples[4:])
+    pattern = str(folder / "{00000..00001}.tar")
+    for src in (pattern, str(folder)):
+        emb = run_json(capsys, ["embed", "--model", str(out), "--data", src, "--out",
+                                str(tmp_path / f"emb-{len(src)}"), "--shard-rows", "4"])  # fmt: skip
+        assert (emb["shards"], emb["written"]) == (2, 2)
+    ev = run_json(capsys, ["evaluate", "retrieval", "--model", str(out), "--data", pattern])
+    assert set(ev["pairs"]) == {"image->text", "text->image"} and ev["bad_items"] == 0
+    build_index(capsys, out, Path(pattern), tmp_path / "idx", "--target-recall", "0.9")
+    hits = run_json(capsys, ["search", "--index", str(tmp_path / "idx"), "--query",
+                             "text=a photo number 3", "-k", "6"])  # fmt: skip
+    assert {h["modality"] for h in hits["results"]} == {"image"} and len(hits["results"]) == 6

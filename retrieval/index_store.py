@@ -14,6 +14,7 @@ index intact. A crash between atomic_dir's two renames leaves the previous index
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -98,7 +99,7 @@ def read_index_dir(
 
 def _previous(target: Path) -> list[Path]:
     """Old copies atomic_dir set aside (``.old-NAME-PID``), newest first."""
-    olds = target.parent.glob(f".old-{target.name}-*")
+    olds = target.parent.glob(f".old-{glob.escape(target.name)}-*")
     return sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

@@ -1,7 +1,7 @@
 """Run logging: the metrics log (JSON lines, optional TensorBoard) and the progress bar.
 
-While a run trains, records go to its *live* log ``checkpoints/metrics.jsonl`` (part of the
-train state: a resume trims it to the resumed step). Only when the bundle has been written does
+While a run trains, records go to its *live* log ``metrics.live.jsonl`` (kept with the
+checkpoints: a resume trims it to the resumed step). Only when the bundle has been written does
 :func:`publish_metrics` copy it, atomically, to ``metrics.jsonl`` beside the bundle, so a run
 that fails never appends to an older bundle's log. Records are strict JSON: a non-finite
 number is written as ``null`` (never ``NaN``/``Infinity``).
@@ -18,11 +18,12 @@ from modalign.core.artifact import atomic_write_text
 from modalign.pretrain.config import PretrainConfig
 
 METRICS = "metrics.jsonl"
+LIVE_METRICS = "metrics.live.jsonl"
 
 
 def live_metrics_path(out_dir: Path) -> Path:
     """Where a run in ``out_dir`` logs while it trains."""
-    return Path(out_dir) / "checkpoints" / METRICS
+    return Path(out_dir) / LIVE_METRICS
 
 
 def strict_json(record: Any) -> Any:
@@ -47,7 +48,7 @@ class MetricsWriter:
         if enabled and (cfg.train.tensorboard if tensorboard is None else tensorboard):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.path.parent.parent / "tensorboard"))
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

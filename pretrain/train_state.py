@@ -127,3 +127,56 @@ def load_checkpoint(path: Path, state: TrainState, accum_steps: int) -> Restored
         log.warning("%s has no RNG state for rank %d (world size changed); reseeding", path, rank)
     step = int(meta["step"])
     return Restored(step, int(meta.get("micro_batches", step * accum_steps)))
+
+
+# Settings a checkpoint cannot be resumed under: they change which parameters exist.
+FIXED_ON_RESUME = ("model.modalities", "model.embed_dim", "model.towers", "loss.kind", "loss.pairs")
+
+
+def config_changes(path: Path, cfg: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted.key: (checkpoint value, new value)}`` for every setting that differs."""
+    import yaml
+
+    from modalign.core.config_io import to_dict
+
+    old = yaml.safe_load(ckpt.read_state(path).get("config") or "{}") or {}
+    return {
+        k: (v_old, v_new)
+        for k, v_old, v_new in _diff(_flatten(old), _flatten(to_dict(cfg)))
+        if not k.startswith("output.")
+    }
+
+
+def check_resume_config(path: Path, cfg: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Refuse (exit 2) a resume whose config changes what the checkpoint holds; warn, naming
+    each key, about changes that can be resumed (``optim.lr``, ``train.steps``...)."""
+    from modalign.core.errors import UserInputError
+
+    changes = config_changes(path, cfg)
+    fixed = {k: v for k, v in changes.items() if k.startswith(FIXED_ON_RESUME)}
+    if fixed:
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(fixed.items()))
+        raise UserInputError(
+            f"--resume {path}: the config changes what this checkpoint holds ({what}); "
+            "resume with the checkpoint's settings, or start a new run in another output.dir"
+        )
+    for k, (a, b) in sorted(changes.items()):
+        log.warning("resuming %s with %s changed: %r -> %r", path, k, a, b)
+    return changes
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [
+        (k, old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]

@@ -114,7 +114,7 @@ def pretrain(
     when the loss or gradient norm stops being finite.
     """
     started = time.perf_counter()
-    _check_inputs(cfg)
+    _check_inputs(cfg, resume)
     rank, _ = world()
     out_dir = Path(cfg.output.dir)
     with process_state_guard(), lock_dir(out_dir) if rank == 0 else nullcontext():
@@ -135,13 +135,16 @@ def pretrain(
     )
 
 
-def _check_inputs(cfg: PretrainConfig) -> None:
+def _check_inputs(cfg: PretrainConfig, resume: str | None) -> None:
     """Errors about the inputs, before any work (and before the output dir is touched)."""
     if not cfg.data.train:
         raise DataError(
             "data.train is empty; set it to a manifest or shard pattern (--set data.train=PATH)"
         )
     check_precision(cfg)
+    resume_dir = ckpt.resolve_resume(Path(cfg.output.dir), resume) if resume else None
+    if resume_dir is not None:
+        train_state.check_resume_config(resume_dir, cfg)
 
 
 @contextmanager

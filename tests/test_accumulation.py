@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from modalign.data.batch import Batch
 from modalign.data.config import DataConfig
+from modalign.pretrain.accumulation import cached_accumulation_step
 from modalign.pretrain.config import LossConfig, TowerConfig
 from modalign.pretrain.losses import ContrastiveLoss
 from modalign.pretrain.model import ContrastiveTask, MultimodalEncoder
 from modalign.pretrain.towers import AudioFrontEnd, TowerParts
-from modalign.pretrain.trainer import cached_accumulation_step
 
 from conftest import tiny_overrides, write_tiny_corpus
 
@@ -60,19 +61,24 @@ def _core(drop: float, batchnorm: bool = False) -> ContrastiveTask:
     return ContrastiveTask(encoder, ContrastiveLoss(["a", "b"], LossConfig())).double()
 
 
-def _micro_batches(k: int = 2, n: int = 4) -> list[dict]:
+def _micro_batches(k: int = 2, n: int = 4) -> list[Batch]:
     gen = torch.Generator().manual_seed(3)
     out = []
     for i in range(k):
         present = {m: torch.ones(n, dtype=torch.bool) for m in ("a", "b")}
         present["b"][i] = False  # a row lacking a modality in every micro-batch
+        inputs = {
+            "a": torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64),
+            "b": torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64),
+        }
         out.append(
-            {
-                "id": [f"{i}-{j}" for j in range(n)],
-                "a": torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64),
-                "b": torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64),
-                "present": present,
-            }
+            Batch(
+                inputs=inputs,
+                present=present,
+                ids=[f"{i}-{j}" for j in range(n)],
+                labels=[None] * n,
+                index=torch.arange(n),
+            )
         )
     return out
 
@@ -81,7 +87,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _cached_grads(core: ContrastiveTask, micro: list[dict], seed: int) -> dict[str, torch.Tensor]:
+def _cached_grads(core: ContrastiveTask, micro: list[Batch], seed: int) -> dict[str, torch.Tensor]:
     from accelerate import Accelerator
 
     core.zero_grad(set_to_none=True)
@@ -90,13 +96,13 @@ def _cached_grads(core: ContrastiveTask, micro: list[dict], seed: int) -> dict[s
     return _grads(core)
 
 
-def _full_graph_grads(core: ContrastiveTask, micro: list[dict], seed: int) -> dict:
+def _full_graph_grads(core: ContrastiveTask, micro: list[Batch], seed: int) -> dict:
     """The big batch: every micro-batch forwarded with its graph kept, one loss, one backward."""
     core.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     feats = [core(b, features_only=True) for b in micro]
     cat = {m: torch.cat([f[m] for f in feats]) for m in ("a", "b")}
-    present = {m: torch.cat([b["present"][m] for b in micro]) for m in ("a", "b")}
+    present = {m: torch.cat([b.present[m] for b in micro]) for m in ("a", "b")}
     core.loss(cat, present).loss.backward()
     return _grads(core)
 

@@ -146,3 +146,28 @@ def test_stale_temp_dirs_are_removed_and_never_listed(tmp_path: Path) -> None:
     assert ckpt.resolve_resume(tmp_path, "latest") is None
     removed = ckpt.remove_stale_temp_dirs(tmp_path)
     assert [p.name for p in removed] == [".tmp-step-3-abc"]
+
+
+def test_resume_with_a_changed_config_refuses_what_cannot_be_resumed(
+    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from modalign.core.errors import UserInputError
+
+    out = tmp_path / "run"
+    pretrain(load_config(None, _overrides(corpus, out, steps=1)))
+    for change, key in (
+        ("model.embed_dim=32", "model.embed_dim"),
+        ("model.modalities=[image]", "model.modalities"),
+        ("model.towers.audio.arch=resnet18", "model.towers.audio.arch"),
+    ):
+        cfg = load_config(None, [*_overrides(corpus, out, steps=2), change])
+        with pytest.raises(UserInputError, match=rf"{key}: .* -> "):
+            pretrain(cfg, resume="latest")
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]  # nothing trained by the refusals
+
+    caplog.set_level("WARNING", logger="modalign.pretrain.train_state")
+    cfg = load_config(None, [*_overrides(corpus, out, steps=2), "optim.lr=0.001"])
+    result = pretrain(cfg, resume="latest")
+    assert result.steps == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "optim.lr changed: 0.0005 -> 0.001" in warned and "train.steps changed" in warned

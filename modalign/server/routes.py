@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from modalign.retrieval.corpus_index import Hit
@@ -46,10 +46,15 @@ async def answer(state: ServerState, q: ParsedQuery) -> list[Hit]:
     """Decode (bounded in time, off the event loop), then encode + search in the batcher."""
     if q.vector is not None:
         return await state.batcher.run(Job(q.k, q.targets, vector=q.vector))
-    loop = asyncio.get_running_loop()
-    pending = loop.run_in_executor(state.decode_pool, state.engine.decode, q.modality, q.value)
     try:
-        prepared = await asyncio.wait_for(pending, state.limits.decode_timeout_s)
+        if state.engine.is_inline(q.modality):  # a string: nothing slow to bound, no thread hop
+            prepared = state.engine.decode(q.modality, q.value)
+        else:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(
+                state.decode_pool, state.engine.decode, q.modality, q.value
+            )
+            prepared = await asyncio.wait_for(pending, state.limits.decode_timeout_s)
     except TimeoutError:
         raise RequestError(
             422, q.field, f"decoding took longer than {state.limits.decode_timeout_s:g} s"
@@ -89,7 +94,7 @@ def build_router(state: ServerState) -> APIRouter:
     engine, limits = state.engine, state.limits
 
     @router.post("/search")
-    async def search(request: Request) -> dict[str, Any]:
+    async def search(request: Request) -> JSONResponse:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             files, fields = await _multipart(request)
@@ -101,14 +106,16 @@ def build_router(state: ServerState) -> APIRouter:
                 415, "content-type", f"{ctype!r}: send application/json or multipart/form-data"
             )
         hits = await answer(state, q)
-        return {"query": q.describe(), "results": [engine.hit_record(h) for h in hits]}
+        return JSONResponse(
+            {"query": q.describe(), "results": [engine.hit_record(h) for h in hits]}
+        )
 
     @router.post("/knn-service")
-    async def knn_service(request: Request) -> list[dict[str, Any]]:
+    async def knn_service(request: Request) -> JSONResponse:
         q = parse_knn(await _json_body(request), engine, limits)
         hits = await answer(state, q)
         base = str(request.base_url).rstrip("/")
-        return [_knn_record(state, h, base) for h in hits]
+        return JSONResponse([_knn_record(state, h, base) for h in hits])
 
     @router.get("/indices-list")
     async def indices_list() -> list[str]:

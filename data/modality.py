@@ -176,6 +176,9 @@ def modality_specs(
     """
     data_cfg = data_cfg or DataConfig()
     presets, extra = dict(presets or {}), dict(extra or {})
+    for name in data_cfg.modalities:  # a typo in an options key must not pass silently
+        if name not in extra:
+            MODALITIES.get(name, f"data.modalities.{name}")
     out: dict[str, ModalitySpec] = {}
     for name in names:
         check_name(name)

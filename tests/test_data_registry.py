@@ -155,6 +155,9 @@ def test_plugin_options_are_checked_naming_the_key(depth_registered) -> None:
         _specs(sides=3)
     cfg = from_dict(DataConfig, {"modalities": {NAME: {"side": 4}}}, "data")
     assert modality_specs([NAME], cfg)[NAME].options == DepthOptions(side=4)
+    typo = from_dict(DataConfig, {"modalities": {"npydeph": {}}}, "data")
+    with pytest.raises(ConfigError, match=r"data\.modalities\.npydeph: unknown modality"):
+        modality_specs(["text"], typo)
     with pytest.raises(ConfigError, match=r"data\.image section"):
         from_dict(DataConfig, {"modalities": {"image": {"channels": 1}}}, "data")
 

@@ -53,6 +53,16 @@ def _toy(dims, num_classes, opts: ToyOptions) -> FusionHead:
     return ToyHead(dims, num_classes, opts.scale, opts.width)
 
 
+@pytest.fixture(autouse=True)
+def _scoped_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries a test registers are gone after it (other tests list the built-ins)."""
+    from modalign.finetune.labelers import PSEUDO_LABELERS
+    from modalign.finetune.thresholds import THRESHOLDS
+
+    for reg in (HEADS, PSEUDO_LABELERS, THRESHOLDS):
+        monkeypatch.setattr(reg, "_entries", dict(reg._entries))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("strategies")

@@ -195,11 +195,13 @@ def test_siglip_masks_and_anchor_pairs() -> None:
         torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
 
 
-def test_a_loss_is_one_registration() -> None:
+def test_a_loss_is_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-way InfoNCE (a->b only) registered here, with its own options, matches its formula."""
     from dataclasses import dataclass
 
     from modalign.pretrain.losses import LOSSES, PairBatch, PairLoss
+
+    monkeypatch.setattr(LOSSES, "_entries", dict(LOSSES._entries))  # registration ends with test
 
     @dataclass(frozen=True)
     class OneWayOptions:
@@ -225,7 +227,7 @@ def test_a_loss_is_one_registration() -> None:
 def test_unknown_loss_and_option_name_the_key() -> None:
     from modalign.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"loss\.kind.*infonce.*siglip"):
+    with pytest.raises(ConfigError, match=r"loss\.kind.*valid: infonce, siglip"):
         LossConfig(kind="nope")
     with pytest.raises(ConfigError, match=r"loss\.options\.tau"):
         LossConfig(kind="infonce", options={"tau": 1.0})

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from modalign.retrieval.embed import Embeddings, EncoderModel, embed_source
-from modalign.retrieval.metrics import retrieval_metrics
+from modalign.retrieval.metrics import NoPositivesError, retrieval_metrics
 
 Level = Literal["auto", "class", "instance"]
 
@@ -78,13 +78,21 @@ def make_validator(
     Embeds ``src`` (up to ``max_items`` items) with the shared embedding loop
     (:func:`modalign.retrieval.embed.embed_source`) and scores every ordered modality pair with
     :func:`evaluate_pairs`, exactly as ``modalign evaluate retrieval`` does (pessimistic ties).
-    Returns ``{"audio->image": {"recall@1": ..., "map": ..., ...}, ...}``.
+    Returns ``{"audio->image": {"recall@1": ..., "map": ..., ...}, ...}``; a pair without any
+    positive is left out rather than stopping the training run.
     """
 
     def evaluate(model: EncoderModel, step: int) -> dict[str, Any]:
         emb, _bad = embed_source(
             model, src, batch_size=batch_size, num_workers=num_workers, max_items=max_items
         )
-        return evaluate_pairs(emb, level=level, ks=ks)["pairs"]
+        mods = sorted(emb)
+        out: dict[str, Any] = {}
+        for pair in [(q, g) for q in mods for g in mods if q != g]:
+            try:  # same groups as the all-pairs call: one pair at a time gives the same figures
+                out.update(evaluate_pairs(emb, level=level, ks=ks, pairs=[pair])["pairs"])
+            except NoPositivesError:
+                continue  # a pair with no positives (e.g. disjoint items) is left out, not fatal
+        return out
 
     return evaluate

@@ -185,10 +185,10 @@ def modality_specs(
         if name in extra:
             out[name] = extra[name]
             continue
-        where = f"data.modalities.{name}"
-        MODALITIES.get(name, "model.modalities")
-        options = MODALITIES.options(name, data_cfg.modality_options(name), where)
-        spec = MODALITIES.get(name).factory(data_cfg, options, presets.get(name))
+        entry = MODALITIES.get(name, "model.modalities")
+        raw = data_cfg.modality_options(name)
+        options = MODALITIES.options(name, raw, f"data.modalities.{name}")
+        spec = entry.factory(data_cfg, options, presets.get(name))
         if not isinstance(spec, ModalitySpec):
             raise ConfigError(
                 f"modality factory {name!r} returned {type(spec).__name__}, not a ModalitySpec"

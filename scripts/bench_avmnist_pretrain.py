@@ -46,7 +46,7 @@ def build_corpus(mnist: Path, fsdd: Path, out: Path, images_per_recording: int) 
 
 def train(corpus: Path, out: Path, steps: int, overrides: list[str]) -> tuple[float, Any]:
     from modalign.config import load_config
-    from modalign.pretrain.trainer import pretrain
+    from modalign.training import run_pretrain  # wires validation on data.val (val_every)
 
     sets = [
         f"data.train={corpus / 'train.jsonl'}",
@@ -56,7 +56,7 @@ def train(corpus: Path, out: Path, steps: int, overrides: list[str]) -> tuple[fl
         *overrides,
     ]
     t0 = time.perf_counter()
-    result = pretrain(load_config("avmnist", sets))
+    result = run_pretrain(load_config("avmnist", sets))
     return time.perf_counter() - t0, result
 
 

@@ -1,7 +1,7 @@
 """The pseudo-labeler registry (group ``modalign.pseudo_labelers``) and the built-in labelers.
 
 A labeler is one registration: ``PSEUDO_LABELERS.add(name, Labeler(run, check), Options)``.
-``check(cfg, modalities)`` runs before any work (raise UserInputError naming the fix);
+``check(cfg, options, model_modalities)`` runs before any work (raise UserInputError naming the fix);
 ``run(ctx, options)`` labels ``ctx.pool`` and returns a :class:`LabelerOutput` (or ``None``: no
 pseudo-labels, train on the labels alone). A labeler that trains its own final head
 (self-training) returns it in ``LabelerOutput.head``; otherwise the pipeline keeps rows above
@@ -51,10 +51,11 @@ class LabelerOutput:
 
 @dataclass(frozen=True)
 class Labeler:
-    """A registered pseudo-labeler: ``run(ctx, opts)`` and an up-front ``check(cfg, modalities)``."""
+    """A registered pseudo-labeler: ``run(ctx, opts)`` and an up-front
+    ``check(cfg, opts, model_modalities)``."""
 
     run: Callable[[LabelContext, Any], LabelerOutput | None]
-    check: Callable[[FinetuneConfig, Sequence[str]], None] | None = None
+    check: Callable[[FinetuneConfig, Any, Sequence[str]], None] | None = None
     doc: str = ""
 
 
@@ -72,6 +73,7 @@ PSEUDO_LABELERS.add("none", Labeler(_no_labels, doc="labels only"), NoOptions)
 @dataclass(frozen=True)
 class ZeroShotOptions:
     temperature: float = 0.02
+    text_modality: str = "text"  # the modality whose tower reads the class prompts
     prompts: list[str] = field(
         default_factory=lambda: [
             "{}",
@@ -88,22 +90,24 @@ class ZeroShotOptions:
             raise ValueError("prompts must be a non-empty list of strings each containing '{}'")
 
 
-def _zero_shot_check(cfg: FinetuneConfig, modalities: Sequence[str]) -> None:
+def _zero_shot_check(cfg: FinetuneConfig, opts: ZeroShotOptions, modalities: Sequence[str]) -> None:
     if not cfg.class_names:
         raise UserInputError(
             "pseudo_label=zero_shot needs finetune.class_names (words the text tower can read)"
         )
-    if "text" not in modalities:
+    text = opts.text_modality
+    if text not in modalities:
         raise UserInputError(
-            f"pseudo_label=zero_shot needs a text tower; {cfg.model} has only {list(modalities)}"
-            "; use knn or self_training"
+            f"pseudo_label=zero_shot needs a text tower ({text!r}, "
+            f"finetune.pseudo_label_options.text_modality); {cfg.model} has only "
+            f"{list(modalities)}; use knn or self_training"
         )
 
 
 def _zero_shot(ctx: LabelContext, opts: ZeroShotOptions) -> LabelerOutput:
-    model = ctx.model
+    model, m = ctx.model, opts.text_modality
     text = class_prompt_embeddings(
-        lambda t: model.encode(text=list(t))["text"], list(ctx.class_names), list(opts.prompts)
+        lambda t: model.encode(**{m: list(t)})[m], list(ctx.class_names), list(opts.prompts)
     )
     return LabelerOutput(zero_shot(ctx.pool.x, ctx.pool.present, text, opts.temperature))
 

@@ -108,7 +108,10 @@ def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
     labeler = PSEUDO_LABELERS.get(cfg.pseudo_label, "finetune.pseudo_label")
     model = load_bundle(cfg.model)
     if labeler.factory.check is not None:
-        labeler.factory.check(cfg, model.modalities)
+        opts = PSEUDO_LABELERS.options(
+            cfg.pseudo_label, cfg.pseudo_label_options, "finetune.pseudo_label_options"
+        )
+        labeler.factory.check(cfg, opts, model.modalities)
     data, class_names = embed_labeled(model, cfg.train, cfg.inputs, cfg.class_names or None)
     num_classes = len(class_names)
     split = few_label_split(

@@ -13,7 +13,7 @@ from modalign.data.dataset import Collate, PairedDataset
 from modalign.data.manifest import read_manifest
 from modalign.data.shards import ShardDataset
 from modalign.data.sources import open_mix, open_source, open_stream
-from modalign.data.stream import BatchStream, SourceStream, round_robin_split
+from modalign.data.stream import BatchStream, SourceStream, Stream, round_robin_split
 
 from data_fixtures import (  # noqa: F401 - specs/text_specs are fixtures
     batch_ids,
@@ -115,7 +115,9 @@ def test_mix_from_config_streams_and_resumes(tmp_path: Path, text_specs) -> None
     def stream(start: int):
         return open_stream(cfg.train, text_specs, 4, seed=4, start=start)
 
-    assert isinstance(stream(0), SourceStream)
+    assert isinstance(stream(0), SourceStream) and isinstance(stream(0), Stream)
+    one = open_stream(str(manifest), text_specs, 4, seed=4)
+    assert isinstance(one, BatchStream) and isinstance(one, Stream)
     full = take(stream(0), 10)
     manual = open_mix({str(manifest): 2.0, shards: 1.0}, text_specs, train=True, seed=4)
     assert full == take(SourceStream(manual, 4), 10)  # the same draws as open_mix

@@ -132,6 +132,7 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
 
     root = Path(path)
     meta = _read_meta(root)
+    head = _build_head(root, meta)  # first: a missing head plugin is named before anything else
     verify_files(root, meta, "classifier bundle")
     model = _load_model(root, meta, device)
     import yaml
@@ -139,7 +140,6 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
     cfg = from_dict(
         FinetuneConfig, yaml.safe_load((root / "finetune.yaml").read_text()), "finetune"
     )
-    head = _build_head(root, meta)
     head.load_state_dict(load_file(str(root / "head.safetensors")))
     head.to(device)
     return Classifier(model, head.eval(), meta["class_names"], meta["inputs"], cfg)

@@ -167,6 +167,9 @@ def test_plugin_head_missing_names_package(setup, tmp_path: Path) -> None:
     meta = json.loads(meta_path.read_text())
     meta["head"].update(kind="fancy_head", provider="modalign-fancy")
     meta_path.write_text(json.dumps(meta))
+    yaml_path = tmp_path / "clf" / "finetune.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("kind: late", "kind: fancy_head"))
+    assert "fancy_head" in yaml_path.read_text()
     with pytest.raises(UserInputError, match="modalign-fancy"):
         load_classifier(tmp_path / "clf")
 
@@ -285,3 +288,17 @@ def test_end_to_end_path_uses_the_shared_loop(setup) -> None:
     torch.set_rng_state(state)  # same tower init (built outside the library loop)
     b, _ = run()
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_tampered_head_file_is_refused(setup, tmp_path: Path) -> None:
+    manifest, model = setup
+    run_finetune(_cfg(manifest, model, "finetune.pseudo_label=none"), tmp_path / "clf")
+    assert not [
+        p.name for p in (tmp_path / "clf").iterdir() if p.name.startswith((".tmp", ".stage"))
+    ]
+    head_file = tmp_path / "clf" / "head.safetensors"
+    data = bytearray(head_file.read_bytes())
+    data[-1] ^= 0xFF
+    head_file.write_bytes(bytes(data))
+    with pytest.raises(UserInputError, match="checksum"):
+        load_classifier(tmp_path / "clf")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modalign.core.errors import DataError
 from modalign.core.artifact import LOCK_FILE
+from modalign.core.errors import DataError
 from modalign.data.avmnist import build_avmnist, read_idx
 from modalign.data.inspect import inspect_source
 from modalign.data.manifest import read_manifest

@@ -60,19 +60,7 @@ def pack_shards(
     """
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
-    if not is_manifest(src):
-        raise DataError(
-            f"{src}: data pack reads a manifest (.jsonl/.csv/.parquet); shards are already packed "
-            "and every command reads them as they are"
-        )
-    specs = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
-    manifest = read_manifest(src, specs)
-    specs = {m: s for m, s in specs.items() if m in manifest.modalities}  # the ones in use
-    _check_extensions(specs)
-    if manifest.unknown_columns:
-        log.warning(
-            "%s: columns %s are no registered modality; not packed", src, manifest.unknown_columns
-        )
+    manifest, specs = _read(src, specs, cfg)
     out = Path(out_dir)
     with lock_dir(out, "shard folder"):
         remove_stale_temp(out)
@@ -98,6 +86,26 @@ def pack_shards(
             out / INDEX_FILE, INDEX_FORMAT, INDEX_VERSION, {**result, "counts": writer.counts}
         )
     return result
+
+
+def _read(
+    src: str | Path, specs: Mapping[str, ModalitySpec] | None, cfg: DataConfig | None
+) -> tuple[Manifest, dict[str, ModalitySpec]]:
+    """The manifest and the specs of the modalities it uses (extensions checked)."""
+    if not is_manifest(src):
+        raise DataError(
+            f"{src}: data pack reads a manifest (.jsonl/.csv/.parquet); shards are already packed "
+            "and every command reads them as they are"
+        )
+    specs = dict(specs) if specs is not None else modality_specs(MODALITIES.names(), cfg)
+    manifest = read_manifest(src, specs)
+    specs = {m: s for m, s in specs.items() if m in manifest.modalities}  # the ones in use
+    _check_extensions(specs)
+    if manifest.unknown_columns:
+        log.warning(
+            "%s: columns %s are no registered modality; not packed", src, manifest.unknown_columns
+        )
+    return manifest, specs
 
 
 def _check_extensions(specs: Mapping[str, ModalitySpec]) -> None:

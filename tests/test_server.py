@@ -210,6 +210,7 @@ def test_bad_input_gets_4xx_naming_the_field(client: httpx.Client, tiny: TinyInd
         (dict(json={"text": 5}), 400, "text"),
         (dict(json={"text": "x", "target": ["depth"]}), 400, "target"),
         (dict(json={"depth": "x"}), 400, "depth"),
+        (dict(json={"text": "x", "modality": "image"}), 400, "modality"),
         (dict(json={"image": "a.png"}), 400, "image"),
         (dict(json={}), 400, "body"),
         (dict(json=["text"]), 400, "body"),

@@ -132,6 +132,8 @@ def parse_json(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQu
         raise _bad("body", f"give exactly one query: one of {', '.join([*inline, 'id'])}")
     if given[0] == "id":
         return _by_id(body, engine, limits)
+    if "modality" in body:
+        raise _bad("modality", "only goes with 'id' (the query's modality is its field name)")
     name = given[0]
     value = check_inline(engine, name, body[name], limits)
     k = parse_k(body.get("k"), limits)

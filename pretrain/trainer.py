@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,15 +115,15 @@ def pretrain(
     """
     started = time.perf_counter()
     _check_inputs(cfg, resume)
-    rank, _ = world()
-    out_dir = Path(cfg.output.dir)
-    with process_state_guard(), lock_dir(out_dir) if rank == 0 else nullcontext():
+    with process_state_guard(), ExitStack() as held:
+        # Process-wide settings for this run only: the guard puts the caller's back.
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        with _deterministic(cfg.train.deterministic):
-            run = _setup(cfg, resume, tower_builders, modalities)
-            run.evaluate = evaluate
-            loss_value, history, bad = _train_loop(run)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        run = _setup(cfg, resume, tower_builders, modalities, held)
+        run.evaluate = evaluate
+        loss_value, history, bad = _train_loop(run)
         _finish(run, loss_value, bad)
     return PretrainResult(
         run.out_dir,
@@ -145,20 +145,6 @@ def _check_inputs(cfg: PretrainConfig, resume: str | None) -> None:
     resume_dir = ckpt.resolve_resume(Path(cfg.output.dir), resume) if resume else None
     if resume_dir is not None:
         train_state.check_resume_config(resume_dir, cfg)
-
-
-@contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels for this run only (the flag is process-wide in torch)."""
-    if not enabled:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _build_task(cfg, tower_builders, modalities, accelerator):
@@ -185,10 +171,15 @@ def _setup(
     resume: str | None,
     tower_builders: Mapping[str, TowerBuilder] | None,
     modalities: Mapping[str, ModalitySpec] | None,
+    held: ExitStack | None = None,
 ) -> _Run:
+    """Accelerator, task, optimizer, restored state. ``held`` keeps the output-dir lock (taken
+    by the main process once the launch's ranks are known, before anything is written)."""
     accelerator = make_accelerator(cfg)
     rank, _ = world()
     out_dir = Path(cfg.output.dir)
+    if held is not None and accelerator.is_main_process:
+        held.enter_context(lock_dir(out_dir))
     built, specs, task = _build_task(cfg, tower_builders, modalities, accelerator)
     optimizer = make_optimizer(task, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)

@@ -119,9 +119,12 @@ def test_trainer_two_processes_x8_equal_one_process_x16(tmp_path: Path) -> None:
 
 
 def _weights_at_init(tmp_path: Path, manifest: Path) -> dict[str, torch.Tensor]:
+    """The weights the trainer starts from: towers built right after seeding with train.seed."""
     from modalign.config import load_config
-    from modalign.pretrain.trainer import pretrain
+    from modalign.pretrain.bundle import encoder_state
+    from modalign.pretrain.model import build_encoder
 
-    over = [*tiny_overrides(manifest, tmp_path / "zero", 0, 16), "train.checkpoint_every=0"]
-    pretrain(load_config(None, over))
-    return _weights(tmp_path / "zero")
+    cfg = load_config(None, tiny_overrides(manifest, tmp_path / "zero", 1, 16))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return encoder_state(build_encoder(cfg.model, cfg.data).encoder)

@@ -30,7 +30,9 @@ from modalign.pretrain.bundle import BundleModel
 class LabelContext:
     """What a labeler may use: the model, the labeled rows, the unlabeled pool, the config.
 
-    ``new_head()`` builds a fresh head of the configured kind; ``gen`` is the run's generator.
+    ``new_head()`` builds a fresh head of the configured kind (call it inside
+    :func:`~modalign.finetune.fit.local_rng` for a seeded init); ``gen`` is a generator seeded
+    with ``finetune.seed`` for the labeler's own draws (never use the global RNG).
     """
 
     model: BundleModel
@@ -44,6 +46,8 @@ class LabelContext:
 
 @dataclass
 class LabelerOutput:
+    """A labeler's result: pseudo-labels of ``ctx.pool`` (and its own head, if it trained one)."""
+
     labels: PseudoLabels
     head: FusionHead | None = None  # the final head, when the labeler trained one itself
     selected: torch.Tensor | None = None  # rows it vouches for (report only), with ``head``
@@ -56,7 +60,6 @@ class Labeler:
 
     run: Callable[[LabelContext, Any], LabelerOutput | None]
     check: Callable[[FinetuneConfig, Any, Sequence[str]], None] | None = None
-    doc: str = ""
 
 
 PSEUDO_LABELERS: Registry[Labeler] = Registry("pseudo-labeler", "modalign.pseudo_labelers")
@@ -66,7 +69,7 @@ def _no_labels(ctx: LabelContext, opts: object) -> None:
     return None
 
 
-PSEUDO_LABELERS.add("none", Labeler(_no_labels, doc="labels only"), NoOptions)
+PSEUDO_LABELERS.add("none", Labeler(_no_labels), NoOptions)
 
 
 # -- zero-shot ------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ def _zero_shot(ctx: LabelContext, opts: ZeroShotOptions) -> LabelerOutput:
 
 PSEUDO_LABELERS.add(
     "zero_shot",
-    Labeler(_zero_shot, _zero_shot_check, "cosine to class prompts (text tower)"),
+    Labeler(_zero_shot, _zero_shot_check),
     ZeroShotOptions,
 )
 
@@ -140,7 +143,7 @@ def _knn(ctx: LabelContext, opts: KnnOptions) -> LabelerOutput:
     return LabelerOutput(labels)
 
 
-PSEUDO_LABELERS.add("knn", Labeler(_knn, doc="kNN label propagation"), KnnOptions)
+PSEUDO_LABELERS.add("knn", Labeler(_knn), KnnOptions)
 
 
 # -- self-training (FixMatch over cached views) ---------------------------------------------
@@ -170,7 +173,7 @@ def _self_training(ctx: LabelContext, opts: SelfTrainingOptions) -> LabelerOutpu
 
 PSEUDO_LABELERS.add(
     "self_training",
-    Labeler(_self_training, doc="FixMatch-style consistency over strong views"),
+    Labeler(_self_training),
     SelfTrainingOptions,
 )
 

@@ -302,3 +302,20 @@ def test_tampered_head_file_is_refused(setup, tmp_path: Path) -> None:
     head_file.write_bytes(bytes(data))
     with pytest.raises(UserInputError, match="checksum"):
         load_classifier(tmp_path / "clf")
+
+
+def test_classifier_and_robustness_read_shards(setup, tmp_path: Path) -> None:
+    from modalign.data.pack import pack_shards
+    from modalign.finetune.robustness import noise_curve
+
+    manifest, model = setup
+    run_finetune(_cfg(manifest, model, "finetune.pseudo_label=none"), tmp_path / "clf")
+    clf = load_classifier(tmp_path / "clf")
+    packed = pack_shards(manifest, tmp_path / "shards", shard_size=5)
+    on_manifest, on_shards = clf.evaluate(str(manifest)), clf.evaluate(packed["pattern"])
+    assert on_shards["items"] == on_manifest["items"] == 16
+    assert on_shards["accuracy"] == pytest.approx(on_manifest["accuracy"], abs=1e-6)
+    curve_m = noise_curve(clf, str(manifest), "audio", levels=(0.0, 1.0))
+    curve_s = noise_curve(clf, packed["pattern"], "audio", levels=(0.0, 1.0))
+    assert curve_s["items"] == curve_m["items"] > 0
+    assert curve_s["accuracy"] == pytest.approx(curve_m["accuracy"], abs=1e-6)  # same noise draws

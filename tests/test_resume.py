@@ -171,3 +171,18 @@ def test_resume_with_a_changed_config_refuses_what_cannot_be_resumed(
     assert result.steps == 2
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "optim.lr changed: 0.0005 -> 0.001" in warned and "train.steps changed" in warned
+
+
+def test_resume_from_every_checkpoint_equals_uninterrupted(
+    corpus: Path, straight: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    full = tmp_path / "full"
+    pretrain(load_config(None, [*_overrides(corpus, full, steps=4), "train.keep_checkpoints=0"]))
+    assert [s for s, _ in ckpt.list_checkpoints(full)] == [1, 2, 3, 4]
+    for step in (1, 2, 3):
+        out = tmp_path / f"from-{step}"
+        shutil.copytree(full / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}")
+        pretrain(load_config(None, _overrides(corpus, out, steps=4)), resume="latest")
+        _assert_same(_weights(out), straight)

@@ -4,7 +4,6 @@ output dir locked for the whole run, and a failed bundle write leaving the old b
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +76,8 @@ def test_second_run_into_a_locked_output_dir_fails_at_once(corpus: Path, tmp_pat
         with pytest.raises(DirectoryLocked, match=rf"{out}.*pid {holder.pid}"):
             trainer.pretrain(_cfg(corpus, out))
         assert not (out / "checkpoints").exists()  # nothing written by the refused run
+        sets = [f"data.train={corpus}", f"output.dir={out}"]
+        assert main(["-q", "pretrain", "demo", *[a for s in sets for a in ("--set", s)]]) == 2
     finally:
         holder.kill()
         holder.wait()

@@ -86,16 +86,25 @@ class _ImageLoader:
 
 def _image_pack(icfg: ImageConfig) -> Callable[[Any], tuple[str, bytes]]:
     def pack(value: Any) -> tuple[str, bytes]:
-        path = Path(value)
-        img = decode_image(path, icfg)
-        ext = path.suffix.lower().lstrip(".")
+        img = decode_image(value, icfg)
+        if isinstance(value, bytes):  # a Parquet bytes cell: the format tells the extension
+            data, ext = value, _image_format(value)
+        else:
+            data, ext = Path(value).read_bytes(), Path(value).suffix.lower().lstrip(".")
         if ext in IMAGE_EXTENSIONS:
-            return ext, path.read_bytes()
+            return ext, data
         buf = io.BytesIO()  # a format shard readers do not map to "image": store as PNG
         img.save(buf, format="PNG")
         return "png", buf.getvalue()
 
     return pack
+
+
+def _image_format(data: bytes) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return (img.format or "").lower().replace("jpeg", "jpg")
 
 
 def _image_perturb(preset: ImagePreset, channels: int) -> Callable:
@@ -133,11 +142,19 @@ def image_modality(data_cfg: DataConfig, options: ImageConfig, preset: Any) -> M
 
 # -- audio ---------------------------------------------------------------------------------
 def _audio_pack(value: Any) -> tuple[str, bytes]:
-    path = Path(value)
-    wave, sr = read_audio(path)
-    ext = path.suffix.lower().lstrip(".")
+    wave, sr = read_audio(value)
+    if isinstance(value, bytes):  # a Parquet bytes cell
+        import soundfile as sf
+
+        try:
+            ext = sf.info(io.BytesIO(value)).format.lower()
+        except Exception:  # read by the librosa fallback (MP3 and the like)
+            ext = "mp3"
+        data = value
+    else:
+        ext, data = Path(value).suffix.lower().lstrip("."), Path(value).read_bytes()
     if ext in AUDIO_EXTENSIONS:
-        return ext, path.read_bytes()
+        return ext, data
     import soundfile as sf
 
     buf = io.BytesIO()

@@ -7,13 +7,15 @@ single broken file never stops a run.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from modalign.data.config import AudioConfig, ImageConfig
 
@@ -34,19 +36,26 @@ def _read_bytes(source: Source) -> bytes:
         data = source
     else:
         path = Path(source)
-        if not path.exists():
-            raise BadItem("missing_file", str(path))
         try:
             data = path.read_bytes()
-        except OSError as exc:  # a directory, no permission, an I/O error on a bad disk
-            raise BadItem("unreadable_file", f"{path}: {type(exc).__name__}") from None
+        except FileNotFoundError:
+            raise BadItem("missing_file", str(path)) from None
+        except OSError as exc:  # a directory, no permission, a symlink loop, a bad disk
+            reason = "symlink_loop" if exc.errno == errno.ELOOP else "unreadable_file"
+            raise BadItem(reason, f"{path}: {type(exc).__name__}") from None
     if not data:
         raise BadItem("empty_file", "" if isinstance(source, bytes) else str(source))
     return data
 
 
 def decode_image(source: Source, cfg: ImageConfig) -> Image.Image:
-    """Decode to a PIL image in mode ``L`` or ``RGB`` (fully loaded, so truncation shows here)."""
+    """Decode to a PIL image in mode ``L`` or ``RGB`` (fully loaded, so truncation shows here).
+
+    EXIF orientation is applied (a phone photo stored sideways comes out upright). Images with
+    more than 8 bits per sample are *scaled* to 8 bits, not clipped: 16-bit integer modes
+    (``I;16*``, and ``I`` as 16-bit PNG/TIFF decoders give it) by 255/65535, float images
+    (``F``) taken as [0, 1].
+    """
     data = _read_bytes(source)
     mode = "L" if cfg.channels == 1 else "RGB"
     try:
@@ -57,7 +66,8 @@ def decode_image(source: Source, cfg: ImageConfig) -> Image.Image:
                 if img.width * img.height > cfg.max_pixels:
                     raise BadItem("image_too_large", f"{img.width}x{img.height} pixels")
                 img.load()
-                return img.convert(mode)
+                upright = ImageOps.exif_transpose(img)
+                return to_8bit(upright).convert(mode)
     except BadItem:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -66,14 +76,31 @@ def decode_image(source: Source, cfg: ImageConfig) -> Image.Image:
         raise BadItem(_unreadable("corrupt_image", source), _why(exc)) from None
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A single-channel image with more than 8 bits per sample scaled to mode ``L``."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        scaled = np.clip(arr, 0, 65535) * (255.0 / 65535.0)
+    elif img.mode == "F":
+        scaled = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0.0, 1.0) * 255.0
+    else:
+        return img
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
 def decode_audio(
     source: Source, cfg: AudioConfig, rng: np.random.Generator | None = None
 ) -> np.ndarray:
     """Decode to a mono float32 waveform at ``cfg.sample_rate``, cropped/padded to the clip length.
 
     ``rng`` given -> random crop (training); None -> centre crop (evaluation). Another sample rate
-    is resampled, not rejected.
+    is resampled, not rejected. Files libsndfile reads (WAV, FLAC, OGG, ...) that are longer
+    than the clip are read only over the window the crop needs (seek + frames), so a long
+    recording costs one clip's decode and resample, not the whole file's.
     """
+    window = read_audio_window(source, cfg, rng)
+    if window is not None:
+        return window
     wave, sr = read_audio(source)
     if sr != cfg.sample_rate:
         wave = resample(wave, sr, cfg.sample_rate)
@@ -93,13 +120,63 @@ def read_audio(source: Source) -> tuple[np.ndarray, int]:
         if not _looks_compressed(source, data):
             raise BadItem(_unreadable("unreadable_audio", source), _why(exc)) from None
         wave, sr = _read_librosa(source, data, exc)
+    return _checked(wave), sr
+
+
+def _checked(wave: np.ndarray) -> np.ndarray:
     if wave.size == 0:
         raise BadItem("empty_audio")
     if not np.all(np.isfinite(wave)):
         raise BadItem("nan_audio", "waveform holds NaN or inf")
     if float(np.max(np.abs(wave))) < 1e-6:
         raise BadItem("silent_audio")
-    return wave, sr
+    return wave
+
+
+def read_audio_window(
+    source: Source, cfg: AudioConfig, rng: np.random.Generator | None
+) -> np.ndarray | None:
+    """The clip :func:`decode_audio` returns, reading only the frames the crop needs.
+
+    None when libsndfile cannot open ``source`` or the recording is no longer than the clip
+    (then the whole-file path decides, with its bad-item reasons). The crop start is drawn
+    exactly as :func:`crop_or_pad` draws it; at the file's own rate the result is the same
+    samples, after resampling it equals the whole-file result to resampler precision
+    (``_RESAMPLE_MARGIN`` source seconds of context on each side).
+    """
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+    except Exception:
+        return None
+    with f:
+        sr, frames, length = int(f.samplerate), int(f.frames), cfg.clip_samples
+        ratio = cfg.sample_rate / sr
+        n_out = frames if sr == cfg.sample_rate else math.ceil(frames * ratio)
+        if frames <= 0 or n_out <= length:
+            return None
+        start = (
+            int(rng.integers(0, n_out - length + 1)) if rng is not None else (n_out - length) // 2
+        )
+        if sr == cfg.sample_rate:
+            return _checked(_read_frames(f, start, length))
+        margin = math.ceil(_RESAMPLE_MARGIN * sr)
+        lo = max(0, math.floor(start / ratio) - margin)
+        hi = min(frames, math.ceil((start + length) / ratio) + margin)
+        wave = resample(_checked(_read_frames(f, lo, hi - lo)), sr, cfg.sample_rate)
+    offset = start - round(lo * ratio)
+    clip = wave[offset : offset + length]
+    return np.ascontiguousarray(np.pad(clip, (0, length - clip.shape[0])))
+
+
+_RESAMPLE_MARGIN = 0.05  # seconds of source context kept on each side of a resampled window
+
+
+def _read_frames(f: Any, start: int, count: int) -> np.ndarray:
+    f.seek(start)
+    wave = f.read(count, dtype="float32", always_2d=True)
+    return wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
 
 
 def _read_soundfile(data: bytes) -> tuple[np.ndarray, int]:

@@ -1,8 +1,9 @@
 """Manifests: JSONL, CSV or Parquet tables of paired items.
 
 Columns: ``id``, one column per modality (``image``, ``audio`` are paths relative to the
-manifest; ``text`` is inline), optional ``label``. Any subset of modalities per row. A
-malformed file fails at once naming file and line; a row without any modality is skipped and
+manifest; ``text`` is inline), optional ``label`` (one rule per column: :mod:`modalign.data.columns`). Any subset of
+modalities per row. A malformed file (an unterminated CSV quote included) fails at once
+naming file and line; a row without any modality is skipped and
 counted, never fatal.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modalign.core.errors import ConfigError, DataError
+from modalign.data.columns import id_cell, inline_cell, is_empty, label_cell, media_cell
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Manifest columns (and batch fields) that are never modalities; a modality may not use them.
@@ -25,10 +27,11 @@ RESERVED_COLUMNS = ("id", "label", "present", "index", "bad", "line")
 
 @dataclass(slots=True)  # slots: millions of rows stay small in every DataLoader worker
 class ManifestRow:
-    """One paired item. ``values[m]`` is an absolute path (file modalities) or inline text."""
+    """One paired item. ``values[m]`` is an absolute path or the media's bytes (file
+    modalities), or inline text; see :mod:`modalign.data.columns` for each column's rule."""
 
     id: str
-    values: dict[str, str]
+    values: dict[str, str | bytes]
     label: str | None = None
     line: int = 0  # 1-based line (JSONL/CSV data line) or row number (Parquet)
 
@@ -95,7 +98,7 @@ def read_manifest(
     seen: dict[str, None] = {}
     for line, record in records:
         seen.update(dict.fromkeys(record))
-        row = _make_row(record, line, path.parent, modalities, inline)
+        row = _make_row(record, line, path, modalities, inline)
         if row is None:
             manifest.skipped["no_modality"] = manifest.skipped.get("no_modality", 0) + 1
             if len(manifest.skipped_examples) < 5:
@@ -170,14 +173,26 @@ def _read_csv(path: Path, modalities: Sequence[str]) -> list[tuple[int, dict]]:
 
 def _parse_csv(path: Path, text: str, modalities: Sequence[str]) -> list[tuple[int, dict]]:
     with io.StringIO(text, newline="") as fh:
-        reader = csv.DictReader(fh)
+        # strict: an unterminated quote is an error instead of a field that swallows every
+        # following row up to the end of the file.
+        reader = csv.DictReader(fh, strict=True)
         header = reader.fieldnames or []
         if not set(header) & set(modalities):
             raise DataError(
                 f"{path}:1: header {header} has none of the modality columns {list(modalities)}"
             )
         records = []
-        for record in reader:
+        while True:
+            start = reader.line_num + 1  # the record's first line (a quoted field may span lines)
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise DataError(
+                    f"{path}:{start}: malformed CSV in the row starting here ({exc}); check its "
+                    'quotes: close every quoted field and write a quote inside one as ""'
+                ) from None
             line = reader.line_num
             # DictReader files surplus fields under None and fills missing ones with None.
             if None in record or any(v is None for v in record.values()):
@@ -203,25 +218,24 @@ def _read_parquet(path: Path) -> list[tuple[int, dict]]:
 
 
 def _make_row(
-    record: dict, line: int, root: Path, modalities: Sequence[str], inline: set[str]
+    record: dict, line: int, path: Path, modalities: Sequence[str], inline: set[str]
 ) -> ManifestRow | None:
-    values: dict[str, str] = {}
+    """One row under the column rules of :mod:`modalign.data.columns`."""
+    where, root = f"{path}:{line}", path.parent
+    values: dict[str, str | bytes] = {}
     for m in modalities:
         raw = record.get(m)
-        if raw is None or (isinstance(raw, str) and raw == "" and m not in inline):
+        if is_empty(raw):
             continue
         if m in inline:
-            values[m] = raw if isinstance(raw, str) else str(raw)
-        else:
-            values[m] = (
-                str((root / str(raw)).resolve()) if not Path(str(raw)).is_absolute() else str(raw)
-            )
+            values[m] = inline_cell(raw, where, m)
+        elif (cell := media_cell(raw, where, m, root)) is not None:
+            values[m] = cell
     if not values:
         return None
-    label = record.get("label")
     return ManifestRow(
-        id=str(record.get("id", f"{root.name}:{line}")),
+        id=id_cell(record.get("id"), where, f"{root.name}:{line}"),
         values=values,
-        label=None if label is None else str(label),
+        label=label_cell(record.get("label"), where),
         line=line,
     )

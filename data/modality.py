@@ -127,6 +127,8 @@ class ModalitySpec:
         raw = self.decode_raw(value)
         if self.inline:
             return exts[0], str(raw).encode("utf-8")
+        if isinstance(value, bytes):  # a Parquet bytes cell
+            return exts[0], value
         path = Path(value)
         ext = path.suffix.lower().lstrip(".")
         return (ext if ext in exts else exts[0]), path.read_bytes()

@@ -140,8 +140,9 @@ class _Tally:
             try:
                 ext, data = spec.pack(value)
             except BadItem as exc:
-                if exc.detail != value and not spec.inline:
-                    exc = BadItem(exc.reason, f"{value}: {exc.detail}" if exc.detail else value)
+                origin = value if isinstance(value, str) else f"<{len(value)}-byte cell>"
+                if exc.detail != origin and not spec.inline:
+                    exc = BadItem(exc.reason, f"{origin}: {exc.detail}" if exc.detail else origin)
                 self._problem(row, modality, exc)
                 continue
             members[ext] = data

@@ -41,6 +41,12 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
         "--decode-timeout", type=float, default=d.decode_timeout_s, help="seconds per upload"
     )
     p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="encoder intra-op threads (default 1: batching is the parallelism)",
+    )
+    p.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -79,5 +85,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.port,
         "" if settings.token is None else "  (token required)",
     )
-    serve(engine, settings)
+    serve(engine, settings, torch_threads=args.torch_threads)
     return 0

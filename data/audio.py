@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from modalign.data.config import AudioConfig
+from modalign.data.item_keys import current_item_keys, item_generators
 
 
 class LogMel(nn.Module):
@@ -69,25 +70,66 @@ class LogMel(nn.Module):
 
 
 class SpecAugment(nn.Module):
-    """Batched time and frequency masking (Park et al. 2019); identity in eval mode."""
+    """Time and frequency masking (Park et al. 2019); identity in eval mode.
+
+    Each row's mask widths and positions come from that row's item key
+    (:func:`~modalign.data.item_keys.current_item_keys`, set by the training step from
+    ``Batch.keys``), so a row is masked the same whichever process and batch it lands in, and
+    a resumed run masks as the uninterrupted one. ``keys`` may also be passed directly; with
+    none set, the process RNG is used (not reproducible across process layouts).
+    """
+
+    SALT = 0x5BEC  # tells SpecAugment's draws from other model-side augmentations of a row
 
     def __init__(self, freq_mask: int, time_mask: int) -> None:
         super().__init__()
         self.freq_mask, self.time_mask = freq_mask, time_mask
 
-    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+    def forward(self, spec: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training:
             return spec
+        keys = current_item_keys() if keys is None else keys
         b, _, n_freq, n_time = spec.shape
+        if keys is not None and len(keys) != b:
+            raise ValueError(f"SpecAugment: {len(keys)} item keys for a batch of {b} rows")
+        sizes = ((self.freq_mask, n_freq), (self.time_mask, n_time))
+        draws = _draws(b, sizes, keys, spec.device)  # (b, 2 axes, 2: width, start)
         out = spec.clone()
         fill = spec.mean(dim=(-2, -1), keepdim=True)
-        for size, axis_len, dim in ((self.freq_mask, n_freq, -2), (self.time_mask, n_time, -1)):
+        for axis, ((size, axis_len), dim) in enumerate(zip(sizes, (-2, -1), strict=True)):
             if size <= 0:
                 continue
-            width = torch.randint(0, size + 1, (b, 1, 1, 1), device=spec.device)
-            start = (torch.rand(b, 1, 1, 1, device=spec.device) * (axis_len - width + 1)).long()
+            width, start = draws[:, axis, 0].view(b, 1, 1, 1), draws[:, axis, 1].view(b, 1, 1, 1)
             idx = torch.arange(axis_len, device=spec.device)
             idx = idx.view(1, 1, -1, 1) if dim == -2 else idx.view(1, 1, 1, -1)
             mask = (idx >= start) & (idx < start + width)
             out = torch.where(mask, fill, out)
         return out
+
+
+def _draws(
+    b: int, sizes: tuple[tuple[int, int], ...], keys: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """(b, axes, 2) long: each axis's mask width in [0, size] and start in [0, len - width]."""
+    if keys is None:
+        cols = []
+        for size, axis_len in sizes:
+            if size <= 0:  # no draw: the process RNG stream stays as it was
+                cols.append(torch.zeros(b, 2, dtype=torch.long, device=device))
+                continue
+            width = torch.randint(0, size + 1, (b,), device=device)
+            start = (torch.rand(b, device=device) * (axis_len - width + 1)).long()
+            cols.append(torch.stack([width, start], dim=1))
+        return torch.stack(cols, dim=1)
+    rows = []
+    for gen in item_generators(keys, SpecAugment.SALT):
+        row = []
+        for size, axis_len in sizes:
+            if size <= 0:
+                row.append((0, 0))
+                continue
+            width = int(torch.randint(0, size + 1, (), generator=gen))
+            start = int(float(torch.rand((), generator=gen)) * (axis_len - width + 1))
+            row.append((width, start))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long, device=device).view(b, len(sizes), 2)

@@ -91,6 +91,7 @@ class Sample:
     values: dict[str, Any] = field(default_factory=dict)
     bad: list[BadRecord] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # other fields (a shard's json)
+    key: int = 0  # augmentation key from (seed, epoch, item): see modalign.data.item_keys
 
 
 _OLD_KEYS = {"id": "ids", "label": "labels", "index": "index", "present": "present", "bad": "bad"}
@@ -111,6 +112,9 @@ class Batch:
     labels: list[str | None]
     index: torch.Tensor
     bad: list[BadRecord] = field(default_factory=list)
+    # One augmentation key per row (long): model-side augmentations draw from these
+    # (modalign.data.item_keys), so results do not depend on how rows are split over processes.
+    keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -195,4 +199,5 @@ class Collate:
             labels=[s.label for s in kept],
             index=torch.tensor([s.index for s in kept], dtype=torch.long),
             bad=bad,
+            keys=torch.tensor([s.key for s in kept], dtype=torch.long),
         )

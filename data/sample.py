@@ -14,6 +14,7 @@ import numpy as np
 
 from modalign.data.batch import BadRecord, Sample
 from modalign.data.decode import BadItem
+from modalign.data.item_keys import item_key
 from modalign.data.modality import ModalitySpec
 
 
@@ -33,9 +34,10 @@ def decode_sample(
 
     ``origin`` says where the value came from for bad-item details (a file path, a shard member
     extension, or ``""`` for an inline value); ``where`` names the row (``file:line`` or
-    ``shard#key``). Modalities without a spec are ignored.
+    ``shard#key``). Modalities without a spec are ignored. The sample's augmentation ``key``
+    comes from a child of ``rng`` (:func:`~modalign.data.item_keys.item_key`).
     """
-    sample = Sample(id=id, label=label, index=index, meta=dict(meta or {}))
+    sample = Sample(id=id, label=label, index=index, meta=dict(meta or {}), key=item_key(rng))
     for name, spec in specs.items():
         if name not in raw:
             continue

@@ -115,6 +115,13 @@ def pretrain(
     """
     started = time.perf_counter()
     _check_inputs(cfg, resume)
+    if evaluate is None and cfg.train.val_every > 0:
+        log.warning(
+            "train.val_every=%d but no evaluate callback: no validation this run (pass "
+            "evaluate=modalign.retrieval.evaluate.make_validator(SRC), or start the run with "
+            "modalign.training.run_pretrain, which does so for data.val)",
+            cfg.train.val_every,
+        )
     with process_state_guard(), ExitStack() as held:
         # Process-wide settings for this run only: the guard puts the caller's back.
         if cfg.train.threads > 0:

@@ -32,7 +32,7 @@ from modalign.core.config_io import dump_yaml
 from modalign.core.errors import DataError
 from modalign.core.world import world
 from modalign.data.dataset import BadItemLog, Batch
-from modalign.data.modality import ModalitySpec, default_modalities
+from modalign.data.modality import ModalitySpec, modality_specs
 from modalign.data.sources import open_stream
 from modalign.pretrain import checkpoint as ckpt
 from modalign.pretrain import run_log, train_state
@@ -159,12 +159,7 @@ def _build_task(cfg, tower_builders, modalities, accelerator):
     mods = list(cfg.model.modalities)
     torch.manual_seed(cfg.train.seed)  # the guard restores the caller's RNG afterwards
     built = build_encoder(cfg.model, cfg.data, tower_builders)
-    specs = {**default_modalities(cfg.data, built.image_preset), **(modalities or {})}
-    missing = [m for m in mods if m not in specs]
-    if missing:
-        raise DataError(
-            f"model.modalities {missing} have no registered data spec; pass modalities=..."
-        )
+    specs = modality_specs(mods, cfg.data, built.input_presets, extra=modalities)
     task = ContrastiveTask(built.encoder, ContrastiveLoss(mods, cfg.loss))
     if world()[1] > 1:
         sync_batchnorm(task, accelerator.device)

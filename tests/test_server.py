@@ -291,6 +291,30 @@ def test_token_guards_every_route_but_healthz(engine: SearchEngine) -> None:
         assert post.status_code == 401
 
 
+def test_cors_for_clip_front(engine: SearchEngine) -> None:
+    origin = "https://rom1504.github.io"
+    settings = ServeSettings(token=TOKEN, cors_origins=(origin,))
+    with ThreadedServer(create_app(engine, settings)) as srv:
+        pre = httpx.options(
+            f"{srv.url}/knn-service",
+            headers={"origin": origin, "access-control-request-method": "POST",
+                     "access-control-request-headers": "authorization,content-type"},
+        )  # fmt: skip
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == origin
+        res = httpx.post(
+            f"{srv.url}/knn-service",
+            json={"text": "the sound one", "modality": "image", "num_images": 2},
+            headers={"origin": origin, "authorization": f"Bearer {TOKEN}"},
+        )
+        assert res.status_code == 200 and res.headers["access-control-allow-origin"] == origin
+        other = httpx.options(
+            f"{srv.url}/knn-service",
+            headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
 def test_non_loopback_host_needs_a_token(tmp_path: Path, tiny: TinyIndex) -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

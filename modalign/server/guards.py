@@ -56,7 +56,14 @@ class TokenGuard:
         self.app, self._token = app, token.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
+        # CORS preflights carry no credentials by design; no route answers OPTIONS itself
+        preflight = scope.get("method") == "OPTIONS"
+        if (
+            scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or preflight
+            or self._allowed(scope)
+        ):
             await self.app(scope, receive, send)
             return
         given = self._given(scope)

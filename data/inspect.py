@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from modalign.data.batch import Sample
 from modalign.data.config import DataConfig
 from modalign.data.modality import MODALITIES, ModalitySpec, modality_specs
+from modalign.data.preflight import duplicate_ids
 from modalign.data.shards import ShardDataset
 from modalign.data.sources import open_eval_source
 
@@ -60,7 +61,8 @@ def inspect_source(
     manifest rows (or shard samples, plus one per damaged shard tail), ``ok + bad == items``;
     ``bad_by_reason`` counts problems (an item may have several); ``modalities`` maps each
     modality to the number of items where it decoded. Extra keys: ``source``, ``format``,
-    ``modality_bad``, ``labels``, ``examples``, ``unknown_columns`` (manifests) and each spec's
+    ``modality_bad``, ``labels``, ``examples``, ``duplicate_ids`` (``count`` and the first ids with
+    their manifest lines, or occurrences for shards), ``unknown_columns`` (manifests) and each spec's
     statistics (built-ins: ``image_size``, ``audio_seconds``, ``audio_sample_rates``,
     ``text_chars``). Raises :class:`DataError` for an unusable source.
     """
@@ -78,7 +80,19 @@ def inspect_source(
     manifest = getattr(source, "manifest", None)
     if manifest is not None and manifest.unknown_columns:
         out["unknown_columns"] = manifest.unknown_columns
+    out["duplicate_ids"] = _duplicates(report, manifest, max_examples)
     return out
+
+
+def _duplicates(report: _Report, manifest: Any, max_examples: int) -> dict[str, Any]:
+    """``{"count": ids seen more than once, "examples": [{"id", "lines"|"occurrences"}]}``."""
+    if manifest is not None:
+        dups = duplicate_ids(manifest.rows)
+        examples = [{"id": i, "lines": ls} for i, ls in list(dups.items())[:max_examples]]
+        return {"count": len(dups), "examples": examples}
+    repeated = [(i, n) for i, n in report.ids.items() if n > 1]
+    examples = [{"id": i, "occurrences": n} for i, n in repeated[:max_examples]]
+    return {"count": len(repeated), "examples": examples}
 
 
 def _samples(source: Any, num_workers: int) -> Iterable[Sample]:
@@ -103,6 +117,7 @@ class _Report:
         self.labels: Counter = Counter()
         self.stats: dict[str, list] = {}
         self.examples: list[dict[str, str]] = []
+        self.ids: Counter = Counter()
 
     def add_skipped(self, skipped: Mapping[str, int], examples: Sequence[str]) -> None:
         for reason, n in skipped.items():
@@ -116,6 +131,7 @@ class _Report:
     def add_samples(self, samples: Iterable[Sample], modalities: list[str]) -> None:
         for sample in samples:
             self.items += 1
+            self.ids[sample.id] += 1
             for rec in sample.bad:
                 self.reasons[rec.reason] += 1
                 self.modality_bad.setdefault(rec.modality, Counter())[rec.reason] += 1

@@ -16,7 +16,10 @@ import yaml
 
 from modalign.core.config_io import apply_override, from_dict, to_dict
 from modalign.core.errors import ConfigError
+from modalign.data.preflight import refuse_pipe
 from modalign.finetune.config import FinetuneConfig
+from modalign.pretrain.bundle import META as BUNDLE_META
+from modalign.pretrain.checkpoint import STATE_FILE
 from modalign.pretrain.config import PretrainConfig
 
 
@@ -57,7 +60,16 @@ def read_config_tree(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML ({exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: top level must be a mapping of sections")
+    if path.is_file() and written_by_a_run(path):
+        refuse_pipe(tree, f"{path} (written by a run, not by you)")
     return tree
+
+
+def written_by_a_run(path: Path) -> bool:
+    """True for a config inside a bundle (beside ``modalign.json``) or a checkpoint (beside
+    ``state.json``): files that travel between users, so their sources are not trusted to run
+    commands (``pipe:``)."""
+    return any((path.parent / name).is_file() for name in (BUNDLE_META, STATE_FILE))
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

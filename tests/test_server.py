@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import threading
 from pathlib import Path
 
@@ -156,7 +157,29 @@ def test_knn_service_is_clip_retrieval_compatible(
         "/knn-service", json={"embedding_input": vec.tolist(), "modality": "image", "num_images": 3}
     )
     assert [r["item_id"] for r in by_vec.json()] == [e["id"] for e in expected]
+    # clip-front's exact request: null keys, num_result_ids beyond num_images, then /metadata
+    front = {"text": "the sound one", "image": None, "image_url": None, "modality": "image",
+             "num_images": 2, "indice_name": "index", "num_result_ids": 5, "use_mclip": False,
+             "deduplicate": True, "use_safety_model": False}  # fmt: skip
+    paged = client.post("/knn-service", content=json.dumps(front).encode()).json()  # no ctype
+    more = client.post("/knn-service", json={**front, "num_images": 5}).json()
+    assert [r["id"] for r in paged] == [r["id"] for r in more] and len(paged) == 5
+    assert "caption" in paged[1] and set(paged[2]) == {"id", "similarity"}
+    rows = [r["id"] for r in paged[2:]]
+    meta = client.post("/metadata", json={"ids": rows, "indice_name": "index"})
+    assert meta.status_code == 200, meta.text
+    assert [m["id"] for m in meta.json()] == rows
+    assert [m["metadata"]["item_id"] for m in meta.json()] == [r["item_id"] for r in more[2:]]
+    assert [m["metadata"]["url"] for m in meta.json()] == [r["url"] for r in more[2:]]
+    for body, field in (({"ids": [10_000]}, "ids"), ({"ids": "x"}, "ids"),
+                        ({"ids": [1], "modality": "depth"}, "modality")):  # fmt: skip
+        bad = client.post("/metadata", json=body)
+        assert bad.status_code == 400 and error_field(bad) == field, bad.text
     for body, field in (
+        (
+            {"text": "x", "modality": "image", "num_images": 4, "num_result_ids": 2},
+            "num_result_ids",
+        ),
         (
             {"image_url": "http://example.com/a.jpg", "modality": "image", "num_images": 2},
             "image_url",

@@ -21,7 +21,8 @@ from modalign.server.batching import MicroBatcher
 from modalign.server.engine import SearchEngine
 from modalign.server.errors import RequestError, error_body
 from modalign.server.guards import BodyLimit, TokenGuard
-from modalign.server.routes import ServerState, build_router
+from modalign.server.handling import ServerState
+from modalign.server.routes import build_router
 from modalign.server.settings import ServeSettings, check_bind
 
 __all__ = ["create_app", "serve"]

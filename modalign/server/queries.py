@@ -22,7 +22,7 @@ from modalign.server.engine import SearchEngine
 from modalign.server.errors import RequestError
 from modalign.server.settings import ServeLimits
 
-__all__ = ["ParsedQuery", "parse_json", "parse_knn", "parse_multipart_fields"]
+__all__ = ["ParsedQuery", "parse_json", "parse_knn", "parse_metadata", "parse_multipart_fields"]
 
 COMMON_KEYS = frozenset({"k", "target"})
 ID_KEYS = frozenset({"id", "modality"})
@@ -36,7 +36,6 @@ KNN_IGNORED = frozenset(
         "use_violence_detector",
         "aesthetic_score",
         "aesthetic_weight",
-        "num_result_ids",
     }
 )
 
@@ -52,6 +51,7 @@ class ParsedQuery:
     value: bytes | str | None = None
     vector: np.ndarray | None = None
     echo: tuple[tuple[str, str], ...] = ()  # what the answer's "query" shows (default: value)
+    shown: int = 0  # knn-service: results with metadata (the rest: id + similarity); 0 = all
 
     def describe(self) -> dict[str, str]:
         """The ``query`` object of the answer: the inline value, or what was uploaded/asked."""
@@ -211,29 +211,57 @@ def _utf8(data: bytes, field: str) -> str:
 
 def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQuery:
     """clip-retrieval's ``/knn-service`` request: text, base64 image (or any file modality),
-    or ``embedding_input``; ``modality`` names the index to search, ``num_images`` the count."""
+    or ``embedding_input``; ``modality`` names the index to search, ``num_images`` the count
+    with metadata, ``num_result_ids`` (optional, >= num_images) how many ids in all. Keys
+    holding null count as absent (clip-front sends ``"image_url": null``)."""
     if not isinstance(body, dict):
         raise _bad("body", 'must be a JSON object like {"text": "a dog", "num_images": 10}')
+    body = {k: v for k, v in body.items() if v is not None}
     if "image_url" in body:
         raise _bad("image_url", "this server fetches no URLs; send the image base64 in 'image'")
-    query_keys = [m for m in engine.query_modalities if m in body]
-    if "embedding_input" in body:
-        query_keys.append("embedding_input")
-    allowed = KNN_IGNORED | {"modality", "num_images", "embedding_input", *engine.query_modalities}
+    allowed = KNN_IGNORED | {"modality", "num_images", "num_result_ids", "embedding_input"}
     for key in body:
-        if key not in allowed:
+        if key not in allowed and key not in engine.query_modalities:
             raise _bad(key, f"unknown field; /knn-service takes {', '.join(sorted(allowed))}")
+    query_keys = [m for m in engine.query_modalities if m in body]
+    query_keys += ["embedding_input"] if "embedding_input" in body else []
     if len(query_keys) != 1:
         raise _bad("body", "give exactly one of text, image (base64) and embedding_input")
-    default_target = "image" if "image" in engine.target_modalities else engine.target_modalities[0]
-    targets = parse_targets(body.get("modality", default_target), engine, None)
-    k = parse_k(body.get("num_images"), limits, field="num_images", default=40)
+    targets = parse_targets(body.get("modality", knn_default_target(engine)), engine, None)
+    shown = parse_k(body.get("num_images"), limits, field="num_images", default=40)
+    k = parse_k(body.get("num_result_ids", shown), limits, field="num_result_ids")
+    if k < shown:
+        raise _bad("num_result_ids", f"must be >= num_images ({shown}), got {k}")
     key = query_keys[0]
     if key == "embedding_input":
-        return ParsedQuery(key, k, targets, vector=_vector(body[key], engine))
+        return ParsedQuery(key, k, targets, vector=_vector(body[key], engine), shown=shown)
     if engine.is_inline(key):
-        return ParsedQuery(key, k, targets, key, check_inline(engine, key, body[key], limits))
-    return ParsedQuery(key, k, targets, key, _base64(body[key], key))
+        value: bytes | str = check_inline(engine, key, body[key], limits)
+    else:
+        value = _base64(body[key], key)
+    return ParsedQuery(key, k, targets, key, value, shown=shown)
+
+
+def knn_default_target(engine: SearchEngine) -> str:
+    """clip-retrieval's default index is ``image``; an index without images uses its first."""
+    return "image" if "image" in engine.target_modalities else engine.target_modalities[0]
+
+
+def parse_metadata(body: Any, engine: SearchEngine, limits: ServeLimits) -> tuple[str, list[int]]:
+    """clip-retrieval's ``/metadata`` request: ``{"ids": [row, ...], "modality"?}``."""
+    if not isinstance(body, dict):
+        raise _bad("body", 'must be a JSON object like {"ids": [3, 14]}')
+    modality = body.get("modality") or knn_default_target(engine)
+    if modality not in engine.target_modalities:
+        raise _bad("modality", f"the index has no {modality!r} vectors")
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise _bad("ids", f"must be a list of integer ids (index rows), got {ids!r}")
+    if len(ids) > limits.max_k * 10:
+        raise _bad("ids", f"at most {limits.max_k * 10} ids per request, got {len(ids)}")
+    return modality, ids
 
 
 def _vector(raw: Any, engine: SearchEngine) -> np.ndarray:

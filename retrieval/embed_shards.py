@@ -105,9 +105,13 @@ def write_embedding_shards(
         "modalities": list(specs),
         "shard_rows": shard_rows,
     }
-    with lock_dir(out, "embeddings dir"):
+    # Rank 0 locks the dir (no second run); other ranks lock their own slot inside it.
+    held = out if rank == 0 else out / ".ranks" / str(rank)
+    with lock_dir(held, "embeddings dir"):
         _check_key(out, key)
-        remove_stale_temp(out)
+        if world_size == 1:  # temp files of a killed run; with several ranks, others' are live
+            for d in [out, *(out / m for m in specs)]:
+                remove_stale_temp(d)
         source = _open(src, specs, train=False)
         n_items = sum(source.counts(1))
         n_shards = (n_items + shard_rows - 1) // shard_rows
@@ -118,7 +122,7 @@ def write_embedding_shards(
                 "fingerprint": model.fingerprint, "model": str(Path(model.path).resolve()),
             })  # fmt: skip
         mine = _my_shards(n_shards, rank, world_size)
-        todo = [s for s in mine if not _done(out, s, specs)]
+        todo = [s for s in mine if not _done(out, s)]
         bad = BadItemLog()
         if rank == 0:
             bad.add_counts(source.skipped, source.skipped_examples)
@@ -133,7 +137,7 @@ def _my_shards(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank * per, min(n, (rank + 1) * per)))
 
 
-def _done(out: Path, shard: int, specs: Mapping[str, Any]) -> bool:
+def _done(out: Path, shard: int) -> bool:
     """A shard is finished once its marker exists (written after every modality's files)."""
     return (out / f"part-{shard:06d}.done.json").is_file()
 

@@ -79,3 +79,13 @@ def test_shards_resume_and_refuse_another_source(tmp_path: Path) -> None:
     (out / "text" / "part-000000.npy").write_bytes(b"torn")
     with pytest.raises(UserInputError, match="part-000000.npy: checksum"):
         read_embedding_shards(out)
+
+
+def test_ranks_write_disjoint_blocks_that_read_back_in_order(tmp_path: Path) -> None:
+    manifest = write_texts(tmp_path / "m.jsonl", 25)
+    out = tmp_path / "emb"
+    r1 = write_embedding_shards(HashModel(), manifest, out, shard_rows=4, rank=1, world_size=2)
+    r0 = write_embedding_shards(HashModel(), manifest, out, shard_rows=4, rank=0, world_size=2)
+    assert (r0["shards"], r0["written"], r1["written"]) == (7, 4, 3)
+    emb, _ = read_embedding_shards(out)
+    assert emb["text"].ids == [f"t{i}" for i in range(25)]

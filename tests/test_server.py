@@ -350,6 +350,16 @@ def test_non_loopback_host_needs_a_token(tmp_path: Path, tiny: TinyIndex) -> Non
     with pytest.raises(UserInputError, match="--token-file") as err:
         cmd_serve(args)  # refused before the model loads or a port opens
     assert err.value.exit_code == 2
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "modalign.server", "--index", str(tiny.index), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--token-file" in proc.stderr, proc.stderr
     short = tmp_path / "token.txt"
     short.write_text("abc\n")
     with pytest.raises(UserInputError, match="at least 16"):

@@ -23,7 +23,6 @@ def expected_calibration_error(confidence: Any, correct: Any, bins: int = 15) ->
     if not c.size:
         return float("nan")
     idx = _bin_index(c, bins)
-    count = np.bincount(idx, minlength=bins)
     conf_sum = np.bincount(idx, weights=c, minlength=bins)
     acc_sum = np.bincount(idx, weights=k, minlength=bins)
     return float(np.abs(acc_sum - conf_sum).sum() / c.size)
@@ -38,6 +37,13 @@ def reliability_bins(confidence: Any, correct: Any, bins: int = 15) -> list[dict
     for b in range(bins):
         sel = idx == b
         if sel.any():
-            out.append({"low": b / bins, "high": (b + 1) / bins, "count": int(sel.sum()),
-                        "confidence": float(c[sel].mean()), "accuracy": float(k[sel].mean())})  # fmt: skip
+            out.append(
+                {
+                    "low": b / bins,
+                    "high": (b + 1) / bins,
+                    "count": int(sel.sum()),
+                    "confidence": float(c[sel].mean()),
+                    "accuracy": float(k[sel].mean()),
+                }
+            )
     return out

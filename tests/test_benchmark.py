@@ -15,8 +15,15 @@ from conftest import SHARED_DATA, WORDS, tiny_overrides, write_tiny_corpus
 TASKS = [
     {"kind": "retrieval", "options": {"level": "class"}},
     {"kind": "zero_shot", "options": {"prompts": ["the sound {}", "{}"]}},
-    {"kind": "few_label", "options": {"shots": [1, 3], "heads": ["late"],
-                                      "pseudo_labels": ["none", "zero_shot"], "seeds": 2}},
+    {
+        "kind": "few_label",
+        "options": {
+            "shots": [1, 3],
+            "heads": ["late"],
+            "pseudo_labels": ["none", "zero_shot"],
+            "seeds": 2,
+        },
+    },
     {"kind": "scratch", "options": {"shots": [3], "epochs": 2}},
     {"kind": "missing_modality"},
     {"kind": "noise", "options": {"levels": [0.0, 1.0], "max_items": 16}},
@@ -40,12 +47,20 @@ def bench_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     trained = _pretrain(train, root / "trained", steps=40, lr=0.003)
     untrained = _pretrain(train, root / "untrained", steps=1, lr=1e-12)
     suite = {
-        "name": "tiny", "seed": 0, "resamples": 200,
-        "corpora": {"tiny": {"train": str(train), "test": str(test), "class_names": WORDS,
-                             "inputs": ["image", "audio"]}},
+        "name": "tiny",
+        "seed": 0,
+        "resamples": 200,
+        "corpora": {
+            "tiny": {
+                "train": str(train),
+                "test": str(test),
+                "class_names": WORDS,
+                "inputs": ["image", "audio"],
+            }
+        },
         "finetune": {"epochs": 10, "labels_per_class": 3, "head": "late"},
         "tasks": TASKS,
-    }  # fmt: skip
+    }
     path = root / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     return {"root": root, "suite": path, "trained": trained, "untrained": untrained}
@@ -66,8 +81,17 @@ def test_benchmark_report_and_leaderboard(
     bench_setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = bench_setup["root"] / "reports" / "run1"
-    argv = ["benchmark", str(bench_setup["suite"]), "--model", str(bench_setup["trained"]),
-            "--model", str(bench_setup["untrained"]), "--out", str(out), "--json"]  # fmt: skip
+    argv = [
+        "benchmark",
+        str(bench_setup["suite"]),
+        "--model",
+        str(bench_setup["trained"]),
+        "--model",
+        str(bench_setup["untrained"]),
+        "--out",
+        str(out),
+        "--json",
+    ]
     capsys.readouterr()
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -90,7 +114,7 @@ def test_benchmark_report_and_leaderboard(
     # the untrained model ranks below the trained one
     bad = report["models"]["untrained"]["corpora"]["tiny"]
     assert bad["score"] < cell["score"]
-    assert (bad["headline"]["retrieval R@1 (mean)"] < cell["headline"]["retrieval R@1 (mean)"])
+    assert bad["headline"]["retrieval R@1 (mean)"] < cell["headline"]["retrieval R@1 (mean)"]
     md = (out / "report.md").read_text()
     assert md.startswith("# Benchmark `tiny`") and "audio->image" in md
     for png in report["plots"]:
@@ -98,8 +122,22 @@ def test_benchmark_report_and_leaderboard(
     assert any("calibration" in p for p in report["plots"])
     # a second report in the same tree, then the leaderboard merges both
     out2 = bench_setup["root"] / "reports" / "run2"
-    assert main(["benchmark", str(bench_setup["suite"]), "--model", str(bench_setup["trained"]),
-                 "--out", str(out2), "--set", "tasks=[{kind: retrieval}]", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "benchmark",
+                str(bench_setup["suite"]),
+                "--model",
+                str(bench_setup["trained"]),
+                "--out",
+                str(out2),
+                "--set",
+                "tasks=[{kind: retrieval}]",
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["benchmark", "leaderboard", str(bench_setup["root"] / "reports"), "--json"]) == 0
     board = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -171,20 +209,48 @@ def test_expected_calibration_error() -> None:
 def test_benchmark_avmnist_builtin(tmp_path: Path) -> None:
     """The built-in avmnist suite on a tiny AV-MNIST corpus (small settings)."""
     corpus = tmp_path / "corpus"
-    assert main(["data", "avmnist", "--mnist", str(SHARED_DATA / "mnist"), "--fsdd",
-                 str(SHARED_DATA / "fsdd"), "--out", str(corpus), "--limit", "200"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "avmnist",
+                "--mnist",
+                str(SHARED_DATA / "mnist"),
+                "--fsdd",
+                str(SHARED_DATA / "fsdd"),
+                "--out",
+                str(corpus),
+                "--limit",
+                "200",
+            ]
+        )
+        == 0
+    )
     model = tmp_path / "model"
-    sets = [f"data.train={corpus / 'train.jsonl'}", f"output.dir={model}", "train.steps=20",
-            "train.batch_size=32", "train.val_every=0", "train.checkpoint_every=0",
-            "train.progress=false", "data.num_workers=0"]  # fmt: skip
+    sets = [
+        f"data.train={corpus / 'train.jsonl'}",
+        f"output.dir={model}",
+        "train.steps=20",
+        "train.batch_size=32",
+        "train.val_every=0",
+        "train.checkpoint_every=0",
+        "train.progress=false",
+        "data.num_workers=0",
+    ]
     assert main(["pretrain", "avmnist", "--set", *sets]) == 0
-    small = ["resamples=100", f"corpora.avmnist.train={corpus / 'train.jsonl'}",
-             f"corpora.avmnist.test={corpus / 'test.jsonl'}", "finetune.epochs=5",
-             "tasks=[{kind: retrieval}, {kind: few_label, options: {shots: [1], seeds: 1}},"
-             " {kind: missing_modality}, {kind: calibration}]"]  # fmt: skip
+    small = [
+        "resamples=100",
+        f"corpora.avmnist.train={corpus / 'train.jsonl'}",
+        f"corpora.avmnist.test={corpus / 'test.jsonl'}",
+        "finetune.epochs=5",
+        "tasks=[{kind: retrieval}, {kind: few_label, options: {shots: [1], seeds: 1}},"
+        " {kind: missing_modality}, {kind: calibration}]",
+    ]
     out = tmp_path / "bench"
-    assert main(["benchmark", "avmnist", "--model", str(model), "--out", str(out),
-                 "--set", *small]) == 0  # fmt: skip
+    assert (
+        main(["benchmark", "avmnist", "--model", str(model), "--out", str(out), "--set", *small])
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     cell = report["models"]["model"]["corpora"]["avmnist"]
     assert "audio->image" in cell["tasks"]["retrieval"]["result"]["pairs"]

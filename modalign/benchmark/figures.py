@@ -84,7 +84,7 @@ def mean_of_seeds(per_seed: Sequence[np.ndarray], seed: int = 0) -> Figure:
 
 def accuracy_figure(accuracy: float, n: int, seed: int = 0) -> Figure:
     """The bootstrap of a 0/1 correctness vector depends only on (correct, n): rebuild it."""
-    correct = int(round(accuracy * n))
+    correct = round(accuracy * n)
     return bootstrap_mean(np.r_[np.ones(correct), np.zeros(n - correct)], seed=seed)
 
 

@@ -74,9 +74,15 @@ def reliability_png(bins: list[dict[str, Any]], png: Path) -> Path:
     """Reliability diagram: accuracy vs confidence per bin (bar width = bin), diagonal = ideal."""
     fig = _figure(4.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins],
-           width=[b["high"] - b["low"] for b in bins], align="edge", alpha=0.7,
-           edgecolor="k", label="accuracy")  # fmt: skip
+    ax.bar(
+        [b["low"] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["high"] - b["low"] for b in bins],
+        align="edge",
+        alpha=0.7,
+        edgecolor="k",
+        label="accuracy",
+    )
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")

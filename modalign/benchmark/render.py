@@ -15,9 +15,13 @@ __all__ = ["find_reports", "leaderboard", "report_markdown", "write_leaderboard"
 
 def report_markdown(report: dict[str, Any]) -> str:
     """Every model x corpus x task as a section; figures as ``value [95% CI]``."""
-    lines = [f"# Benchmark `{report['suite']}`", "",
-             f"95% bootstrap intervals ({report['resamples']} resamples, seed {report['seed']}); "
-             "n = items behind each figure.", ""]  # fmt: skip
+    lines = [
+        f"# Benchmark `{report['suite']}`",
+        "",
+        f"95% bootstrap intervals ({report['resamples']} resamples, seed {report['seed']}); "
+        "n = items behind each figure.",
+        "",
+    ]
     lines += ["## Summary", "", _summary(report), ""]
     for name, m in report["models"].items():
         for cname, cell in m["corpora"].items():
@@ -37,20 +41,30 @@ def _summary(report: dict[str, Any]) -> str:
 
 def _rows(report: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return [
-        {"suite": report["suite"], "model": name, "corpus": cname, "score": cell["score"],
-         "report": where, **cell["headline"]}
+        {
+            "suite": report["suite"],
+            "model": name,
+            "corpus": cname,
+            "score": cell["score"],
+            "report": where,
+            **cell["headline"],
+        }
         for name, m in report["models"].items()
         for cname, cell in m["corpora"].items()
-    ]  # fmt: skip
+    ]
 
 
 def _table(rows: list[dict[str, Any]], with_report: bool = False) -> str:
     fixed = ["suite", "corpus", "model", "score"] + (["report"] if with_report else [])
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in {*fixed, "report"}))
     rows = sorted(rows, key=lambda r: (r["suite"], r["corpus"], -_num(r["score"])))
-    return table(["rank", *fixed, *cols],
-                 [[i + 1, *(r.get(k) for k in fixed), *(r.get(k) for k in cols)]
-                  for i, r in enumerate(rows)])  # fmt: skip
+    return table(
+        ["rank", *fixed, *cols],
+        [
+            [i + 1, *(r.get(k) for k in fixed), *(r.get(k) for k in cols)]
+            for i, r in enumerate(rows)
+        ],
+    )
 
 
 def _num(v: Any) -> float:
@@ -77,8 +91,9 @@ def leaderboard(root: str | Path) -> tuple[list[dict[str, Any]], str]:
 
     rows: list[dict[str, Any]] = []
     for p in find_reports(root):
-        rep = read_json_meta(p, "benchmark report", "run modalign benchmark", REPORT_FORMAT,
-                             REPORT_VERSION)  # fmt: skip
+        rep = read_json_meta(
+            p, "benchmark report", "run modalign benchmark", REPORT_FORMAT, REPORT_VERSION
+        )
         rows += _rows(rep, str(p.parent.relative_to(root)) if p.parent != Path(root) else ".")
     text = "# Leaderboard\n\n" + (_table(rows, True) if rows else "(no reports found)") + "\n"
     return rows, text

@@ -57,8 +57,11 @@ def _run_cell(ctx: TaskContext, plots_dir: Path, plots: list[str]) -> dict[str, 
         t = time.perf_counter()
         log.info("%s / %s: %s", ctx.model_name, ctx.corpus_name, spec.name)
         result = task.run(ctx, spec.typed_options())
-        entry: dict[str, Any] = {"kind": spec.kind, "result": result,
-                                 "seconds": round(time.perf_counter() - t, 2)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "kind": spec.kind,
+            "result": result,
+            "seconds": round(time.perf_counter() - t, 2),
+        }
         if task.plot is not None:
             png = plots_dir / f"{ctx.model_name}-{ctx.corpus_name}-{spec.name}.png"
             made = task.plot(result, png)
@@ -93,18 +96,27 @@ def run_benchmark(
     with lock_dir(out, "benchmark report"), process_state_guard():
         plots_dir = out / "plots"
         plots: list[str] = []
-        report: dict[str, Any] = {"suite": suite.name, "seed": suite.seed,
-                                  "resamples": suite.resamples, "modalign_version": __version__,
-                                  "config": to_dict(suite), "models": {}}  # fmt: skip
+        report: dict[str, Any] = {
+            "suite": suite.name,
+            "seed": suite.seed,
+            "resamples": suite.resamples,
+            "modalign_version": __version__,
+            "config": to_dict(suite),
+            "models": {},
+        }
         for name, path in zip(model_names(models), models):
             model = load_bundle(path, device=device)
             cells = {
-                cname: _run_cell(TaskContext(model, name, cname, corpus, suite, plots_dir),
-                                 plots_dir, plots)  # fmt: skip
+                cname: _run_cell(
+                    TaskContext(model, name, cname, corpus, suite, plots_dir), plots_dir, plots
+                )
                 for cname, corpus in suite.corpora.items()
             }
-            report["models"][name] = {"path": str(Path(path).resolve()),
-                                      "fingerprint": model.fingerprint, "corpora": cells}  # fmt: skip
+            report["models"][name] = {
+                "path": str(Path(path).resolve()),
+                "fingerprint": model.fingerprint,
+                "corpora": cells,
+            }
         report["plots"] = plots
         report["wall_s"] = round(time.perf_counter() - started, 2)
         from modalign.benchmark.render import report_markdown

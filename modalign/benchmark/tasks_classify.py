@@ -44,8 +44,9 @@ def run_few_label(ctx: Any, opts: FewLabelOptions) -> dict[str, Any]:
                 per_seed = []
                 for s in range(opts.seeds):
                     seed = ctx.seed + s
-                    cfg = ctx.finetune_cfg(head=head, pseudo_label=pl, labels_per_class=k,
-                                           label_seed=seed, seed=seed)  # fmt: skip
+                    cfg = ctx.finetune_cfg(
+                        head=head, pseudo_label=pl, labels_per_class=k, label_seed=seed, seed=seed
+                    )
                     per_seed.append(_test_correct(ctx, ctx.train_few_label(cfg)))
                 fig = mean_of_seeds(per_seed, ctx.seed).to_dict()
                 fig["seeds"] = [float(p.mean()) for p in per_seed]
@@ -55,12 +56,19 @@ def run_few_label(ctx: Any, opts: FewLabelOptions) -> dict[str, Any]:
 
 def _few_label_md(r: dict[str, Any]) -> str:
     body = [
-        [x["head"], x["pseudo_label"], x["shots"], fmt_figure(x["accuracy"]),
-         " ".join(f"{v:.3f}" for v in x["accuracy"]["seeds"]), x["accuracy"]["n"]]
+        [
+            x["head"],
+            x["pseudo_label"],
+            x["shots"],
+            fmt_figure(x["accuracy"]),
+            " ".join(f"{v:.3f}" for v in x["accuracy"]["seeds"]),
+            x["accuracy"]["n"],
+        ]
         for x in r["rows"]
-    ]  # fmt: skip
-    return table(["head", "pseudo-labels", "labels/class", "accuracy [95% CI]", "per seed", "n"],
-                 body)  # fmt: skip
+    ]
+    return table(
+        ["head", "pseudo-labels", "labels/class", "accuracy [95% CI]", "per seed", "n"], body
+    )
 
 
 def _few_label_headline(r: dict[str, Any]) -> dict[str, float]:
@@ -172,8 +180,11 @@ def run_missing(ctx: Any, opts: MissingOptions) -> dict[str, Any]:
 
 
 def _describe(cfg: Any) -> dict[str, Any]:
-    return {"head": cfg.head.kind, "labels_per_class": cfg.labels_per_class,
-            "pseudo_label": cfg.pseudo_label}  # fmt: skip
+    return {
+        "head": cfg.head.kind,
+        "labels_per_class": cfg.labels_per_class,
+        "pseudo_label": cfg.pseudo_label,
+    }
 
 
 def _missing_md(r: dict[str, Any]) -> str:

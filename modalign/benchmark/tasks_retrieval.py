@@ -60,8 +60,9 @@ def run_retrieval(ctx: Any, opts: RetrievalOptions) -> dict[str, Any]:
             )
             if not len(per["map"]):
                 continue
-            pairs[f"{qm}->{gm}"] = {k: bootstrap_mean(v, ctx.seed, ctx.resamples).to_dict()
-                                    for k, v in per.items()}  # fmt: skip
+            pairs[f"{qm}->{gm}"] = {
+                k: bootstrap_mean(v, ctx.seed, ctx.resamples).to_dict() for k, v in per.items()
+            }
     return {"level": used, "pairs": pairs, "examples": _examples(emb)}
 
 
@@ -119,9 +120,10 @@ def run_zero_shot(ctx: Any, opts: ZeroShotOptions) -> dict[str, Any]:
         return {"skipped": f"the model has no {opts.text_modality!r} tower", "accuracy": {}}
     test, names = ctx.labeled("test")
     classes = class_prompt_embeddings(
-        lambda p: ctx.model.encode(**{opts.text_modality: p})[opts.text_modality], names,
+        lambda p: ctx.model.encode(**{opts.text_modality: p})[opts.text_modality],
+        names,
         list(opts.prompts),
-    )  # fmt: skip
+    )
     acc: dict[str, Any] = {}
     views = {m: (test.x[m], test.present[m]) for m in test.x}
     views["fused"] = (fused_embedding(test), torch.stack(list(test.present.values())).any(0))

@@ -29,8 +29,14 @@ def run_noise(ctx: Any, opts: NoiseOptions) -> dict[str, Any]:
     clf = ctx.reference_classifier()
     curves = {}
     for m in clf.inputs:
-        c = noise_curve(clf, ctx.corpus.test, m, list(opts.levels), seed=ctx.seed,
-                        max_items=opts.max_items or None)  # fmt: skip
+        c = noise_curve(
+            clf,
+            ctx.corpus.test,
+            m,
+            list(opts.levels),
+            seed=ctx.seed,
+            max_items=opts.max_items or None,
+        )
         curves[m] = {
             "levels": c["levels"],
             "accuracy": [accuracy_figure(a, c["items"], ctx.seed).to_dict() for a in c["accuracy"]],
@@ -63,8 +69,12 @@ def _curves_plot(key: str, xlabel: str) -> Any:
 
 TASKS.add(
     "noise",
-    Task(run_noise, lambda r: _curve_md(r, "levels", "noise level"), _noise_headline,
-         _curves_plot("levels", "noise level (modality units)")),  # fmt: skip
+    Task(
+        run_noise,
+        lambda r: _curve_md(r, "levels", "noise level"),
+        _noise_headline,
+        _curves_plot("levels", "noise level (modality units)"),
+    ),
     NoiseOptions,
 )
 
@@ -84,12 +94,21 @@ def run_adversarial(ctx: Any, opts: AdversarialOptions) -> dict[str, Any]:
     curves = {}
     for attack in opts.attacks:
         for m in clf.inputs:
-            c = adversarial(clf, ctx.corpus.test, m, list(opts.eps), attack=attack,
-                            steps=opts.steps, max_items=opts.max_items, seed=ctx.seed)  # fmt: skip
+            c = adversarial(
+                clf,
+                ctx.corpus.test,
+                m,
+                list(opts.eps),
+                attack=attack,
+                steps=opts.steps,
+                max_items=opts.max_items,
+                seed=ctx.seed,
+            )
             curves[f"{attack}:{m}"] = {
                 "eps": c["eps"],
-                "accuracy": [accuracy_figure(a, c["items"], ctx.seed).to_dict()
-                             for a in c["accuracy"]],  # fmt: skip
+                "accuracy": [
+                    accuracy_figure(a, c["items"], ctx.seed).to_dict() for a in c["accuracy"]
+                ],
             }
     return {"curves": curves}
 
@@ -100,7 +119,11 @@ def _adv_headline(r: dict[str, Any]) -> dict[str, float]:
 
 TASKS.add(
     "adversarial",
-    Task(run_adversarial, lambda r: _curve_md(r, "eps", "eps"), _adv_headline,
-         _curves_plot("eps", "L-inf eps (input units)")),  # fmt: skip
+    Task(
+        run_adversarial,
+        lambda r: _curve_md(r, "eps", "eps"),
+        _adv_headline,
+        _curves_plot("eps", "L-inf eps (input units)"),
+    ),
     AdversarialOptions,
 )

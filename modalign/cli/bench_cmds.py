@@ -52,8 +52,11 @@ def add_benchmark(sub: Any) -> None:
         help="run a benchmark suite on model bundles (report.json/md, plots); "
         "`benchmark leaderboard DIR` merges reports",
     )
-    p.add_argument("suite", metavar="SUITE",
-                   help="suite YAML or built-in name (demo, avmnist, cifar10), or 'leaderboard'")  # fmt: skip
+    p.add_argument(
+        "suite",
+        metavar="SUITE",
+        help="suite YAML or built-in name (demo, avmnist, cifar10), or 'leaderboard'",
+    )
     p.add_argument("folder", nargs="?", metavar="DIR", help="(leaderboard) folder of reports")
     p.add_argument("--model", action="append", metavar="BUNDLE", help="model bundle (repeatable)")
     p.add_argument("--out", help="report folder (default runs/benchmark/SUITE); leaderboard: file")

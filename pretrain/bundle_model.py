@@ -17,11 +17,10 @@ from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.model import MultimodalEncoder
 
 
-def _as_source(spec: ModalitySpec, value: Any) -> Any:
+def _as_source(value: Any) -> Any:
     """A value ``spec.load`` accepts: paths/bytes/inline values pass; in-memory objects adapt.
 
-    A PIL image becomes PNG bytes; an array is an already-decoded value, fitted to the spec's
-    placeholder shape (a 1-D signal is centre-cropped/padded to the placeholder's length).
+    A PIL image becomes PNG bytes (arrays are handled by :func:`_from_array`).
     """
     from PIL import Image
 
@@ -137,4 +136,4 @@ class BundleModel:
         spec = self.modality_specs()[modality]
         if isinstance(value, np.ndarray):
             return _from_array(spec, value)
-        return spec.load(_as_source(spec, value), False, np.random.default_rng(0))
+        return spec.load(_as_source(value), False, np.random.default_rng(0))

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from modalign.cli.bench_cmds import add_benchmark
 from modalign.cli.corpus_cmds import add_embed, add_index_group
 from modalign.cli.data_cmds import add_data_group, add_demo
 from modalign.cli.eval_cmds import add_evaluate_group, add_predict
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_demo, add_data_group, add_train_group, add_embed, add_index_group,
-                add_search, add_evaluate_group, add_predict):  # fmt: skip
+                add_search, add_evaluate_group, add_predict, add_benchmark):  # fmt: skip
         add(sub)
     return parser
 

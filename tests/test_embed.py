@@ -56,6 +56,8 @@ def test_manifest_and_shards_embed_alike_and_max_items(tmp_path: Path) -> None:
     assert a["text"].values[0] == "caption number 0" == b["text"].values[0]
     few, _ = embed_source(HashModel(), manifest, batch_size=4, max_items=6)
     assert few["text"].ids == [f"t{i}" for i in range(6)]
+    augmented, _ = embed_source(HashModel(), manifest, batch_size=4, train=True)
+    assert augmented["text"].ids == a["text"].ids  # training transforms, still in file order
 
 
 def test_shards_resume_and_refuse_another_source(tmp_path: Path) -> None:

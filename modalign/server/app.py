@@ -9,6 +9,7 @@ app's lifespan. ``serve(...)`` runs it on uvicorn.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -101,6 +102,10 @@ def serve(
     check_bind(settings)
     torch.set_num_threads(max(1, torch_threads))
     faiss.omp_set_num_threads(1)
+    # The loaded index is millions of long-lived objects (item records); without this every
+    # full collection walks them all, a pause of tens of ms in the middle of a query.
+    gc.collect()
+    gc.freeze()
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app,

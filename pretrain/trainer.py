@@ -87,6 +87,9 @@ class _Run:
     position: int
     last_ckpt: Path | None
     evaluate: Evaluate | None = None
+    passed_specs: Mapping[str, ModalitySpec] | None = (
+        None  # specs given to pretrain(), not registered
+    )
 
     @property
     def state(self) -> train_state.TrainState:
@@ -204,7 +207,7 @@ def _setup(
         run_log.start_live_log(out_dir, start_step if resume_dir is not None else None)
     return _Run(
         cfg, accelerator, task, core, optimizer, scheduler, specs, built, out_dir,
-        start_step, position, resume_dir,
+        start_step, position, resume_dir, passed_specs=modalities,
     )  # fmt: skip
 
 
@@ -330,7 +333,8 @@ def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
             run.core.encoder,
             cfg,
             run.built.image_preset,
-            extra={"step": cfg.train.steps, "external": run.built.external},
+            extra={"step": cfg.train.steps},
+            modalities=run.passed_specs,
         )
         atomic_write_text(run.out_dir / "run_config.yaml", dump_yaml(cfg))
         run_log.publish_metrics(

@@ -93,6 +93,10 @@ class Registry(Generic[F]):
         doc = (getattr(factory, "__doc__", None) or "").strip().split("\n")[0]
         self._entries[name] = Entry(name, factory, options, provider, version, doc)
 
+    def remove(self, name: str) -> None:
+        """Forget an entry (tests and notebooks that register temporary entries)."""
+        self._entries.pop(name, None)
+
     # -- looking up ---------------------------------------------------------------------
     def _load_entry_points(self) -> None:
         if self._loaded_entry_points or not self.group:

@@ -1,4 +1,5 @@
-"""Issue 10: SIGKILL sweep. Pretraining with augmentation on (SpecAugment, random resized
+"""Issue 10: SIGKILL sweep. Pretraining image+audio+text (frozen, cached text tower) with
+augmentation on (SpecAugment, random resized
 crops and flips on images, dropout) is killed at several points, resumed with ``--resume``,
 and must end with exactly the weights of the uninterrupted run (bit for bit)."""
 
@@ -27,7 +28,7 @@ STEPS = 4
 def _overrides(manifest: Path, out: Path) -> list[str]:
     return [
         *tiny_overrides(manifest, out, steps=STEPS, batch=8),
-        "model.modalities=[image,audio]",
+        "model.modalities=[image,audio,text]",
         "model.towers.image.drop_rate=0.2",
         "data.audio.spec_augment=true",
         "data.audio.freq_mask=4",

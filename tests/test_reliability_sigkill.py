@@ -1,7 +1,7 @@
 """Issue 10: SIGKILL sweep. Pretraining image+audio+text (frozen, cached text tower) with
-augmentation on (SpecAugment, random resized
-crops and flips on images, dropout) is killed at several points, resumed with ``--resume``,
-and must end with exactly the weights of the uninterrupted run (bit for bit)."""
+augmentation on (SpecAugment, random resized crops and flips on images, dropout) is killed at
+several points, resumed with ``--resume``, and must end with exactly the weights of the
+uninterrupted run (bit for bit)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,66 @@
+"""The pretraining objective: short runs scored (and pruned) on validation recall.
+
+Each trial pretrains into ``STUDY/trials/N`` with the suggested keys; the trainer's
+``evaluate`` callback (every ``train.val_every`` steps) scores ``data.val`` with the same
+metrics as ``modalign evaluate retrieval``, reports the mean Recall@1 over modality pairs to
+Optuna and stops the run when the pruner says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modalign.core.errors import UserInputError
+from modalign.tune.finetune_stage import config_with
+
+__all__ = ["PretrainObjective", "mean_recall"]
+
+
+def mean_recall(metrics: dict[str, Any], k: int = 1) -> float:
+    vals = [m[f"recall@{k}"] for m in metrics.values() if f"recall@{k}" in m]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+@dataclass
+class PretrainObjective:
+    base_tree: dict[str, Any]
+    space: Any
+    study_dir: Path
+
+    def check(self) -> None:
+        cfg = config_with(self.base_tree, {})
+        if not cfg.data.val or cfg.train.val_every < 1:
+            raise UserInputError(
+                "tune --stage pretrain needs data.val (a validation split, not the test set) "
+                "and train.val_every >= 1 (pruning reads validation recall)"
+            )
+
+    def params(self, trial: Any) -> dict[str, Any]:
+        return self.space.suggest(trial)
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        from modalign.retrieval.evaluate import make_validator
+        from modalign.training import run_pretrain
+
+        params = self.params(trial)
+        out = self.study_dir / "trials" / f"{trial.number:04d}"
+        cfg = config_with(self.base_tree, {**params, "output.dir": str(out)})
+        validate = make_validator(cfg.data.val)
+        last = {"value": 0.0}
+
+        def evaluate(view: Any, step: int) -> dict[str, Any]:
+            metrics = validate(view, step)
+            last["value"] = mean_recall(metrics)
+            trial.report(last["value"], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+            return metrics
+
+        run_pretrain(cfg, resume=None, evaluate=evaluate)
+        return last["value"]

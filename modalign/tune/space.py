@@ -1,0 +1,81 @@
+"""Search spaces: fine-tuning keys (heads' options from the head registry) and pretraining keys.
+
+A space turns an Optuna trial into ``--set``-style overrides (``{"finetune.lr": 0.001, ...}``),
+so the best trial is written back as a config ``modalign finetune``/``pretrain`` accepts as is.
+Head options come from each head's options dataclass: ints from a x2 grid around the default,
+floats from a range around it, bools both ways; other types keep their default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from modalign.finetune.heads import HEADS
+
+__all__ = ["FinetuneSpace", "PretrainSpace", "head_option_params"]
+
+
+def _suggest_field(trial: Any, name: str, f: dataclasses.Field, default: Any) -> Any:
+    if isinstance(default, bool):
+        return trial.suggest_categorical(name, [True, False])
+    if isinstance(default, int) and default >= 1:
+        grid = sorted({max(1, default // 4), max(1, default // 2), default, default * 2})
+        return trial.suggest_categorical(name, grid)
+    if isinstance(default, float) and 0.0 <= default < 1.0:
+        return trial.suggest_float(name, 0.0, min(0.6, max(0.3, 3 * default)))
+    if isinstance(default, float) and default >= 1.0:
+        return trial.suggest_float(name, default / 4, default * 4, log=True)
+    return default
+
+
+def head_option_params(trial: Any, kind: str) -> dict[str, Any]:
+    """Every option of head ``kind`` suggested from its dataclass field (named per kind)."""
+    cls = HEADS.get(kind).options
+    defaults = cls()
+    return {
+        f.name: _suggest_field(trial, f"head.{kind}.{f.name}", f, getattr(defaults, f.name))
+        for f in dataclasses.fields(cls)
+    }
+
+
+@dataclass(frozen=True)
+class FinetuneSpace:
+    heads: list[str] = field(default_factory=list)  # [] = every registered head
+    pseudo_labels: list[str] = field(default_factory=lambda: ["none", "zero_shot", "knn"])
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        kind = trial.suggest_categorical("head", list(self.heads) or HEADS.names())
+        pl = trial.suggest_categorical("pseudo_label", list(self.pseudo_labels))
+        out: dict[str, Any] = {
+            "finetune.head": {"kind": kind, "options": head_option_params(trial, kind)},
+            "finetune.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+            "finetune.weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+            "finetune.epochs": trial.suggest_int("epochs", 10, 120, step=10),
+            "finetune.modality_dropout": trial.suggest_float("modality_dropout", 0.0, 0.6),
+            "finetune.pseudo_label": pl,
+        }
+        if pl != "none":
+            out["finetune.threshold"] = trial.suggest_float("threshold", 0.0, 0.95)
+        return out
+
+
+@dataclass(frozen=True)
+class PretrainSpace:
+    embed_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        aug = trial.suggest_float("augmentation", 0.0, 1.0)
+        return {
+            "optim.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+            "loss.init_temperature": trial.suggest_float("init_temperature", 0.02, 0.2, log=True),
+            "model.embed_dim": trial.suggest_categorical("embed_dim", list(self.embed_dims)),
+            "train.batch_size": trial.suggest_categorical("batch_size", list(self.batch_sizes)),
+            # one strength in [0, 1] drives every augmentation knob
+            "data.image.train_scale_min": round(1.0 - 0.7 * aug, 3),
+            "data.audio.spec_augment": aug > 0.05,
+            "data.audio.freq_mask": round(12 * aug),
+            "data.audio.time_mask": round(12 * aug),
+        }

@@ -1,0 +1,125 @@
+"""``run_tune``: open or resume the Optuna study in a folder, run trials, write the outputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modalign.core.artifact import lock_dir
+from modalign.core.errors import UserInputError
+from modalign.tune.budget import Budget
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STAGES", "TuneResult", "make_sampler", "run_tune"]
+
+STAGES = ("finetune", "pretrain")
+
+
+@dataclass
+class TuneResult:
+    study_dir: Path
+    stage: str
+    best_value: float
+    best_params: dict[str, Any]  # the config keys of the best trial
+    trials: int  # finished trials in the study (this run and earlier ones)
+    new_trials: int
+    files: dict[str, str]
+
+
+def make_sampler(kind: str, seed: int) -> Any:
+    import optuna
+
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}  # fmt: skip
+    if kind not in samplers:
+        raise UserInputError(f"--sampler {kind!r}: valid samplers are {', '.join(samplers)}")
+    return samplers[kind]()
+
+
+def _pruner(kind: str) -> Any:
+    import optuna
+
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
+               "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+               "none": lambda: optuna.pruners.NopPruner()}  # fmt: skip
+    if kind not in pruners:
+        raise UserInputError(f"--pruner {kind!r}: valid pruners are {', '.join(pruners)}")
+    return pruners[kind]()
+
+
+def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
+               val_per_class: int) -> Any:  # fmt: skip
+    from modalign.tune.finetune_stage import (
+        FinetuneObjective,
+        default_tree,
+        load_finetune_data,
+        usable_labelers,
+    )
+    from modalign.tune.pretrain_stage import PretrainObjective
+    from modalign.tune.space import FinetuneSpace, PretrainSpace
+
+    tree = default_tree(config, overrides)
+    if stage == "pretrain":
+        obj = PretrainObjective(tree, PretrainSpace(), study_dir)
+        obj.check()
+        return obj
+    from modalign.config import load_config
+
+    cfg = load_config(config, overrides).finetune
+    data = load_finetune_data(cfg, val_per_class)
+    labelers = usable_labelers(list(FinetuneSpace().pseudo_labels), cfg, data.model)
+    return FinetuneObjective(tree, data, FinetuneSpace(pseudo_labels=labelers))
+
+
+def run_tune(
+    config: str,
+    budget: Budget,
+    study_dir: str | Path,
+    stage: str = "finetune",
+    overrides: list[str] | tuple[str, ...] = (),
+    sampler: str = "tpe",
+    pruner: str = "median",
+    seed: int = 0,
+    val_per_class: int = 5,
+) -> TuneResult:
+    """Run (or resume) the study in ``study_dir`` until ``budget``; write best.yaml and friends.
+
+    Trial counts in ``budget`` are the study's total: a resumed study runs only the rest.
+    Every trial runs inside ``process_state_guard`` (the process is left as found).
+    """
+    import optuna
+
+    from modalign.pretrain.process_state import process_state_guard
+    from modalign.tune.outputs import write_outputs
+
+    if stage not in STAGES:
+        raise UserInputError(f"--stage {stage!r}: valid stages are {', '.join(STAGES)}")
+    study_dir = Path(study_dir)
+    with lock_dir(study_dir, "tuning study"):
+        objective = _objective(stage, config, list(overrides), study_dir, val_per_class)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            study_name=stage, storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
+            load_if_exists=True, direction="maximize", sampler=make_sampler(sampler, seed),
+            pruner=_pruner(pruner),
+        )  # fmt: skip
+        done = len([t for t in study.trials if t.state.is_finished()])
+        todo = None if budget.trials is None else max(0, budget.trials - done)
+
+        def guarded(trial: Any) -> float:
+            with process_state_guard():
+                # suggesting twice under one name returns the same value: the objective's
+                # own suggestions match the config recorded here
+                trial.set_user_attr("config", objective.params(trial))
+                return objective(trial)
+
+        if todo != 0:
+            study.optimize(guarded, n_trials=todo, timeout=budget.seconds, catch=())
+        files = write_outputs(study, config, list(overrides), study_dir)
+        best = study.best_trial
+        finished = len([t for t in study.trials if t.state.is_finished()])
+    return TuneResult(study_dir, stage, float(best.value), best.user_attrs["config"], finished,
+                      finished - done, files)  # fmt: skip

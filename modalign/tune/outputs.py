@@ -53,8 +53,12 @@ def _importances_png(study: Any, png: Path) -> Path | None:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
         return None
+    import warnings
+
     try:
-        imp = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "few trials per regime" on small studies
+            imp = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):
         return None
     if not imp:
@@ -63,7 +67,7 @@ def _importances_png(study: Any, png: Path) -> Path | None:
     ax = fig.add_subplot(1, 1, 1)
     names = list(imp)[::-1]
     ax.barh(names, [imp[n] for n in names])
-    ax.set_xlabel("importance (fANOVA)")
+    ax.set_xlabel("parameter importance (optuna default evaluator)")
     return save_png(fig, png)
 
 

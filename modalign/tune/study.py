@@ -63,7 +63,11 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
 
     tree = default_tree(config, overrides)
     if stage == "pretrain":
-        obj = PretrainObjective(tree, PretrainSpace(), study_dir)
+        d, b = tree["model"]["embed_dim"], tree["train"]["batch_size"]
+        space = PretrainSpace(  # around the config's own sizes
+            embed_dims=sorted({max(8, d // 2), d, d * 2}), batch_sizes=sorted({max(2, b // 2), b})
+        )
+        obj = PretrainObjective(tree, space, study_dir)
         obj.check()
         return obj
     from modalign.config import load_config

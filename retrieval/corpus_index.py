@@ -162,8 +162,12 @@ class CorpusIndex:
         self.root, self.meta, self.indexes, self.items = root, meta, indexes, items
 
     @classmethod
-    def open(cls, directory: str | Path, expected_fingerprint: str | None = None) -> CorpusIndex:
-        """Load an index directory; every modality folder name is checked before it is read."""
+    def open(
+        cls, directory: str | Path, expected_fingerprint: str | None = None, mmap: bool = False
+    ) -> CorpusIndex:
+        """Load an index directory; every modality folder name is checked before it is read.
+
+        ``mmap=True`` maps each FAISS index read-only instead of reading it into RAM."""
         root = Path(directory)
         meta_file = root / META_FILE
         meta = read_json_meta(meta_file, "modalign index", "build one with `modalign index build`")
@@ -176,7 +180,7 @@ class CorpusIndex:
         for m in modalities:
             _check_folder_name(m, meta_file, "modalities")
         indexes = {
-            m: VectorIndex.load(root / m, expected_fingerprint=meta.get("fingerprint"))
+            m: VectorIndex.load(root / m, expected_fingerprint=meta.get("fingerprint"), mmap=mmap)
             for m in modalities
         }
         index = cls(root, meta, indexes, _read_items(root / ITEMS_FILE))

@@ -70,6 +70,14 @@ def source_identity(src: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def rank_device(device: str, local_rank: int) -> str:
+    """This process's device under ``accelerate launch``: ``cuda`` -> ``cuda:LOCAL_RANK``.
+
+    An explicit ``cuda:N`` or ``cpu`` is kept as given.
+    """
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
 def _check_key(out: Path, key: dict[str, Any]) -> None:
     meta_path = out / META
     if not meta_path.is_file():

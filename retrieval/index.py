@@ -37,7 +37,13 @@ from modalign.retrieval.index_store import (
     read_index_dir,
     save_index_dir,
 )
-from modalign.retrieval.index_tuning import GPU_MAX_K, apply_params, tunable_param, tune
+from modalign.retrieval.index_tuning import (
+    GPU_MAX_K,
+    apply_params,
+    tunable_param,
+    tune_on,
+    tuning_set,
+)
 
 __all__ = [
     "BuildStats",
@@ -182,9 +188,8 @@ class VectorIndex:
         stats.train_seconds = _timed(lambda: self._train(x, size, seed))
         stats.add_seconds = _timed(lambda: self.add(x, ids))
         if knob is not None and len(x) > 1:
-            stats.tune_seconds = _timed(
-                lambda: self._tune(x, knob, target_recall, seed, tuning_queries)
-            )
+            tset = lambda: tuning_set(x, self.metric, seed, tuning_queries)  # noqa: E731
+            stats.tune_seconds = _timed(lambda: self.tune_with(tset(), knob, target_recall))
 
     @property
     def dim(self) -> int:
@@ -199,10 +204,14 @@ class VectorIndex:
         """Item ids in FAISS row order (a copy)."""
         return list(self._ids)
 
-    def add(self, embeddings: np.ndarray, ids: Sequence[str]) -> None:
-        """Append vectors to the index without retraining or rebuilding it."""
+    def add(self, embeddings: np.ndarray, ids: Sequence[str], *, new: bool = False) -> None:
+        """Append vectors to the index without retraining or rebuilding it.
+
+        ``new=True``: the caller has checked that ``ids`` are unique and not yet in the index
+        (a chunked build checks all ids once instead of once per chunk).
+        """
         x = _as_vectors(embeddings, "embeddings", self.dim)
-        new_ids = _check_ids(ids, len(x), existing=self._ids)
+        new_ids = _check_ids(ids, len(x), existing=() if new else self._ids)
         self._index.add(x)
         self._ids.extend(new_ids)
 
@@ -252,15 +261,16 @@ class VectorIndex:
         directory: str | os.PathLike[str],
         expected_fingerprint: str | None = None,
         device: str = "cpu",
+        mmap: bool = False,
     ) -> VectorIndex:
-        """Load an index saved by :meth:`save`.
+        """Load an index saved by :meth:`save` (``mmap=True``: memory-mapped, read-only).
 
         Raises:
             IndexFileError: a file is missing, truncated or corrupt.
             IndexFingerprintError: ``expected_fingerprint`` is given and differs from the
                 fingerprint of the model the index was built with.
         """
-        index, ids, meta = read_index_dir(Path(directory), expected_fingerprint)
+        index, ids, meta = read_index_dir(Path(directory), expected_fingerprint, mmap)
         known = {f.name for f in fields(BuildStats)}
         stats = BuildStats(**{k: v for k, v in meta.get("build", {}).items() if k in known})
         return cls(index, ids, meta["factory"], meta["metric"], meta["fingerprint"], stats, device)
@@ -294,40 +304,36 @@ class VectorIndex:
         """Train on ``size`` random rows (k-means cost grows with the sample, not with N)."""
         if size == 0:
             return
-        rows = np.random.default_rng(seed).choice(len(x), size=size, replace=False)
+        self.train_on(x[train_rows(len(x), size, seed)])
+
+    def train_on(self, sample: np.ndarray) -> None:
+        """Train the (empty) index on ``sample`` rows; a UserInputError if FAISS refuses."""
+        size = len(sample)
         try:
-            self._index.train(x[np.sort(rows)])
+            self._index.train(sample)
         except RuntimeError as err:  # e.g. fewer training points than IVF lists
             raise UserInputError(
                 f"cannot train {self.factory!r} on {size} vectors ({err}); use a smaller "
                 "index (fewer IVF lists) or factory='auto'"
             ) from err
 
-    def _tune(
-        self,
-        x: np.ndarray,
-        knob: tuple[str, int],
+    def tune_with(
+        self, tset: tuple[np.ndarray, np.ndarray, np.ndarray], knob: tuple[str, int],
         target_recall: float,
-        seed: int,
-        tuning_queries: np.ndarray | None,
-    ) -> None:
-        """Pick the smallest nprobe / efSearch reaching ``target_recall`` recall@10."""
+    ) -> None:  # fmt: skip
+        """Pick the smallest nprobe / efSearch reaching ``target_recall`` recall@10 on ``tset``
+        (queries, their exact top-k, own rows: :func:`~.index_tuning.tuning_set`)."""
         on_gpu = self._gpu_resources is not None
-        outcome = tune(
-            self._index,
-            x,
-            knob,
-            self.metric,
-            target_recall,
-            seed,
-            tuning_queries,
-            on_gpu,
-            self.factory,
-        )
+        outcome = tune_on(self._index, tset, knob, target_recall, on_gpu, self.factory)
         self.stats.search_params = outcome.params
         self.stats.target_recall = target_recall
         self.stats.measured_recall = outcome.measured_recall
         self.stats.tune_queries = outcome.queries
+
+
+def train_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted random rows of the training sample (the same for in-RAM and chunked builds)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
 def _timed(fn: Callable[[], Any]) -> float:

@@ -81,14 +81,18 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def read_index_dir(
-    directory: Path, expected_fingerprint: str | None
+    directory: Path, expected_fingerprint: str | None, mmap: bool = False
 ) -> tuple[faiss.Index, list[str], dict[str, Any]]:
-    """(CPU index, ids, metadata) of a saved index, every file verified against index.json."""
+    """(CPU index, ids, metadata) of a saved index, every file verified against index.json.
+
+    ``mmap=True`` maps ``index.faiss`` read-only (``IO_FLAG_MMAP | IO_FLAG_READ_ONLY``): the
+    codes stay in the page cache, shared by every process that maps the same file.
+    """
     path = resolve_dir(Path(directory))
     meta = read_meta(path / META_FILE)
     check_fingerprint(path, meta, expected_fingerprint)
     ids = _read_ids(path / IDS_FILE, meta)
-    index = _read_index(path / INDEX_FILE, meta)
+    index = _read_index(path / INDEX_FILE, meta, mmap)
     if index.ntotal != len(ids) or index.d != meta["dim"]:
         raise IndexFileError(
             f"{path / INDEX_FILE} holds {index.ntotal} vectors of dim {index.d} but "
@@ -181,10 +185,11 @@ def _read_ids(path: Path, meta: dict[str, Any]) -> list[str]:
     return ids
 
 
-def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
+def _read_index(path: Path, meta: dict[str, Any], mmap: bool = False) -> faiss.Index:
     _verify_file(path, meta)
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), flags)
     except RuntimeError as err:
         raise IndexFileError(f"{path} cannot be read by FAISS ({err}); rebuild the index") from err
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from modalign.retrieval.index_factory import METRICS
 
-__all__ = ["TuneOutcome", "apply_params", "tunable_param", "tune"]
+__all__ = ["TuneOutcome", "apply_params", "tunable_param", "tune", "tune_on"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,23 @@ def tune(
     what: str = "index",
 ) -> TuneOutcome:
     """Pick the smallest ``knob`` value reaching ``target_recall`` recall@10; leave it set."""
+    tset = tuning_set(x, metric, seed, tuning_queries)
+    return tune_on(index, tset, knob, target_recall, on_gpu, what)
+
+
+def tune_on(
+    index: faiss.Index,
+    tset: tuple[np.ndarray, np.ndarray, np.ndarray],
+    knob: tuple[str, int],
+    target_recall: float,
+    on_gpu: bool,
+    what: str = "index",
+) -> TuneOutcome:
+    """:func:`tune` on a prepared ``(queries, exact top-k, own rows)`` tuning set."""
     name, max_value = knob
     if on_gpu:
         max_value = min(max_value, GPU_MAX_K)  # GPU IVF kernels cap nprobe like k
-    queries, truth, self_rows = tuning_set(x, metric, seed, tuning_queries)
+    queries, truth, self_rows = tset
 
     def recall(value: int) -> float:
         apply_params(index, {name: value}, on_gpu)
@@ -105,19 +118,23 @@ def tuning_set(
     points instead would overstate recall (their neighbourhood is the source's neighbourhood).
     """
     if queries is None:
-        rows = np.random.default_rng(seed + 1).choice(
-            len(x), size=min(TUNE_QUERIES, len(x)), replace=False
-        )
-        queries = x[np.sort(rows)]
-        rows = np.sort(rows)
+        rows = tuning_rows(len(x), seed)
+        queries = x[rows]
     else:
         rows = np.full(len(queries), -1, dtype=np.int64)
     k = min(TUNE_K, len(x) - int(rows[0] >= 0))
     _, truth = faiss.knn(queries, x, k + 1, metric=METRICS[metric])
-    return queries, _drop_rows(truth, rows, k), rows
+    return queries, drop_rows(truth, rows, k), rows
 
 
-def _drop_rows(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+def tuning_rows(n: int, seed: int) -> np.ndarray:
+    """Sorted corpus rows used as leave-one-out tuning queries (the same for any storage)."""
+    return np.sort(
+        np.random.default_rng(seed + 1).choice(n, size=min(TUNE_QUERIES, n), replace=False)
+    )
+
+
+def drop_rows(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """Per query, remove its own source row from ``labels`` and keep the first k."""
     out = np.full((len(labels), k), -1, dtype=np.int64)
     for i, (row, own) in enumerate(zip(labels, rows)):
@@ -132,7 +149,7 @@ def recall_at_k(
     """Mean fraction of the exact top-k found in the approximate top-k."""
     k = truth.shape[1]
     _, found = index.search(queries, k + 1)
-    found = _drop_rows(found, rows, k)
+    found = drop_rows(found, rows, k)
     valid = truth >= 0
     hits = (found[:, :, None] == truth[:, None, :]).any(axis=1) & valid
     return float(hits.sum() / max(1, valid.sum()))

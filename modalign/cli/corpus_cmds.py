@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ log = logging.getLogger("modalign")
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.pretrain.bundle import load_bundle
-    from modalign.retrieval.embed_shards import write_embedding_shards
+    from modalign.retrieval.embed_shards import rank_device, write_embedding_shards
 
     rank, size = launch_world()
-    model = load_bundle(args.model, device=args.device)
+    device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    model = load_bundle(args.model, device=device)
     result = write_embedding_shards(
         model,
         args.data,
@@ -51,7 +53,16 @@ def _embeddings(args: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
 
 def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.retrieval.corpus_index import build_corpus_index
+    from modalign.retrieval.index_from_shards import build_corpus_index_from_shards
 
+    if args.embeddings:  # from disk, shard by shard: memory bounded by the index
+        stats, fingerprint = build_corpus_index_from_shards(
+            args.embeddings, args.out, factory=args.factory, device=args.device,
+            memory_budget_bytes=args.memory_budget, target_recall=args.target_recall,
+        )  # fmt: skip
+        result = {"out": args.out, "fingerprint": fingerprint, "modalities": stats}
+        emit(args, result)
+        return result
     emb, fingerprint, model_path = _embeddings(args)
     stats = build_corpus_index(
         emb,

@@ -61,7 +61,7 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.retrieval.corpus_index import CorpusIndex
 
     queries = parse_queries(args)
-    index = CorpusIndex.open(args.index)
+    index = CorpusIndex.open(args.index, mmap=args.mmap)
     model_path = args.model or index.meta.get("model")
     if not model_path:
         raise UserInputError(f"{args.index} does not record its model; pass --model DIR")
@@ -94,6 +94,9 @@ def add_search(sub: Any) -> None:
     for m in SUGAR:
         p.add_argument(f"--{m}", help=f"shorthand for --query {m}=VALUE")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument(
+        "--mmap", action="store_true", help="map the index read-only instead of loading it in RAM"
+    )
     p.add_argument(
         "--target", action="append", help="modality to search (repeatable; default: all others)"
     )

@@ -10,9 +10,9 @@ column     rule
            (``"1"``), so ``1`` and ``1.0`` are one class. Absent, null, ``""`` or only
            whitespace: unlabeled, in every format. A boolean, a fractional float, a list or an
            object is an error naming the row.
-inline     (``text``) a string. Absent, null or ``""``: the row lacks that modality. Anything
-           else (a number, a boolean, a list of captions, an object) is an error naming the
-           row; write one row per caption. A string that is only whitespace is a counted
+inline     (``text``) a string; a number is its decimal text. Absent, null or ``""``: the row
+           lacks that modality. A boolean, a list of captions or an object is an error naming
+           the row; write one row per caption. A string that is only whitespace is a counted
            ``empty_text`` bad item when decoded.
 media      (``image``, ``audio``, ...) a path string, relative to the manifest's folder unless
            absolute; in Parquet also a bytes cell (the file's bytes, decoded as media) or a
@@ -73,9 +73,11 @@ def label_cell(value: Any, where: str) -> str | None:
 
 
 def inline_cell(value: Any, where: str, column: str) -> Any:
-    """An inline (text) cell: a string, or bytes decoded as UTF-8 (Parquet binary)."""
+    """An inline (text) cell: a string or a number, or bytes decoded as UTF-8 (Parquet binary)."""
     if isinstance(value, str | bytes):
         return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
     raise DataError(
         f"{where}: column {column!r} holds a {_kind(value)} ({_short(value)}); {column} must be "
         "a string (for several captions write one row per caption)"

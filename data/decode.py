@@ -255,12 +255,15 @@ def crop_or_pad(wave: np.ndarray, length: int, rng: np.random.Generator | None) 
 
 
 def decode_text(value: object) -> str:
-    """Text is carried inline; an empty or non-string caption is a bad item."""
+    """Text is carried inline; an empty caption is a bad item, and so is a value that is not
+    text (a list of captions, an object, a boolean: ``text_not_string``, never its repr)."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     if not isinstance(value, str):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             raise BadItem("empty_text")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadItem("text_not_string", f"{type(value).__name__}: {str(value)[:60]}")
         value = str(value)
     text = value.strip()
     if not text:

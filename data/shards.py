@@ -32,6 +32,7 @@ import numpy as np
 
 from modalign.core.errors import DataError
 from modalign.data.batch import BadRecord, Sample
+from modalign.data.columns import id_cell, label_cell
 from modalign.data.dataset import RawSource
 from modalign.data.decode import BadItem, decode_text
 from modalign.data.modality import ModalitySpec
@@ -280,8 +281,8 @@ def decode_shard_sample(
         modalities,
         train,
         np.random.default_rng([seed, epoch, stable_hash(url, key)]),
-        id=str(meta.get("id", key)),
-        label=_label(raw, meta),
+        id=_id(meta, key, where, problems),
+        label=_label(raw, meta, where, problems),
         index=position,
         where=where,
         meta={k: v for k, v in meta.items() if k not in ("id", "label")},
@@ -306,14 +307,30 @@ def _read_meta(raw: dict[str, Any], where: str, bad: list[BadRecord]) -> dict[st
     return meta if isinstance(meta, dict) else {}
 
 
-def _label(raw: dict[str, Any], meta: Mapping[str, Any]) -> str | None:
+def _id(meta: Mapping[str, Any], key: str, where: str, bad: list[BadRecord]) -> str:
+    """The json's ``id`` under the manifest ``id`` rule (else the key); a wrong type is counted."""
+    try:
+        return id_cell(meta.get("id"), where, key)
+    except DataError as exc:
+        bad.append(BadRecord(where, "json", "bad_id", str(exc)[:200]))
+        return key
+
+
+def _label(
+    raw: dict[str, Any], meta: Mapping[str, Any], where: str, bad: list[BadRecord]
+) -> str | None:
+    """``cls``, else the json's ``label`` under the manifest ``label`` rule (wrong type: counted,
+    unlabeled)."""
     if "cls" in raw:
         try:
             return decode_text(raw["cls"])
         except BadItem:
             return None
-    label = meta.get("label")
-    return None if label is None else str(label)
+    try:
+        return label_cell(meta.get("label"), where)
+    except DataError as exc:
+        bad.append(BadRecord(where, "json", "bad_label", str(exc)[:200]))
+        return None
 
 
 def _modality_values(

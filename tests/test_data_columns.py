@@ -97,7 +97,7 @@ def test_text_and_media_cells_must_have_their_type(tmp_path: Path) -> None:
     for bad, column in (
         (["two", "captions"], "text"),
         ({"a": 1}, "text"),
-        (3, "text"),
+        (True, "text"),
         (5, "image"),
     ):
         path = tmp_path / "bad.jsonl"
@@ -106,6 +106,27 @@ def test_text_and_media_cells_must_have_their_type(tmp_path: Path) -> None:
         assert f"{path}:2" in msg and repr(column) in msg
     got = rows(tmp_path, [{"id": "a", "text": "", "image": ""}, {"id": "b", "text": "t"}])
     assert [r.id for r in got] == ["b"]  # empty cells are absent, the row has nothing else
+    assert rows(tmp_path, [{"text": 3}])[0].values["text"] == "3"  # a number is its text
+
+
+def test_shard_json_follows_the_same_rules_as_counted_bad_items(tmp_path: Path) -> None:
+    from modalign.data.shards import ShardDataset
+
+    from data_fixtures import write_shard
+
+    metas = [
+        {"id": 7, "label": 1.0, "text": "fine"},
+        {"id": 1.5, "label": True, "text": ["two", "captions"]},
+    ]
+    samples = [
+        {"__key__": f"k{i}", "png": png_bytes(), "json": json.dumps(m)} for i, m in enumerate(metas)
+    ]
+    url = write_shard(tmp_path / "s-000000.tar", samples)
+    good, bad = list(ShardDataset(str(url), small_specs(), shuffle=False))  # file order
+    assert (good.id, good.label, good.values["text"], good.bad) == ("7", "1", "fine", [])
+    assert (bad.id, bad.label) == ("k1", None)  # the key, unlabeled: never "1.5" / "True"
+    assert sorted(r.reason for r in bad.bad) == ["bad_id", "bad_label", "text_not_string"]
+    assert "text" not in bad.values and "image" in bad.values
 
 
 def test_parquet_bytes_cells_decode_as_media(tmp_path: Path) -> None:

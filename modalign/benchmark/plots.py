@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["curves_png", "few_label_png", "reliability_png", "retrieval_grid_png"]
+__all__ = [
+    "curves_png",
+    "few_label_png",
+    "new_figure",
+    "reliability_png",
+    "retrieval_grid_png",
+    "save_png",
+]
 
 
-def _figure(w: float = 6.0, h: float = 4.0) -> Any:
+def new_figure(w: float = 6.0, h: float = 4.0) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -17,7 +24,7 @@ def _figure(w: float = 6.0, h: float = 4.0) -> Any:
     return fig
 
 
-def _save(fig: Any, png: Path) -> Path:
+def save_png(fig: Any, png: Path) -> Path:
     from modalign.core.artifact import atomic_path
 
     fig.tight_layout()
@@ -36,7 +43,7 @@ def _errorbars(ax: Any, xs: list[float], figs: list[dict[str, Any]], label: str)
 
 def curves_png(curves: dict[str, Any], key: str, xlabel: str, png: Path) -> Path:
     """Accuracy (95% CI bars) vs noise level / eps, one line per modality (or attack:modality)."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for name, c in curves.items():
         _errorbars(ax, c[key], c["accuracy"], name)
@@ -45,12 +52,12 @@ def curves_png(curves: dict[str, Any], key: str, xlabel: str, png: Path) -> Path
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, png)
+    return save_png(fig, png)
 
 
 def few_label_png(rows: list[dict[str, Any]], png: Path, scratch: list[dict] | None = None) -> Path:
     """Accuracy vs labels per class, one line per (head, pseudo-labeler)."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -67,12 +74,12 @@ def few_label_png(rows: list[dict[str, Any]], png: Path, scratch: list[dict] | N
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, png)
+    return save_png(fig, png)
 
 
 def reliability_png(bins: list[dict[str, Any]], png: Path) -> Path:
     """Reliability diagram: accuracy vs confidence per bin (bar width = bin), diagonal = ideal."""
-    fig = _figure(4.5, 4.5)
+    fig = new_figure(4.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(
         [b["low"] for b in bins],
@@ -89,7 +96,7 @@ def reliability_png(bins: list[dict[str, Any]], png: Path) -> Path:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left")
-    return _save(fig, png)
+    return save_png(fig, png)
 
 
 def retrieval_grid_png(examples: list[dict[str, Any]], png: Path) -> Path | None:
@@ -100,7 +107,7 @@ def retrieval_grid_png(examples: list[dict[str, Any]], png: Path) -> Path | None
     if not rows:
         return None
     k = max(len(e["hits"]) for e in rows)
-    fig = _figure(1.6 * (k + 1), 1.7 * len(rows))
+    fig = new_figure(1.6 * (k + 1), 1.7 * len(rows))
     for i, e in enumerate(rows):
         ax = fig.add_subplot(len(rows), k + 1, i * (k + 1) + 1)
         ax.text(0.5, 0.5, f"{e['modality']} query\n{e['label']}", ha="center", va="center")
@@ -114,4 +121,4 @@ def retrieval_grid_png(examples: list[dict[str, Any]], png: Path) -> Path | None
             ok = h["label"] == e["label"]
             ax.set_title(str(h["label"]), color="green" if ok else "red", fontsize=9)
             ax.axis("off")
-    return _save(fig, png)
+    return save_png(fig, png)

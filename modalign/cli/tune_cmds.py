@@ -15,15 +15,31 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 
     budget = parse_budget(args.budget)
     study = Path(args.study or f"runs/tune/{Path(args.config).stem}-{args.stage}")
-    res = run_tune(args.config, budget, study, stage=args.stage, overrides=set_pairs(args),
-                   sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                   val_per_class=args.val_per_class)  # fmt: skip
-    result = {"study": str(res.study_dir), "stage": res.stage, "best_value": res.best_value,
-              "best_params": res.best_params, "trials": res.trials,
-              "new_trials": res.new_trials, "files": res.files}  # fmt: skip
-    text = (f"{res.trials} trials ({res.new_trials} new); best validation score "
-            f"{res.best_value:.4f}\nbest config: {res.files['best']} "
-            f"(use it as: modalign {res.stage} {res.files['best']})")  # fmt: skip
+    res = run_tune(
+        args.config,
+        budget,
+        study,
+        stage=args.stage,
+        overrides=set_pairs(args),
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        val_per_class=args.val_per_class,
+    )
+    result = {
+        "study": str(res.study_dir),
+        "stage": res.stage,
+        "best_value": res.best_value,
+        "best_params": res.best_params,
+        "trials": res.trials,
+        "new_trials": res.new_trials,
+        "files": res.files,
+    }
+    text = (
+        f"{res.trials} trials ({res.new_trials} new); best validation score "
+        f"{res.best_value:.4f}\nbest config: {res.files['best']} "
+        f"(use it as: modalign {res.stage} {res.files['best']})"
+    )
     emit(args, result, text)
     return result
 
@@ -37,8 +53,12 @@ def add_tune(sub: Any) -> None:
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
     p.add_argument("--pruner", choices=["median", "sha", "none"], default="median")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--val-per-class", type=int, default=5,
-                   help="finetune stage: validation rows per class, drawn from the training labels")  # fmt: skip
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=5,
+        help="finetune stage: validation rows per class, drawn from the training labels",
+    )
     add_set(p)
     add_common(p)
     p.set_defaults(func=cmd_tune)

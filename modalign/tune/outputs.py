@@ -23,8 +23,9 @@ def best_config_text(config: str, overrides: list[str], params: dict[str, Any]) 
 
 def _trial_rows(study: Any) -> tuple[list[str], list[list[Any]]]:
     names = sorted({k for t in study.trials for k in t.params})
-    rows = [[t.number, t.state.name, t.value, *(t.params.get(n) for n in names)]
-            for t in study.trials]  # fmt: skip
+    rows = [
+        [t.number, t.state.name, t.value, *(t.params.get(n) for n in names)] for t in study.trials
+    ]
     return ["trial", "state", "value", *names], rows
 
 
@@ -75,8 +76,9 @@ def write_outputs(study: Any, config: str, overrides: list[str], study_dir: Path
     """best.yaml, trials.csv, trials.md, history.png, importances.png (when computable)."""
     files: dict[str, str] = {}
     best = study.best_trial
-    atomic_write_text(study_dir / "best.yaml",
-                      best_config_text(config, overrides, best.user_attrs["config"]))  # fmt: skip
+    atomic_write_text(
+        study_dir / "best.yaml", best_config_text(config, overrides, best.user_attrs["config"])
+    )
     files["best"] = str(study_dir / "best.yaml")
     headers, rows = _trial_rows(study)
     with atomic_path(study_dir / "trials.csv") as tmp:

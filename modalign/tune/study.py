@@ -32,8 +32,10 @@ class TuneResult:
 def make_sampler(kind: str, seed: int) -> Any:
     import optuna
 
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}  # fmt: skip
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
     if kind not in samplers:
         raise UserInputError(f"--sampler {kind!r}: valid samplers are {', '.join(samplers)}")
     return samplers[kind]()
@@ -42,9 +44,11 @@ def make_sampler(kind: str, seed: int) -> Any:
 def _pruner(kind: str) -> Any:
     import optuna
 
-    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
-               "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-               "none": lambda: optuna.pruners.NopPruner()}  # fmt: skip
+    pruners = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
+        "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }
     if kind not in pruners:
         raise UserInputError(f"--pruner {kind!r}: valid pruners are {', '.join(pruners)}")
     return pruners[kind]()
@@ -106,10 +110,13 @@ def run_tune(
         objective = _objective(stage, config, list(overrides), study_dir, val_per_class)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
-            study_name=stage, storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
-            load_if_exists=True, direction="maximize", sampler=make_sampler(sampler, seed),
+            study_name=stage,
+            storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
+            load_if_exists=True,
+            direction="maximize",
+            sampler=make_sampler(sampler, seed),
             pruner=_pruner(pruner),
-        )  # fmt: skip
+        )
         done = len([t for t in study.trials if t.state.is_finished()])
         todo = None if budget.trials is None else max(0, budget.trials - done)
 
@@ -125,5 +132,12 @@ def run_tune(
         files = write_outputs(study, config, list(overrides), study_dir)
         best = study.best_trial
         finished = len([t for t in study.trials if t.state.is_finished()])
-    return TuneResult(study_dir, stage, float(best.value), best.user_attrs["config"], finished,
-                      finished - done, files)  # fmt: skip
+    return TuneResult(
+        study_dir,
+        stage,
+        float(best.value),
+        best.user_attrs["config"],
+        finished,
+        finished - done,
+        files,
+    )

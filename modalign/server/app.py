@@ -102,11 +102,11 @@ def serve(
     check_bind(settings)
     torch.set_num_threads(max(1, torch_threads))
     faiss.omp_set_num_threads(1)
-    # The loaded index is millions of long-lived objects (item records); without this every
-    # full collection walks them all, a pause of tens of ms in the middle of a query.
+    app = create_app(engine, settings)
+    # The loaded index and the app's lookup tables are millions of long-lived objects; without
+    # this every full collection walks them all, a pause of tens of ms in the middle of a query.
     gc.collect()
     gc.freeze()
-    app = create_app(engine, settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

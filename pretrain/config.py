@@ -12,20 +12,28 @@ from modalign.data.config import DataConfig
 
 @dataclass
 class TowerConfig:
-    """One modality's tower. ``kind`` names a registered tower builder (see ``towers.py``)."""
+    """One modality's tower. ``kind`` names a registered tower builder (see ``towers.py``);
+    ``options`` are that kind's own typed options (checked against its options dataclass)."""
 
     kind: str = "timm_image"
     arch: str = "resnet18"  # timm model name, or sentence-transformers path ("" = bundled MiniLM)
-    weights: str = (
-        ""  # local weights file (.safetensors or timm/torch checkpoint); "" = from scratch
-    )
+    weights: str = ""  # local weights file (.safetensors or timm/torch checkpoint); "" = scratch
     lock: Literal["none", "all", "partial"] = "none"  # "partial": LiT-style, last groups train
     unlocked_groups: int = 0
-    input_size: int = 224  # image side in pixels (image towers)
-    in_chans: int = 3
+    input_size: int = 0  # image side in pixels; 0 = the tower's pretrained config (timm: 224)
+    in_chans: int = 0  # image tower input channels; 0 = data.image.channels
     drop_rate: float = 0.0
     head: Literal["linear", "mlp"] = "linear"
     grad_checkpointing: bool = False
+    cache_items: int = 100_000  # frozen (lock: all) towers: cached outputs kept; 0 = no cache
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's own options
+
+    def __post_init__(self) -> None:
+        from modalign.pretrain.towers import TOWERS
+
+        _require("lock", self.lock, self.lock in ("none", "all", "partial"), "none|all|partial")
+        if self.kind in TOWERS:  # plugins passed as tower_builders= check their own options
+            TOWERS.options(self.kind, self.options, f"model.towers({self.kind}).options")
 
 
 def _default_towers() -> dict[str, TowerConfig]:

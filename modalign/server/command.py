@@ -29,6 +29,9 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
         help="file holding the access token (required when --host is not a loopback address)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument(
+        "--mmap", action="store_true", help="map the FAISS files read-only instead of loading them"
+    )
     p.add_argument("--max-k", type=int, default=d.max_k, help=f"largest k (default {d.max_k})")
     p.add_argument(
         "--max-upload-mb",
@@ -76,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from modalign.server.engine import SearchEngine
 
     settings = settings_from_args(args)  # bad flags fail before the model loads
-    engine = SearchEngine.open(args.index, args.model, device=args.device)
+    engine = SearchEngine.open(args.index, args.model, device=args.device, mmap=args.mmap)
     log.info(
         "serving %s (%s) on http://%s:%d/%s",
         args.index,

@@ -56,10 +56,15 @@ class SearchEngine:
 
     @classmethod
     def open(
-        cls, index_dir: str | Path, model_dir: str | Path | None = None, device: str = "cpu"
+        cls,
+        index_dir: str | Path,
+        model_dir: str | Path | None = None,
+        device: str = "cpu",
+        mmap: bool = False,
     ) -> SearchEngine:
-        """Load the index and its model (the one the index records unless ``model_dir``)."""
-        index = CorpusIndex.open(index_dir)
+        """Load the index and its model (the one the index records unless ``model_dir``);
+        ``mmap`` maps the FAISS files read-only instead of reading them into memory."""
+        index = CorpusIndex.open(index_dir, mmap=mmap)
         model_path = model_dir or index.meta.get("model")
         if not model_path:
             raise UserInputError(f"{index_dir} does not record its model; pass --model DIR")

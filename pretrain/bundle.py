@@ -126,7 +126,7 @@ def read_bundle_meta(path: str | Path) -> dict[str, Any]:
     )
 
 
-def _read_config(path: Path) -> PretrainConfig:
+def _read_config(path: Path, stored: set[str] | None = None) -> PretrainConfig:
     try:
         raw = yaml.safe_load((path / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -134,9 +134,15 @@ def _read_config(path: Path) -> PretrainConfig:
     # A bundle written from the full app config also holds other sections (finetune...).
     sections = {f.name for f in dataclasses.fields(PretrainConfig)}
     cfg = from_dict(PretrainConfig, {k: v for k, v in (raw or {}).items() if k in sections}, "")
-    for tower in cfg.model.towers.values():
-        tower.weights = ""  # the bundle holds the trained weights; don't re-read init files
+    for m, tower in cfg.model.towers.items():
+        if stored is None or m in stored:
+            tower.weights = ""  # the bundle holds the trained weights; don't re-read init files
     return cfg
+
+
+def stored_trunks(state: Mapping[str, Any], modalities: list[str]) -> set[str]:
+    """Modalities whose trunk weights the bundle stores (the others reference external ones)."""
+    return {m for m in modalities if any(k.startswith(f"trunks.{m}.") for k in state)}
 
 
 def load_bundle(
@@ -158,9 +164,6 @@ def load_bundle(
     meta = read_bundle_meta(path)
     verify_files(path, meta, "model bundle")
     require_plugins(meta, str(path), tower_builders, modalities)
-    cfg = _read_config(path)
-    encoder = build_encoder(cfg.model, cfg.data, tower_builders).encoder
-    check_external(meta, encoder, str(path))
     weights = path / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -168,6 +171,12 @@ def load_bundle(
         raise UserInputError(
             f"{weights}: cannot read model weights ({exc}); re-export the bundle"
         ) from None
+    # Frozen external trunks (not stored) are rebuilt from their recorded weights file or dir;
+    # stored trunks need no init file (their trained weights are in the bundle).
+    stored = stored_trunks(state, list(meta.get("modalities") or []))
+    cfg = _read_config(path, stored)
+    encoder = build_encoder(cfg.model, cfg.data, tower_builders).encoder
+    check_external(meta, encoder, str(path), skip=stored)
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch: another architecture than the bundle's

@@ -130,10 +130,21 @@ def _require(registry: Any, rec: Mapping[str, str], what: str, argument: str) ->
         )
 
 
-def check_external(meta: Mapping[str, Any], encoder: MultimodalEncoder, where: str) -> None:
-    """The external weights installed now must be the ones the bundle was trained with."""
+def check_external(
+    meta: Mapping[str, Any],
+    encoder: MultimodalEncoder,
+    where: str,
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """The external weights installed now must be the ones the bundle was trained with.
+
+    ``skip``: towers whose trunk weights the bundle stores (the recorded external weights were
+    only their initialisation; they stay in the fingerprint but are not needed to load).
+    """
     now = external_record(encoder)
     for m, rec in (meta.get("external_weights") or {}).items():
+        if m in skip:
+            continue
         kind = encoder.traits[m].kind if m in encoder.traits else "?"
         then = ExternalWeights(**rec)
         cur = ExternalWeights(**now[m]) if m in now else None

@@ -57,6 +57,11 @@ def _options(cfg: TowerConfig) -> TimmOptions:
 def _create(arch: str, **kwargs: Any) -> nn.Module:
     import timm
 
+    if arch.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise ConfigError(
+            f"model.towers.arch={arch!r}: modalign never downloads weights; give a timm "
+            "architecture name (timm.list_models()) and the weights file in weights"
+        )
     try:
         return timm.create_model(arch, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (...)"; strict load errors handled above

@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from modalign.core.errors import ConfigError
+from modalign.core.errors import ConfigError, UserInputError
 from modalign.data.config import AudioConfig, DataConfig, ImageConfig
 from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.towers import build_tower
@@ -354,3 +354,39 @@ def test_hf_audio_resamples_to_the_extractor_rate(w2v_dir) -> None:
     x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
     with torch.no_grad():
         close(trunk(wave), model(input_values=x).last_hidden_state.mean(1))
+
+
+# -- bundles ---------------------------------------------------------------------------------
+def _bundle_with_image_weights(tmp_path: Path, weights: Path, lock: str) -> Path:
+    from modalign.config import load_config
+    from modalign.pretrain.trainer import pretrain
+
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=8)
+    out = tmp_path / f"model-{lock}"
+    sets = [*tiny_overrides(manifest, out, steps=1, batch=8), "model.modalities=[image,audio]",
+            f"model.towers.image.weights={weights}", f"model.towers.image.lock={lock}",
+            "train.checkpoint_every=0"]  # fmt: skip
+    pretrain(load_config(None, sets))
+    return out
+
+
+def test_bundle_records_timm_weights_and_refuses_changed_ones(tmp_path: Path) -> None:
+    import modalign
+
+    torch.manual_seed(0)
+    src = timm.create_model("test_resnet", num_classes=0, in_chans=1)
+    weights = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
+    frozen = _bundle_with_image_weights(tmp_path, weights, "all")
+    trained = _bundle_with_image_weights(tmp_path, weights, "none")
+    meta = json.loads((frozen / "modalign.json").read_text())
+    assert meta["external_weights"]["image"]["files"]["init.safetensors"]
+    stored = set(load_file(str(frozen / "model.safetensors")))
+    assert not any(k.startswith("trunks.image.") for k in stored)  # referenced, not stored
+    assert modalign.load(frozen).fingerprint == meta["fingerprint"]
+    state = {k: v + 1 for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights))
+    with pytest.raises(UserInputError, match=r"tower .image. \(timm_image\).*differ"):
+        modalign.load(frozen)
+    weights.unlink()  # a trained tower's init file is not needed: the bundle stores its weights
+    assert modalign.load(trained).fingerprint

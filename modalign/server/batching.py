@@ -95,6 +95,7 @@ class MicroBatcher:
 
     # -- worker side -----------------------------------------------------------------------
     def _run(self) -> None:
+        self.engine.warm_up()  # in this thread: the one that will run every forward pass
         while True:
             first = self._queue.get()
             if first is None:

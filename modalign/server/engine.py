@@ -10,6 +10,7 @@ the index lists, and serves only those (:meth:`media`).
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from modalign.pretrain.bundle import BundleModel, load_bundle
 from modalign.retrieval.corpus_index import CorpusIndex, Hit, Query
 
 __all__ = ["DecodeError", "MediaFile", "SearchEngine"]
+
+log = logging.getLogger(__name__)
 
 
 class DecodeError(ValueError):
@@ -106,6 +109,17 @@ class SearchEngine:
         with torch.inference_mode():
             out = self.model.encode_batch({modality: batch})[modality]
         return out.numpy().astype(np.float32, copy=False)
+
+    def warm_up(self) -> None:
+        """One forward pass per query modality on its placeholder (lazy init, allocator), so
+        the first real query is not the slow one. Failures are only logged."""
+        for m in self.query_modalities:
+            try:
+                self.encode(m, [self.specs[m].placeholder])
+            except Exception as exc:
+                log.warning(
+                    "warm-up of %s failed (%s); the first %s query will be slower", m, exc, m
+                )
 
     def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
         """Hits for many queries (each its own k and targets), as one at a time would give."""

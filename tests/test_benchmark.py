@@ -204,53 +204,68 @@ def test_expected_calibration_error() -> None:
     assert [b["count"] for b in bins] == [1, 1]
 
 
+def _subsample(src: Path, dst: Path, per_class: int) -> Path:
+    counts: dict[str, int] = {}
+    keep = []
+    for line in src.read_text().splitlines():
+        label = json.loads(line)["label"]
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append(line)
+    dst.write_text("\n".join(keep) + "\n")
+    return dst
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs ../shared/datasets")
-@pytest.mark.slow
 def test_benchmark_avmnist_builtin(tmp_path: Path) -> None:
-    """The built-in avmnist suite on a tiny AV-MNIST corpus (small settings)."""
-    corpus = tmp_path / "corpus"
-    assert (
-        main(
-            [
-                "data",
-                "avmnist",
-                "--mnist",
-                str(SHARED_DATA / "mnist"),
-                "--fsdd",
-                str(SHARED_DATA / "fsdd"),
-                "--out",
-                str(corpus),
-                "--limit",
-                "200",
-            ]
-        )
-        == 0
-    )
+    """The built-in avmnist suite on a small AV-MNIST corpus (small settings)."""
+    from modalign.data.avmnist import build_avmnist
+
+    root = tmp_path / "corpus"
+    build_avmnist(SHARED_DATA / "mnist", SHARED_DATA / "fsdd", root, copy_audio=False)
+    train = _subsample(root / "train.jsonl", root / "train-small.jsonl", 10)
+    test = _subsample(root / "test.jsonl", root / "test-small.jsonl", 5)
     model = tmp_path / "model"
     sets = [
-        f"data.train={corpus / 'train.jsonl'}",
+        f"data.train={train}",
+        "data.val=",
         f"output.dir={model}",
-        "train.steps=20",
+        "train.steps=15",
         "train.batch_size=32",
         "train.val_every=0",
         "train.checkpoint_every=0",
         "train.progress=false",
         "data.num_workers=0",
     ]
-    assert main(["pretrain", "avmnist", "--set", *sets]) == 0
+    assert main(["-q", "pretrain", "avmnist", "--set", *sets]) == 0
     small = [
         "resamples=100",
-        f"corpora.avmnist.train={corpus / 'train.jsonl'}",
-        f"corpora.avmnist.test={corpus / 'test.jsonl'}",
+        f"corpora.avmnist.train={train}",
+        f"corpora.avmnist.test={test}",
         "finetune.epochs=5",
-        "tasks=[{kind: retrieval}, {kind: few_label, options: {shots: [1], seeds: 1}},"
-        " {kind: missing_modality}, {kind: calibration}]",
+        "tasks=[{kind: retrieval}, {kind: few_label, options: {shots: [1], seeds: 1,"
+        " heads: [late]}}, {kind: missing_modality}, {kind: calibration}]",
     ]
     out = tmp_path / "bench"
     assert (
-        main(["benchmark", "avmnist", "--model", str(model), "--out", str(out), "--set", *small])
+        main(
+            [
+                "-q",
+                "benchmark",
+                "avmnist",
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--set",
+                *small,
+            ]
+        )
         == 0
     )
     report = json.loads((out / "report.json").read_text())
     cell = report["models"]["model"]["corpora"]["avmnist"]
-    assert "audio->image" in cell["tasks"]["retrieval"]["result"]["pairs"]
+    pairs = cell["tasks"]["retrieval"]["result"]["pairs"]
+    assert pairs["audio->image"]["map"]["n"] == 50
+    for f in _figures(report):
+        assert f["ci_low"] <= f["value"] <= f["ci_high"]

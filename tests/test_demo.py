@@ -57,8 +57,20 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert fused["by_subset"]["audio+image"] >= 0.9
     assert set(report["classify"]["labels_only"]["by_subset"]) == {"audio+image", "audio", "image"}
     assert report["wall_s"] > 0
+    # the value of pretraining: labels only from scratch < pretrained + pseudo-labels (same k)
+    rows = report["value"]["rows"]
+    (scratch,) = [r for r in rows if "scratch" in r["setting"]]
+    (pseudo,) = [r for r in rows if "pseudo" in r["setting"] and r["shots"] == scratch["shots"]]
+    assert scratch["accuracy"]["ci_high"] < pseudo["accuracy"]["value"]
+    one_shot = [r["accuracy"]["value"] for r in rows if r["shots"] == 1]
+    assert one_shot and min(one_shot) < 1.0  # no longer 1.000 across the board
+    assert set(report["value"]["missing_modality"]) == {"audio+image", "audio", "image"}
+    for r in rows:
+        assert r["accuracy"]["ci_low"] <= r["accuracy"]["value"] <= r["accuracy"]["ci_high"]
     out = tmp_path / "demo"
-    assert (out / "report.md").read_text().startswith("# modalign demo report")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# modalign demo report") and "towers from scratch" in md
+    assert (out / "benchmark" / "report.json").is_file()
     assert (out / "loss.png").stat().st_size > 5000
     for name in ("model/model.safetensors", "classifier/head.safetensors", "index/index.json"):
         assert (out / name).is_file(), name

@@ -259,6 +259,24 @@ def test_bad_input_gets_4xx_naming_the_field(client: httpx.Client, tiny: TinyInd
     assert client.post("/search", json={"text": "the sound one"}).status_code == 200
 
 
+def test_clients_that_vanish_do_not_hurt_the_server(server: ThreadedServer, client) -> None:
+    import socket
+
+    body = json.dumps({"text": "the sound two", "k": 5}).encode()
+    head = (
+        f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for cut in (len(head) // 2, len(head) + 3, len(head) + len(body)):  # mid-head/body, whole
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall((head + body)[:cut])
+            # closed before (or without waiting for) the answer
+    assert client.get("/healthz").status_code == 200
+    res = client.post("/search", json={"text": "the sound two", "k": 5})
+    assert res.status_code == 200 and len(res.json()["results"]) == 5
+
+
 def test_chunked_oversized_upload_is_refused(client: httpx.Client) -> None:
     def body():
         for _ in range(40):

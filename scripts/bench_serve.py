@@ -238,6 +238,8 @@ def main() -> None:
     args = p.parse_args()
     print(f"{'index':<12} {'query':<6} {'clients':>7} {'requests':>8} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'q/s':>8} {'errors':>6}")  # fmt: skip
+    load = os.getloadavg()[0]
+    print(f"# {os.cpu_count()} CPUs, load average {load:.1f} at start", flush=True)
     rows = bench_index("demo", Path(args.index), None, args)
     if args.million:
         big = build_million(Path(args.index), Path(args.million), args.million_n)
@@ -248,8 +250,9 @@ def main() -> None:
             print(f"{label}: text p50 at 1 client {text[1]['p50_ms']} ms (target <= 25); "
                   f"32-client throughput {text[32]['qps'] / text[1]['qps']:.1f}x 1-client "
                   "(target >= 3x)")  # fmt: skip
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end (was {load:.1f})")
     if args.json:
-        print(json.dumps({"rows": rows}))
+        print(json.dumps({"rows": rows, "load_start": load, "load_end": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

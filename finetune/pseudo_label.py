@@ -8,7 +8,7 @@ confidence 0, so no threshold or selection can pick it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,33 @@ def _rows_present(name: str, x: Tensor, present: Mapping[str, Tensor], dim: int)
             f"modality {name!r}: present mask shape {tuple(rows.shape)} != ({x.shape[0]},)"
         )
     return rows.to(torch.bool)
+
+
+DEFAULT_PROMPTS: tuple[str, ...] = ("{}",)
+"""Zero-shot default: the class name itself (no domain-specific wording)."""
+
+GENERIC_PROMPTS: dict[str, tuple[str, ...]] = {
+    "image": ("{}", "a photo of a {}"),
+    "audio": ("{}", "the sound of a {}"),
+    "text": ("{}",),
+}
+"""Generic templates per input modality; configs override them per modality."""
+
+
+def prompts_for(
+    modalities: Sequence[str], per_modality: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
+    """Prompt templates for a zero-shot pool of ``modalities``: the configured ones per modality
+    (else :data:`GENERIC_PROMPTS`, else :data:`DEFAULT_PROMPTS`), merged in order, unique."""
+    table = {**GENERIC_PROMPTS, **{k: tuple(v) for k, v in (per_modality or {}).items()}}
+    out: list[str] = []
+    for m in modalities:
+        out.extend(table.get(m, DEFAULT_PROMPTS))
+    out = list(dict.fromkeys(out or DEFAULT_PROMPTS))
+    bad = [p for p in out if "{}" not in p]
+    if bad:
+        raise UserInputError(f"zero-shot prompts {bad} have no '{{}}' for the class name")
+    return out
 
 
 def class_prompt_embeddings(
@@ -257,6 +284,8 @@ def _entropy_confidence(probs: Tensor) -> Tensor:
 
 
 __all__ = [
+    "DEFAULT_PROMPTS",
+    "GENERIC_PROMPTS",
     "NO_LABEL",
     "ConfidenceThreshold",
     "FixedThreshold",
@@ -266,6 +295,7 @@ __all__ = [
     "balance_classes",
     "class_prompt_embeddings",
     "knn_propagate",
+    "prompts_for",
     "pseudo_label_report",
     "self_training_loss",
     "zero_shot",

@@ -67,6 +67,11 @@ def load_open_clip(cfg: TowerConfig) -> tuple[nn.Module, Any, str]:
 
     key = f"model.towers({cfg.kind})"
     name = model_name(cfg.arch, f"{key}.arch")
+    if cfg.lock == "all" and not cfg.weights:
+        raise ConfigError(
+            f"{key}.weights: a frozen (lock: all) open_clip tower needs its local checkpoint; "
+            "--set model.towers.<modality>.weights=PATH (a random frozen tower is useless)"
+        )
     if cfg.weights:
         local_path(cfg.weights, f"{key}.weights", "open_clip checkpoint file")
     with hub_offline():

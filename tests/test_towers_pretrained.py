@@ -390,3 +390,35 @@ def test_bundle_records_timm_weights_and_refuses_changed_ones(tmp_path: Path) ->
         modalign.load(frozen)
     weights.unlink()  # a trained tower's init file is not needed: the bundle stores its weights
     assert modalign.load(trained).fingerprint
+
+
+def test_imagebind_config_trains_only_the_audio_tower(tiny_clip, tmp_path: Path) -> None:
+    from modalign.config import load_config
+    from modalign.pretrain.trainer import pretrain
+
+    cfg_path, ckpt, model = tiny_clip
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=8)
+    out = tmp_path / "model"
+    sets = [
+        f"data.train={manifest}", "data.num_workers=0", "data.audio.sample_rate=8000",
+        "data.audio.clip_seconds=0.5", "data.audio.n_mels=16", "data.audio.n_fft=256",
+        "data.audio.hop_length=128", "model.embed_dim=16", "model.towers.audio.arch=test_resnet",
+        f"model.towers.image.arch={cfg_path}", f"model.towers.image.weights={ckpt}",
+        f"model.towers.text.arch={cfg_path}", f"model.towers.text.weights={ckpt}",
+        "train.steps=2", "train.batch_size=8", "train.progress=false", "train.checkpoint_every=0",
+        "optim.warmup_steps=0", f"output.dir={out}",
+    ]  # fmt: skip
+    cfg = load_config("imagebind", sets)
+    assert cfg.loss.pairs == "anchor" and cfg.model.towers["image"].lock == "all"
+    pretrain(cfg)
+    stored = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("trunks.audio.") for k in stored)
+    assert not any(k.startswith(("trunks.image.", "trunks.text.")) for k in stored)
+    meta = json.loads((out / "modalign.json").read_text())
+    assert set(meta["external_weights"]) == {"image", "text"}
+    import modalign
+
+    bundle = modalign.load(out)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # the frozen image trunk is still exactly open_clip's encoder
+        close(bundle.encoder.trunks["image"].eval()(x), model.encode_image(x))

@@ -21,6 +21,7 @@ from modalign.cli.search_cmd import add_search
 from modalign.cli.train_cmds import add_train_group
 from modalign.cli.tune_cmds import add_tune
 from modalign.core.errors import ModalignError, UserInputError
+from modalign.server.command import add_serve_command
 
 __all__ = ["build_parser", "main"]
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_demo, add_data_group, add_train_group, add_embed, add_index_group,
-                add_search, add_evaluate_group, add_predict, add_benchmark, add_tune):  # fmt: skip
+                add_search, add_evaluate_group, add_predict, add_serve_command, add_benchmark,
+                add_tune):  # fmt: skip
         add(sub)
     return parser
 

@@ -7,7 +7,8 @@ device as in a fresh process; nothing here resets Accelerate's singletons by han
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,18 +38,26 @@ def check_precision(cfg: PretrainConfig) -> None:
         )
 
 
-def make_accelerator(cfg: PretrainConfig) -> Any:
-    """An Accelerator for ``cfg.train`` (precision, device; DDP tolerates unused parameters)."""
+def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
+    """An Accelerator for ``cfg.train`` (precision, device; DDP tolerates unused parameters).
+
+    ``trackers`` (checked by :func:`~modalign.pretrain.run_log.tracker_names`) log under
+    ``output.dir`` (TensorBoard: ``output.dir/tensorboard``).
+    """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     check_precision(cfg)
     # Rows may lack a modality for a whole batch; DDP must then tolerate unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    out = Path(cfg.output.dir)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
     return Accelerator(
         cpu=uses_cpu(cfg),
         mixed_precision=PRECISIONS[cfg.train.precision],
         kwargs_handlers=[ddp],
+        log_with=list(trackers) or None,
+        project_config=project,
     )
 
 

@@ -130,7 +130,9 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     progress: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = False  # alias of report_to: [tensorboard]
+    # Accelerate trackers (tensorboard, wandb, mlflow, ...; each must be installed)
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "accum_steps", "log_every"):

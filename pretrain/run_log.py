@@ -1,4 +1,4 @@
-"""Run logging: the metrics log (JSON lines, optional TensorBoard) and the progress bar.
+"""Run logging: the metrics log (JSON lines, + Accelerate trackers) and the progress bar.
 
 While a run trains, records go to its *live* log ``metrics.live.jsonl`` (kept with the
 checkpoints: a resume trims it to the resumed step). Only when the bundle has been written does
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modalign.core.artifact import atomic_write_text
+from modalign.core.errors import ConfigError
 from modalign.pretrain.config import PretrainConfig
 
 METRICS = "metrics.jsonl"
@@ -37,18 +39,82 @@ def strict_json(record: Any) -> Any:
     return record
 
 
+def tracker_names(cfg: PretrainConfig, available: list[str] | None = None) -> list[str]:
+    """Accelerate trackers of ``train.report_to`` (+ ``tensorboard`` for the old
+    ``train.tensorboard: true``), each checked to be installed before the run starts."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    wanted = list(dict.fromkeys([*cfg.train.report_to, *(["tensorboard"] * cfg.train.tensorboard)]))
+    have = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    have = have if available is None else available
+    for name in wanted:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"train.report_to: unknown tracker {name!r}; choose from {sorted(LOGGER_TYPE_TO_CLASS)}"
+            )
+        if name not in have:
+            extra = " (pip install 'modalign[tensorboard]')" if name == "tensorboard" else ""
+            raise ConfigError(
+                f"train.report_to: tracker {name!r} is not installed{extra}; install it or "
+                f"remove it from train.report_to (installed: {have or 'none'})"
+            )
+    return wanted
+
+
+def tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics record as flat numeric tracker values: ``train/loss``, ``train/lr``,
+    ``train/logit_scale/<pair>``, ``val/<metric>``... (the step is passed separately)."""
+    out: dict[str, float] = {}
+
+    def put(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{prefix}/{k}", v)
+        elif _finite_number(value):
+            out[prefix] = float(value)
+
+    for key, value in record.items():
+        if key != "step":
+            put(key if key == "val" else f"train/{key}", value)
+    return out
+
+
+def close_trackers(trackers: list[Any]) -> None:
+    """Finish every tracker (not ``accelerator.end_training``: that also ends the process group,
+    which the bundle write after the loop still needs)."""
+    for tracker in trackers:
+        tracker.finish()
+
+
+def tracker_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """The run's config as flat ``section.key`` scalars (what trackers accept as hparams)."""
+    from modalign.core.config_io import to_dict
+
+    out: dict[str, Any] = {}
+
+    def put(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{prefix}.{k}" if prefix else str(k), v)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[prefix] = value
+        else:
+            out[prefix] = json.dumps(strict_json(value))
+
+    put("", to_dict(cfg))
+    return out
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class MetricsWriter:
-    """Appends JSON records to ``path`` (main process only) and losses to TensorBoard."""
+    """Appends JSON records to ``path`` (main process only) and forwards them to ``log``
+    (``accelerator.log``: every tracker of ``train.report_to``)."""
 
-    def __init__(
-        self, path: Path, enabled: bool, cfg: PretrainConfig, tensorboard: bool | None = None
-    ) -> None:
-        self.path, self.enabled = Path(path), enabled
-        self.tb = None
-        if enabled and (cfg.train.tensorboard if tensorboard is None else tensorboard):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+    def __init__(self, path: Path, enabled: bool, log: Callable[..., None] | None = None) -> None:
+        self.path, self.enabled, self.log = Path(path), enabled, log
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -56,12 +122,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-        if self.tb is not None and "step" in record and "loss" in record:
-            self.tb.add_scalar("train/loss", record["loss"], record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.log is not None and "step" in record:
+            self.log(tracker_values(record), step=int(record["step"]))
 
 
 def start_live_log(out_dir: Path, resumed_step: int | None) -> None:

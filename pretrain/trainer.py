@@ -180,7 +180,8 @@ def _setup(
 ) -> _Run:
     """Accelerator, task, optimizer, restored state. ``held`` keeps the output-dir lock (taken
     by the main process once the launch's ranks are known, before anything is written)."""
-    accelerator = make_accelerator(cfg)
+    trackers = run_log.tracker_names(cfg)
+    accelerator = make_accelerator(cfg, trackers)
     rank, _ = world()
     out_dir = Path(cfg.output.dir)
     if held is not None and accelerator.is_main_process:
@@ -205,6 +206,8 @@ def _setup(
         remove_stale_temp(out_dir)
         remove_stale_temp(out_dir / "checkpoints")
         run_log.start_live_log(out_dir, start_step if resume_dir is not None else None)
+    if trackers:
+        accelerator.init_trackers("modalign", config=run_log.tracker_config(cfg))
     return _Run(
         cfg, accelerator, task, core, optimizer, scheduler, specs, built, out_dir,
         start_step, position, resume_dir, passed_specs=modalities,
@@ -231,13 +234,22 @@ def _open_batches(run: _Run) -> tuple[Any, Iterator[Batch], BadItemLog]:
 
 
 def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:
+    accelerator = run.accelerator
+    stream, batches, bad = _open_batches(run)
+    metrics = run_log.MetricsWriter(
+        run_log.live_metrics_path(run.out_dir), accelerator.is_main_process, accelerator.log
+    )
+    try:
+        return _steps(run, stream, batches, bad, metrics)
+    finally:  # trackers are closed on error too (wandb/mlflow runs end, TensorBoard flushes)
+        run_log.close_trackers(accelerator.trackers)
+
+
+def _steps(run: _Run, stream: Any, batches: Iterator[Batch], bad: BadItemLog,
+           metrics: run_log.MetricsWriter) -> tuple[float, list[dict[str, Any]], BadItemLog]:  # fmt: skip
     cfg, accelerator = run.cfg, run.accelerator
     _, world_size = world()
-    stream, batches, bad = _open_batches(run)
     history: list[dict[str, Any]] = []
-    metrics = run_log.MetricsWriter(
-        run_log.live_metrics_path(run.out_dir), accelerator.is_main_process, cfg
-    )
     bar = run_log.progress(cfg, run.start_step, accelerator.is_main_process)
     loss_value = float("nan")
     meter = _Throughput()
@@ -269,7 +281,6 @@ def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:
                 run.state, run.out_dir, cfg, done, stream.position
             )
     bar.close()
-    metrics.close()
     return loss_value, history, bad
 
 

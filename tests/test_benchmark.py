@@ -122,22 +122,33 @@ def test_benchmark_report_and_leaderboard(
     assert any("calibration" in p for p in report["plots"])
     # a second report in the same tree, then the leaderboard merges both
     out2 = bench_setup["root"] / "reports" / "run2"
+    # the built-in `demo` suite, pointed at the tiny corpus with small settings
+    tiny = yaml.safe_load(bench_setup["suite"].read_text())["corpora"]["tiny"]
+    sets = [
+        f"corpora.demo.train={tiny['train']}",
+        f"corpora.demo.test={tiny['test']}",
+        f"corpora.demo.class_names={json.dumps(WORDS)}",
+        "resamples=100",
+        "tasks=[{kind: retrieval}, {kind: zero_shot, options: {prompts: ['the sound {}']}}]",
+    ]
     assert (
         main(
             [
+                "-q",
                 "benchmark",
-                str(bench_setup["suite"]),
+                "demo",
                 "--model",
                 str(bench_setup["trained"]),
                 "--out",
                 str(out2),
                 "--set",
-                "tasks=[{kind: retrieval}]",
+                *sets,
                 "--json",
             ]
         )
         == 0
     )
+    assert json.loads((out2 / "report.json").read_text())["suite"] == "demo"
     capsys.readouterr()
     assert main(["benchmark", "leaderboard", str(bench_setup["root"] / "reports"), "--json"]) == 0
     board = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -53,8 +53,15 @@ def test_tune_finetune_resumes_and_never_reads_test(
         return real(model, src, *a, **kw)
 
     monkeypatch.setattr(embedded, "embed_source", spy)
+    import numpy as np
+    import torch
+
     study = tmp_path / "study"
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), torch.get_num_threads())
     first = _tune(tune_setup, study, "3")
+    after = (torch.get_rng_state(), np.random.get_state()[1].copy(), torch.get_num_threads())
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all()
+    assert before[2] == after[2]  # each trial left the process as found
     assert first["trials"] == 3 and first["new_trials"] == 3
     assert read and str(tune_setup["test"]) not in read  # the search never sees test data
     assert (study / "study.db").is_file()

@@ -30,7 +30,7 @@ def _test_correct(ctx: Any, head: Any, drop: tuple[str, ...] = ()) -> np.ndarray
 @dataclass(frozen=True)
 class FewLabelOptions:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10])
-    heads: list[str] = field(default_factory=lambda: ["late"])  # [] = every registered head
+    heads: list[str] = field(default_factory=list)  # [] = every registered head
     pseudo_labels: list[str] = field(default_factory=lambda: ["none", "zero_shot"])
     seeds: int = 3  # training seeds (label draw + init); figures average over them
 

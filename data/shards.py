@@ -37,6 +37,7 @@ from modalign.data.dataset import RawSource
 from modalign.data.decode import BadItem, decode_text
 from modalign.data.modality import ModalitySpec
 from modalign.data.sample import decode_sample
+from modalign.data.shard_counts import recorded_counts
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BAD_KEY = "__bad__"  # a record that only carries shard-level problems
@@ -195,7 +196,7 @@ class ShardDataset(RawSource):
         super().__init__(modalities, train, seed, shuffle, rank, world_size, source)
         self.urls = shard_urls
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = recorded_counts(self.urls)  # no pass over the shards
         self._by_ext = _extension_map(self.modalities)
         if len(self.urls) < self.world:
             raise DataError(

@@ -44,6 +44,8 @@ def head_option_params(trial: Any, kind: str) -> dict[str, Any]:
 class FinetuneSpace:
     heads: list[str] = field(default_factory=list)  # [] = every registered head
     pseudo_labels: list[str] = field(default_factory=lambda: ["none", "zero_shot", "knn"])
+    # the base config's labeler options, kept for that labeler (others get their defaults)
+    labeler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         kind = trial.suggest_categorical("head", list(self.heads) or HEADS.names())
@@ -55,6 +57,7 @@ class FinetuneSpace:
             "finetune.epochs": trial.suggest_int("epochs", 10, 120, step=10),
             "finetune.modality_dropout": trial.suggest_float("modality_dropout", 0.0, 0.6),
             "finetune.pseudo_label": pl,
+            "finetune.pseudo_label_options": dict(self.labeler_options.get(pl, {})),
         }
         if pl != "none":
             out["finetune.threshold"] = trial.suggest_float("threshold", 0.0, 0.95)

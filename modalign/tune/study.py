@@ -79,7 +79,11 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
     cfg = load_config(config, overrides).finetune
     data = load_finetune_data(cfg, val_per_class)
     labelers = usable_labelers(list(FinetuneSpace().pseudo_labels), cfg, data.model)
-    return FinetuneObjective(tree, data, FinetuneSpace(pseudo_labels=labelers))
+    space = FinetuneSpace(
+        pseudo_labels=labelers,
+        labeler_options={cfg.pseudo_label: dict(cfg.pseudo_label_options)},
+    )
+    return FinetuneObjective(tree, data, space)
 
 
 def run_tune(
@@ -106,7 +110,8 @@ def run_tune(
     if stage not in STAGES:
         raise UserInputError(f"--stage {stage!r}: valid stages are {', '.join(STAGES)}")
     study_dir = Path(study_dir)
-    with lock_dir(study_dir, "tuning study"):
+    # the whole study (loading the model draws weight init from the default RNG) and each trial
+    with lock_dir(study_dir, "tuning study"), process_state_guard():
         objective = _objective(stage, config, list(overrides), study_dir, val_per_class)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(

@@ -80,7 +80,7 @@ def load_open_clip(cfg: TowerConfig) -> tuple[nn.Module, Any, str]:
                 name, pretrained=cfg.weights or None, weights_only=True
             )
         except RuntimeError as exc:  # open_clip loads strictly: name the keys
-            if cfg.weights and "state_dict" in str(exc):
+            if cfg.weights:
                 bare = open_clip.create_model(name, pretrained=None)
                 check_keys(bare.state_dict(), read_state_dict(cfg.weights), cfg.weights, key)
             raise ConfigError(f"{key}: cannot build open_clip model {cfg.arch!r}: {exc}") from None

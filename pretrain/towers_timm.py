@@ -200,8 +200,9 @@ def build_timm_audio(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     trunk = timm_trunk(cfg, 1)
     return TowerParts(
         AudioFrontEnd(data_cfg),
-        trunk,
+        maybe_cached(trunk, cfg),  # hits only without SpecAugment (data.audio.spec_augment)
         trunk.num_features,
         external=external_weights(cfg.weights) if cfg.weights else None,
+        cache_outputs=cfg.lock == "all",
         layer_groups=lambda: timm_layer_groups(trunk),
     )

@@ -422,3 +422,23 @@ def test_imagebind_config_trains_only_the_audio_tower(tiny_clip, tmp_path: Path)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():  # the frozen image trunk is still exactly open_clip's encoder
         close(bundle.encoder.trunks["image"].eval()(x), model.encode_image(x))
+
+
+@pytest.mark.parametrize("lock", ["all", "partial", "none"])
+def test_locking_applies_to_transformers_and_open_clip_kinds(bert_dir, tiny_clip, lock) -> None:
+    cfg_path, ckpt, _ = tiny_clip
+    cfgs = [
+        TowerConfig(kind="hf_text", arch=str(bert_dir), lock=lock, unlocked_groups=1),
+        TowerConfig(kind="open_clip", arch=str(cfg_path), weights=str(ckpt), lock=lock,
+                    unlocked_groups=1, options={"part": "image"}),
+    ]  # fmt: skip
+    for cfg in cfgs:
+        parts = build_tower("x", cfg, RGB)
+        groups = parts.groups()
+        trainable = [any(p.requires_grad for p in g) for g in groups]
+        if lock == "all":
+            assert not any(trainable) and parts.cache_outputs
+        elif lock == "partial":
+            assert trainable == [False] * (len(groups) - 1) + [True], cfg.kind
+        else:
+            assert all(trainable)

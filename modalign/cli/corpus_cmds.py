@@ -35,6 +35,9 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _embeddings(args: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
+    from modalign.data.manifest import is_manifest
+    from modalign.data.modality import MODALITIES
+    from modalign.data.preflight import check_source
     from modalign.pretrain.bundle import load_bundle
     from modalign.retrieval.embed import embed_source
     from modalign.retrieval.embed_shards import read_embedding_shards
@@ -44,6 +47,8 @@ def _embeddings(args: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
         return emb, meta["fingerprint"], meta.get("model", "")
     if not (args.model and args.data):
         raise UserInputError("give --model DIR and --data SRC, or --embeddings DIR")
+    if is_manifest(args.data):  # an index needs unique ids: named with their lines, up front
+        check_source(args.data, MODALITIES.names(), "--data", unique_ids=True)
     model = load_bundle(args.model, device=args.device)
     emb, bad = embed_source(model, args.data, batch_size=args.batch_size)
     if bad.total:

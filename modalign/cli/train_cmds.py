@@ -10,9 +10,12 @@ from modalign.cli.common import add_common, add_set, emit, is_main_process, load
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.run_checks import check_pretrain_inputs
     from modalign.training import run_pretrain
 
-    res = run_pretrain(load_cli_config(args), resume=args.resume)
+    cfg = load_cli_config(args)
+    check_pretrain_inputs(cfg)  # every path, before the towers are built or output.dir made
+    res = run_pretrain(cfg, resume=args.resume)
     result = {
         "output_dir": str(res.output_dir),
         "steps": res.steps,
@@ -32,8 +35,10 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.finetune.pipeline import run_finetune
     from modalign.report import classify_table
+    from modalign.run_checks import check_finetune_inputs
 
     cfg = load_cli_config(args)
+    check_finetune_inputs(cfg)  # the bundle and every manifest, before any work
     out = Path(cfg.finetune.out or Path(cfg.output.dir) / "classifier")
     res = run_finetune(cfg.finetune, out)
     result = {

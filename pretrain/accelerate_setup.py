@@ -7,6 +7,7 @@ device as in a fresh process; nothing here resets Accelerate's singletons by han
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,24 @@ def uses_cpu(cfg: PretrainConfig) -> bool:
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
+def resolved_precision(cfg: PretrainConfig) -> str:
+    """``train.precision``, or for ``auto`` the mixed precision of the user's Accelerate config
+    (``accelerate launch`` exports it as ``ACCELERATE_MIXED_PRECISION``), else ``fp32``."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    named = {v: k for k, v in PRECISIONS.items()}
+    if launched not in named:
+        raise ConfigError(
+            f"the Accelerate config asks for mixed_precision={launched!r}, which modalign does "
+            f"not support; set train.precision to one of {sorted(PRECISIONS)}"
+        )
+    return named[launched]
+
+
 def check_precision(cfg: PretrainConfig) -> None:
     """Refuse settings Accelerate would silently change (raised before any work starts)."""
-    if uses_cpu(cfg) and cfg.train.precision == "fp16":
+    if uses_cpu(cfg) and resolved_precision(cfg) == "fp16":
         # Accelerate silently runs fp16 on CPU as fp32 (no autocast, no scaler): say so instead.
         raise ConfigError(
             "train.precision=fp16 needs a CUDA device (it uses a loss scaler); "
@@ -54,7 +70,7 @@ def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
     return Accelerator(
         cpu=uses_cpu(cfg),
-        mixed_precision=PRECISIONS[cfg.train.precision],
+        mixed_precision=PRECISIONS[resolved_precision(cfg)],
         kwargs_handlers=[ddp],
         log_with=list(trackers) or None,
         project_config=project,

@@ -120,7 +120,8 @@ class TrainConfig:
     batch_size: int = 64  # per process (as in open_clip and Accelerate)
     accum_steps: int = 1  # exact large-batch contrastive gradient over accum_steps micro-batches
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: the user's Accelerate config (`accelerate config` / launch --mixed_precision), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2

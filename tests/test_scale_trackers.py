@@ -102,3 +102,20 @@ def test_trackers_are_closed_on_error(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="step failed"):
         _run(tmp_path, monkeypatch, tracker)
     assert tracker.finished == 1
+
+
+def test_precision_auto_follows_the_accelerate_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modalign.pretrain.accelerate_setup import check_precision, resolved_precision
+
+    cfg = load_config(None, ["train.device=cpu"])
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert cfg.train.precision == "auto" and resolved_precision(cfg) == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` exports
+    assert resolved_precision(cfg) == "bf16"
+    assert resolved_precision(load_config(None, ["train.precision=fp32"])) == "fp32"  # YAML wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        check_precision(cfg)  # checked on the resolved value, before any work
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match="mixed_precision='fp8'"):
+        resolved_precision(cfg)

@@ -122,3 +122,19 @@ def test_corpus_index_from_shards_equals_in_ram_corpus_index(tmp_path: Path) -> 
     assert [[h.id for h in r] for r in a] == [[h.id for h in r] for r in b]
     meta = json.loads((tmp_path / "disk" / "index.json").read_text())
     assert meta["modalities"] == ["text"] and meta["fingerprint"] == "fp-1"
+
+
+def test_cli_index_build_from_embeddings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from modalign.cli import main
+
+    x = _clustered(1500, 16, seed=10)
+    emb_dir = _embed_dir(tmp_path / "emb", x, rows=400)
+    code = main(["index", "build", "--embeddings", str(emb_dir), "--out", str(tmp_path / "ix"),
+                 "--factory", "IVF16,Flat", "--json"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["fingerprint"] == "fp-1" and out["modalities"]["text"]["items"] == 1500
+    index = CorpusIndex.open(tmp_path / "ix", mmap=True)
+    hits = index.search(x[:3], 1)
+    assert [h[0].id for h in hits] == ["t0", "t1", "t2"]
+    assert hits[0][0].value == "caption t0"

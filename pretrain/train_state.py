@@ -73,8 +73,7 @@ def save_checkpoint(
 
 
 def _write_state_files(state: TrainState, tmp: Path, cfg: PretrainConfig, rng_all: list) -> None:
-    import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     weights = {f"encoder.{k}": v for k, v in encoder_state(state.core.encoder).items()}
     weights.update(
@@ -83,13 +82,23 @@ def _write_state_files(state: TrainState, tmp: Path, cfg: PretrainConfig, rng_al
             for k, v in state.core.loss.state_dict().items()
         }
     )
-    save_file(weights, str(tmp / "model.safetensors"))
-    torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+    # Every file goes through a Python file object: a full disk or an I/O error is then an
+    # OSError (errno kept), which atomic_dir reports naming the checkpoint, instead of
+    # torch's "inline_container.cc ... unexpected pos" or a silent safetensors failure.
+    (tmp / "model.safetensors").write_bytes(safetensors_bytes(weights))
+    _save_torch(state.optimizer.state_dict(), tmp / "optimizer.pt")
+    _save_torch(state.scheduler.state_dict(), tmp / "scheduler.pt")
     if state.accelerator.scaler is not None:
-        torch.save(state.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        _save_torch(state.accelerator.scaler.state_dict(), tmp / "scaler.pt")
     for r, state_r in enumerate(rng_all):
-        torch.save(state_r, tmp / f"rng-{r}.pt")
+        _save_torch(state_r, tmp / f"rng-{r}.pt")
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def gather_objects(obj: Any) -> list[Any]:

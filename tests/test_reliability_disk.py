@@ -50,11 +50,6 @@ def _overrides(tmp_path: Path, steps: int) -> list[str]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.save(obj, path) reports ENOSPC as a RuntimeError from inline_container.cc; "
-    "checkpoint files must be written through Python file objects (issue 10 report: lead merges)",
-)
 def test_disk_full_while_writing_a_checkpoint_names_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

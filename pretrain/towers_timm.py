@@ -24,7 +24,7 @@ from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.tower_api import TowerParts, external_weights
-from modalign.pretrain.towers_cache import maybe_cached
+from modalign.pretrain.towers_cache import CachedTrunk, maybe_cached
 from modalign.pretrain.towers_load import check_keys, load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -167,13 +167,15 @@ def image_channels(cfg: TowerConfig, data_cfg: DataConfig, name: str = "image") 
 def build_timm_image(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     """A timm image trunk; its input preset comes from timm's pretrained config."""
     trunk = timm_trunk(cfg, image_channels(cfg, data_cfg))
+    wrapped = maybe_cached(trunk, cfg)
     return TowerParts(
         nn.Identity(),
-        maybe_cached(trunk, cfg),
+        wrapped,
         trunk.num_features,
         input_preset=timm_preset(trunk, cfg),
         external=external_weights(cfg.weights) if cfg.weights else None,
         cache_outputs=cfg.lock == "all",
+        compilable=not isinstance(wrapped, CachedTrunk),  # cache lookups are not compiled
         layer_groups=lambda: timm_layer_groups(trunk),
     )
 
@@ -198,11 +200,13 @@ class AudioFrontEnd(nn.Module):
 def build_timm_audio(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     """Log-mel front end + a one-channel timm trunk (RGB weights: timm sums the kernels)."""
     trunk = timm_trunk(cfg, 1)
+    wrapped = maybe_cached(trunk, cfg)
     return TowerParts(
         AudioFrontEnd(data_cfg),
-        maybe_cached(trunk, cfg),  # hits only without SpecAugment (data.audio.spec_augment)
+        wrapped,  # hits only without SpecAugment (data.audio.spec_augment)
         trunk.num_features,
         external=external_weights(cfg.weights) if cfg.weights else None,
         cache_outputs=cfg.lock == "all",
+        compilable=not isinstance(wrapped, CachedTrunk),  # cache lookups are not compiled
         layer_groups=lambda: timm_layer_groups(trunk),
     )

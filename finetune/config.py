@@ -56,6 +56,9 @@ class FinetuneConfig:
     label_seed: int = 0
     pseudo_label: str = "zero_shot"  # none, zero_shot, knn, self_training, or a plugin's name
     pseudo_label_options: dict[str, Any] = field(default_factory=dict)
+    # zero-shot class prompts ("{}" = the class name); [] = generic templates per input modality
+    prompts: list[str] = field(default_factory=list)
+    prompts_by_modality: dict[str, list[str]] = field(default_factory=dict)
     threshold: float = 0.5  # min pseudo-label confidence kept
     balance: bool = True
     balance_ratio: float = 1.5  # a class keeps at most ratio x the smallest class's count
@@ -78,6 +81,9 @@ class FinetuneConfig:
         from modalign.finetune.thresholds import THRESHOLDS
 
         self.head = _head_spec(self.head)
+        bad = [p for p in self.prompts if "{}" not in p]
+        if bad:
+            raise ConfigError(f"finetune.prompts: {bad} have no '{{}}' for the class name")
         PSEUDO_LABELERS.get(self.pseudo_label, "finetune.pseudo_label")
         PSEUDO_LABELERS.options(
             self.pseudo_label, self.pseudo_label_options, "finetune.pseudo_label_options"
@@ -86,6 +92,12 @@ class FinetuneConfig:
         THRESHOLDS.options(
             self.threshold_policy, self.threshold_options, "finetune.threshold_options"
         )
+
+    def templates(self) -> list[str]:
+        """Zero-shot prompt templates: ``prompts``, else generic ones for ``inputs``."""
+        from modalign.finetune.pseudo_label import prompts_for
+
+        return list(self.prompts) or prompts_for(self.inputs, self.prompts_by_modality)
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every strategy's options fully resolved (what bundles save)."""

@@ -11,7 +11,7 @@ pseudo-labels, train on the labels alone). A labeler that trains its own final h
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,20 +77,10 @@ PSEUDO_LABELERS.add("none", Labeler(_no_labels), NoOptions)
 class ZeroShotOptions:
     temperature: float = 0.02
     text_modality: str = "text"  # the modality whose tower reads the class prompts
-    prompts: list[str] = field(
-        default_factory=lambda: [
-            "{}",
-            "the number {}",
-            "a picture of the digit {}",
-            "someone saying {}",
-        ]
-    )
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not self.prompts or any("{}" not in p for p in self.prompts):
-            raise ValueError("prompts must be a non-empty list of strings each containing '{}'")
 
 
 def _zero_shot_check(cfg: FinetuneConfig, opts: ZeroShotOptions, modalities: Sequence[str]) -> None:
@@ -110,7 +100,7 @@ def _zero_shot_check(cfg: FinetuneConfig, opts: ZeroShotOptions, modalities: Seq
 def _zero_shot(ctx: LabelContext, opts: ZeroShotOptions) -> LabelerOutput:
     model, m = ctx.model, opts.text_modality
     text = class_prompt_embeddings(
-        lambda t: model.encode(**{m: list(t)})[m], list(ctx.class_names), list(opts.prompts)
+        lambda t: model.encode(**{m: list(t)})[m], list(ctx.class_names), ctx.cfg.templates()
     )
     return LabelerOutput(zero_shot(ctx.pool.x, ctx.pool.present, text, opts.temperature))
 

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.data.batch import Batch
 from modalign.data.config import DataConfig
+from modalign.data.item_keys import item_keys
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import ModelConfig
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
@@ -134,20 +136,19 @@ class TaskOutput:
 
 
 class ContrastiveTask(nn.Module):
-    """Owns the encoder and the loss; ``batch_keys`` are the batch entries it reads."""
+    """Owns the encoder and the loss; reads a typed :class:`Batch`."""
 
     def __init__(self, encoder: MultimodalEncoder, loss: ContrastiveLoss) -> None:
         super().__init__()
         self.encoder = encoder
         self.loss = loss
 
-    @property
-    def batch_keys(self) -> list[str]:
-        return [*self.encoder.modalities, "present"]
-
-    def forward(self, batch: Mapping[str, Any], features_only: bool = False) -> Any:
-        inputs = {m: batch[m] for m in self.encoder.modalities if m in batch}
-        features = self.encoder(inputs)
+    def forward(self, batch: Batch, features_only: bool = False) -> Any:
+        """Encode ``batch`` (inside its per-item augmentation keys) and, unless
+        ``features_only``, apply the loss."""
+        inputs = {m: v for m, v in batch.inputs.items() if m in self.encoder.modalities}
+        with item_keys(batch.keys):
+            features = self.encoder(inputs)
         if features_only:
             return features
-        return TaskOutput(self.loss(features, batch["present"]), features)
+        return TaskOutput(self.loss(features, batch.present), features)

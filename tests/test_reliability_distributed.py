@@ -53,11 +53,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ContrastiveTask.forward to run the encoder inside "
-    "modalign.data.item_keys.item_keys(batch.keys) (issue 10 report: lead merges)",
-)
 def test_two_processes_x8_equal_one_x16_with_augmentation(tmp_path: Path) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=16)
     config = tmp_path / "run.yaml"

@@ -52,7 +52,7 @@ def save_classifier(
     results: dict[str, Any],
 ) -> None:
     """Write the classifier bundle into ``out`` (crash-safe; other files in ``out`` untouched)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     spec = cfg.head
@@ -61,7 +61,7 @@ def save_classifier(
         remove_stale_temp(out)
         with atomic_files(out, META) as (tmp, meta):
             state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-            save_file(state, str(tmp / "head.safetensors"))
+            (tmp / "head.safetensors").write_bytes(save(state))
             (tmp / "finetune.yaml").write_text(dump_yaml(cfg.resolved()), encoding="utf-8")
             meta.update(
                 {
@@ -97,22 +97,26 @@ class Classifier:
     inputs: list[str]
     cfg: FinetuneConfig
 
-    def embed(self, src: str) -> EmbeddedSet:
-        """Embed ``src`` with the classifier's inputs (labels mapped to its classes)."""
-        return embed_labeled(self.model, src, self.inputs, self.class_names)[0]
-
-    def evaluate(self, src: str, drop: Sequence[str] = ()) -> dict[str, Any]:
-        """Accuracy / macro-F1 / per-subset accuracy on labeled ``src``, ``drop`` hidden."""
+    def _check_drop(self, drop: Sequence[str]) -> None:
         bad = [m for m in drop if m not in self.inputs]
         if bad:
             raise UserInputError(
                 f"--drop {bad[0]}: this classifier never had that modality; its inputs are "
                 f"{self.inputs}"
             )
+
+    def embed(self, src: str) -> EmbeddedSet:
+        """Embed ``src`` with the classifier's inputs (labels mapped to its classes)."""
+        return embed_labeled(self.model, src, self.inputs, self.class_names)[0]
+
+    def evaluate(self, src: str, drop: Sequence[str] = ()) -> dict[str, Any]:
+        """Accuracy / macro-F1 / per-subset accuracy on labeled ``src``, ``drop`` hidden."""
+        self._check_drop(drop)
         return evaluate_head(self.head, self.embed(src), len(self.class_names), drop)
 
     def predict(self, src: str, drop: Sequence[str] = ()) -> list[dict[str, Any]]:
         """One ``{"id", "label", "confidence"}`` per item of ``src``."""
+        self._check_drop(drop)
         s = self.embed(src)
         probs = predict(self.head, s, drop).softmax(1)
         conf, idx = probs.max(1)

@@ -69,7 +69,7 @@ def save_bundle(
 
     ``modalities``: specs passed in rather than registered (recorded without a provider).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # bytes, so a write error names the path
 
     out_dir = Path(out_dir)
     state = encoder_state(encoder)
@@ -78,7 +78,7 @@ def save_bundle(
     if image_preset is not None and not presets:
         presets = {"image": dataclasses.asdict(image_preset)}
     with atomic_files(out_dir, META) as (tmp, meta):
-        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "model.safetensors").write_bytes(save(state))
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
         meta.update(
             {

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from modalign.cli.common import add_common, add_data, emit, floats
-from modalign.core.errors import UserInputError
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,22 +53,11 @@ def cmd_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def check_drop(clf: Any, drop: list[str] | None) -> list[str]:
-    """``--drop`` names only modalities the classifier takes (else exit 2 naming them)."""
-    unknown = [m for m in drop or [] if m not in clf.inputs]
-    if unknown:
-        raise UserInputError(
-            f"--drop {unknown[0]}: this classifier has no {unknown[0]!r} input; its inputs are "
-            f"{', '.join(clf.inputs)}"
-        )
-    return list(drop or [])
-
-
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.finetune.pipeline import load_classifier
 
     clf = load_classifier(args.model, device=args.device)
-    preds = clf.predict(args.data, drop=check_drop(clf, args.drop))
+    preds = clf.predict(args.data, drop=args.drop or [])
     if args.out:
         from modalign.core.artifact import atomic_write_text
 

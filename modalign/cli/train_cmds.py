@@ -10,11 +10,9 @@ from modalign.cli.common import add_common, add_set, emit, is_main_process, load
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.run_checks import check_pretrain_inputs
     from modalign.training import run_pretrain
 
     cfg = load_cli_config(args)
-    check_pretrain_inputs(cfg)  # every path, before the towers are built or output.dir made
     res = run_pretrain(cfg, resume=args.resume)
     result = {
         "output_dir": str(res.output_dir),

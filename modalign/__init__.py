@@ -24,11 +24,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def load(
     path: str | Path,
-    device: str = "cpu",
+    device: str = "auto",
     tower_builders: Mapping[str, TowerBuilder] | None = None,
     modalities: Mapping[str, ModalitySpec] | None = None,
 ) -> BundleModel:
     """Load a model bundle (no code is executed: safetensors + JSON + YAML).
+
+    ``device``: ``"auto"`` (a GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``. ``model.encode(image=[...], text=[...], batch_size=64,
+    convert_to_numpy=False, normalize=True, show_progress_bar=False)`` embeds any iterable of
+    inputs, decoding batch by batch.
 
     Plugin towers and modalities are found through the registries (entry-point groups
     ``modalign.towers`` / ``modalign.modalities``); a bundle whose plugin is not installed is

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class BundleModel:
         modalities: Mapping[str, ModalitySpec] | None = None,
         presets: Mapping[str, ImagePreset] | None = None,
     ) -> None:
+        device = resolve_device(device)
         self.encoder = encoder.eval().to(device)
         self._extra_specs = dict(modalities or {})
         self.cfg, self.meta, self.path, self.device = cfg, meta, path, device
@@ -95,24 +97,41 @@ class BundleModel:
             )
         return self._specs
 
-    @torch.no_grad()
-    def encode_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Encode a collated batch (tensors or text lists per modality) -> normalised embeddings."""
+    @torch.inference_mode()
+    def encode_batch(
+        self, batch: Mapping[str, Any], normalize: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Encode a collated batch (tensors or text lists per modality) -> embeddings (CPU,
+        float32; L2-normalised unless ``normalize=False``)."""
         inputs = {
             m: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
             for m, v in batch.items()
             if m in self.modalities
         }
-        return {m: e.float().cpu() for m, e in self.encoder(inputs).items()}
+        return {m: e.float().cpu() for m, e in self.encoder(inputs, normalize).items()}
 
-    def encode(self, batch_size: int = 64, **values: Any) -> dict[str, torch.Tensor]:
+    def encode(
+        self,
+        batch_size: int = 64,
+        *,
+        convert_to_numpy: bool = False,
+        normalize: bool = True,
+        show_progress_bar: bool = False,
+        **values: Any,
+    ) -> dict[str, torch.Tensor | np.ndarray]:
         """Embed any subset of modalities: ``encode(image=[...], text=[...])``.
 
         Each value is a path, bytes, an inline value (text), an in-memory object (PIL image) or
-        an array holding the decoded value; it is read through that modality's spec. Returns
-        L2-normalised ``(n, embed_dim)`` tensors keyed by modality.
+        an array holding the decoded value; it is read through that modality's spec. Values
+        are decoded batch by batch as they are encoded, so memory is bounded by ``batch_size``
+        whatever the number of inputs (any iterable works, e.g. a generator). Returns
+        ``(n, embed_dim)`` float32 embeddings keyed by modality: L2-normalised (the shared
+        space; cosine = dot product) unless ``normalize=False``, as tensors or, with
+        ``convert_to_numpy``, arrays (the sentence-transformers options).
         """
-        out: dict[str, torch.Tensor] = {}
+        if batch_size < 1:
+            raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+        out: dict[str, torch.Tensor | np.ndarray] = {}
         for modality, items in values.items():
             if items is None:
                 continue
@@ -120,16 +139,27 @@ class BundleModel:
                 raise UserInputError(
                     f"this model has no {modality!r} tower; it has {self.modalities}"
                 )
-            if isinstance(items, (str, bytes, Path, np.ndarray)) or not isinstance(items, Sequence):
+            if isinstance(items, (str, bytes, Path, np.ndarray)) or not isinstance(items, Iterable):
                 items = [items]
-            spec = self.modality_specs()[modality]
-            prepared = [self.prepare(modality, v) for v in items]
-            chunks = [
-                self.encode_batch({modality: spec.collate(prepared[i : i + batch_size])})[modality]
-                for i in range(0, len(prepared), batch_size)
-            ]
-            out[modality] = torch.cat(chunks) if chunks else torch.zeros(0, self.embed_dim)
+            chunks = list(
+                self._encode_stream(modality, items, batch_size, normalize, show_progress_bar)
+            )
+            emb = torch.cat(chunks) if chunks else torch.zeros(0, self.embed_dim)
+            out[modality] = emb.numpy() if convert_to_numpy else emb
         return out
+
+    def _encode_stream(
+        self, modality: str, items: Iterable[Any], batch_size: int, normalize: bool, bar: bool
+    ) -> Iterator[torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        spec = self.modality_specs()[modality]
+        total = len(items) if isinstance(items, Sized) else None
+        with tqdm(total=total, desc=f"encode {modality}", disable=not bar) as progress:
+            for chunk in _chunks(items, batch_size):
+                prepared = [self.prepare(modality, v) for v in chunk]
+                yield self.encode_batch({modality: spec.collate(prepared)}, normalize)[modality]
+                progress.update(len(chunk))
 
     def prepare(self, modality: str, value: Any) -> Any:
         """One input value -> the model input, through the modality's spec (eval transforms)."""
@@ -137,3 +167,16 @@ class BundleModel:
         if isinstance(value, np.ndarray):
             return _from_array(spec, value)
         return spec.load(_as_source(value), False, np.random.default_rng(0))
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other names unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -69,7 +69,8 @@ class MultimodalEncoder(nn.Module):
                 trunk.eval()
         return self
 
-    def encode(self, modality: str, value: Any) -> torch.Tensor:
+    def encode(self, modality: str, value: Any, normalize: bool = True) -> torch.Tensor:
+        """One modality through preprocessor -> trunk -> head (-> L2 normalisation)."""
         x = self.preprocessors[modality](value)
         x = self.trunks[modality](x)
         head = self.heads[modality]
@@ -77,10 +78,11 @@ class MultimodalEncoder(nn.Module):
         weight = next(head.parameters(), None)
         if x.dtype == torch.float64 and weight is not None and weight.dtype != torch.float64:
             x = x.to(weight.dtype)
-        return F.normalize(head(x), dim=-1)
+        z = head(x)
+        return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {m: self.encode(m, inputs[m]) for m in self.modalities if m in inputs}
+    def forward(self, inputs: Mapping[str, Any], normalize: bool = True) -> dict[str, torch.Tensor]:
+        return {m: self.encode(m, inputs[m], normalize) for m in self.modalities if m in inputs}
 
 
 @dataclass

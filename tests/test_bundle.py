@@ -204,3 +204,22 @@ def test_changed_external_weights_refuse_the_bundle(tmp_path: Path, capsys) -> N
         modalign.load(out)
     code = main(["evaluate", "retrieval", "--model", str(out), "--data", str(manifest)])
     assert code == 2 and "tower 'image'" in capsys.readouterr().err
+
+
+def test_encode_streams_any_iterable_with_sentence_transformers_options(
+    bundle: tuple[Path, Path],
+) -> None:
+    """encode decodes batch by batch (a generator works), numpy/normalize options, device auto."""
+    model = modalign.load(bundle[1], device="auto")
+    assert model.device in ("cpu", "cuda")
+    texts = [f"caption number {i}" for i in range(7)]
+    whole = model.encode(text=texts, batch_size=64)["text"]
+    streamed = model.encode(text=(t for t in texts), batch_size=3)["text"]
+    assert torch.allclose(whole, streamed, atol=1e-6)
+    assert torch.allclose(whole.norm(dim=1), torch.ones(7), atol=1e-5)
+    raw = model.encode(text=texts, normalize=False, convert_to_numpy=True)["text"]
+    assert isinstance(raw, np.ndarray) and raw.dtype == np.float32
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    assert np.allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), whole.numpy(), atol=1e-5)
+    with pytest.raises(UserInputError, match="batch_size"):
+        model.encode(text=texts, batch_size=0)

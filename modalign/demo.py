@@ -96,6 +96,7 @@ def run_demo(
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - started, 2),
         "out": str(out),
+        "serve_command": f"modalign serve --index {out / 'index'}",
     }
     text = _report_text(result, cfg.finetune.labels_per_class, plot)
     atomic_write_text(out / "report.md", text + "\n")
@@ -264,4 +265,10 @@ def _report_text(result: dict[str, Any], k: int, plot: Path | None) -> str:
     ]
     if plot is not None:
         lines += ["", f"![training loss]({plot.name})"]
+    lines += [
+        "",
+        "## Browse it",
+        "",
+        f"Serve the index and open http://127.0.0.1:8000/ :  `{result['serve_command']}`",
+    ]
     return "\n".join(lines)

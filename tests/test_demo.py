@@ -57,6 +57,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert fused["by_subset"]["audio+image"] >= 0.9
     assert set(report["classify"]["labels_only"]["by_subset"]) == {"audio+image", "audio", "image"}
     assert report["wall_s"] > 0
+    assert report["serve_command"].startswith("modalign serve --index ")
+    assert "modalign serve --index" in (Path(report["out"]) / "report.md").read_text()
     # the value of pretraining: labels only from scratch < pretrained + pseudo-labels (same k)
     rows = report["value"]["rows"]
     (scratch,) = [r for r in rows if "scratch" in r["setting"]]

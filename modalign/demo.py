@@ -255,20 +255,14 @@ def _report_text(result: dict[str, Any], k: int, plot: Path | None) -> str:
         lines.append(
             f"- {modality} `{shown}` (digit {s['query_label']}) -> top-5 {s['target']} labels: {labels}"
         )
-    lines += [
-        "",
-        "## Time",
-        "",
-        table(
-            ["stage", "seconds"], [*list(result["timings_s"].items()), ["total", result["wall_s"]]]
-        ),
-    ]
+    return "\n".join(lines + _closing_lines(result, plot))
+
+
+def _closing_lines(result: dict[str, Any], plot: Path | None) -> list[str]:
+    """Timings, the loss plot and the command that serves the demo's index."""
+    timings = [*list(result["timings_s"].items()), ["total", result["wall_s"]]]
+    lines = ["", "## Time", "", table(["stage", "seconds"], timings)]
     if plot is not None:
         lines += ["", f"![training loss]({plot.name})"]
-    lines += [
-        "",
-        "## Browse it",
-        "",
-        f"Serve the index and open http://127.0.0.1:8000/ :  `{result['serve_command']}`",
-    ]
-    return "\n".join(lines)
+    serve = f"Serve the index and open http://127.0.0.1:8000/ :  `{result['serve_command']}`"
+    return [*lines, "", "## Browse it", "", serve]

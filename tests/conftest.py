@@ -95,3 +95,18 @@ def specs():
 @pytest.fixture(scope="module")
 def text_specs(specs):
     return {"text": specs["text"]}
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """Print the random-order seed even under ``-q`` (pytest-randomly only puts it in the
+    header), so any order CI ran can be reproduced."""
+    if not config.pluginmanager.hasplugin("randomly"):
+        return
+    seed = config.getoption("randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(
+            f"random test order seed {seed}: reproduce with "
+            f"python -m pytest -p randomly --randomly-seed={seed}"
+        )

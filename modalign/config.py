@@ -12,9 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from modalign.core.config_io import apply_override, from_dict, to_dict
+from modalign.core.config_io import apply_override, from_dict, parse_yaml_mapping, to_dict
 from modalign.core.errors import ConfigError
 from modalign.data.preflight import refuse_pipe
 from modalign.finetune.config import FinetuneConfig
@@ -54,12 +52,7 @@ def read_config_tree(name_or_path: str) -> dict[str, Any]:
             .read_text(encoding="utf-8")
         )
         where = f"built-in config {name_or_path!r}"
-    try:
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    tree = parse_yaml_mapping(text, where)
     if path.is_file() and written_by_a_run(path):
         refuse_pipe(tree, f"{path} (written by a run, not by you)")
     return tree

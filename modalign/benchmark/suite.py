@@ -24,9 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from modalign.core.config_io import apply_override, from_dict
+from modalign.core.config_io import apply_override, from_dict, parse_yaml_mapping
 from modalign.core.errors import ConfigError, UserInputError
 
 __all__ = ["CorpusSpec", "Suite", "TaskSpec", "builtin_suites", "load_suite"]
@@ -111,12 +109,7 @@ def _read(name_or_path: str) -> tuple[dict[str, Any], str]:
             f"no suite file or built-in suite named {name_or_path!r}; built-in: "
             f"{', '.join(builtin_suites())}"
         )
-    try:
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: top level must be a mapping")
+    tree = parse_yaml_mapping(text, where)
     return tree, where
 
 

@@ -107,15 +107,22 @@ def _image_format(data: bytes) -> str:
         return (img.format or "").lower().replace("jpeg", "jpg")
 
 
-def _image_perturb(preset: ImagePreset, channels: int) -> Callable:
+def _image_clamp(preset: ImagePreset, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Clamp normalised images to the pixel range [0, 1] (per channel, in normalised units)."""
     mean = torch.tensor(_fit_channels(preset.mean, channels)).view(-1, 1, 1)
     std = torch.tensor(_fit_channels(preset.std, channels)).view(-1, 1, 1)
-    lo, hi = (0 - mean) / std, (1 - mean) / std  # pixel range [0, 1] in normalised units
+    lo, hi = (0 - mean) / std, (1 - mean) / std
 
+    def clamp(x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(x, hi.to(x)), lo.to(x))
+
+    return clamp
+
+
+def _image_perturb(clamp: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     def perturb(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-        out = x + level * noise
-        return torch.maximum(torch.minimum(out, hi.to(x)), lo.to(x))
+        return clamp(x + level * noise)
 
     return perturb
 
@@ -125,6 +132,7 @@ def image_modality(data_cfg: DataConfig, options: ImageConfig, preset: Any) -> M
     """Images (files) through timm transforms sized by the tower's :class:`ImagePreset`."""
     preset = preset or ImagePreset()
     size = preset.input_size
+    clamp = _image_clamp(preset, options.channels)
     return ModalitySpec(
         "image",
         _ImageLoader(preset, options),
@@ -134,7 +142,8 @@ def image_modality(data_cfg: DataConfig, options: ImageConfig, preset: Any) -> M
         describe=lambda img: {"image_size": tuple(int(v) for v in img.size)},
         stats=(StatKind("image_size", "minmax"),),
         pack_fn=_image_pack(options),
-        perturb_fn=_image_perturb(preset, options.channels),
+        perturb_fn=_image_perturb(clamp),
+        clamp_fn=clamp,
         preset=preset,
         options=options,
     )
@@ -166,7 +175,12 @@ def _audio_perturb(x: torch.Tensor, level: float, gen: torch.Generator) -> torch
     """Gaussian noise relative to each clip's RMS (level 1 = 0 dB SNR), clipped to full scale."""
     noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
     rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
-    return (x + level * rms * noise).clamp(-1.0, 1.0)
+    return _audio_clamp(x + level * rms * noise)
+
+
+def _audio_clamp(x: torch.Tensor) -> torch.Tensor:
+    """Waveforms clipped to full scale [-1, 1]."""
+    return x.clamp(-1.0, 1.0)
 
 
 @MODALITIES.register("audio", options=AudioConfig)
@@ -186,6 +200,7 @@ def audio_modality(data_cfg: DataConfig, options: AudioConfig, preset: Any) -> M
         stats=(StatKind("audio_seconds", "summary"), StatKind("audio_sample_rates", "counts")),
         pack_fn=_audio_pack,
         perturb_fn=_audio_perturb,
+        clamp_fn=_audio_clamp,
         preset=preset,
         options=options,
     )

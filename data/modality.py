@@ -69,6 +69,8 @@ class ModalitySpec:
     - ``pack_fn(value)``: ``(member extension, bytes)`` for ``data pack``.
     - ``collate_fn(values)``: batch values; default stacks tensors, lists anything else.
     - ``perturb_fn(values, level, generator)``: robustness noise, clamped to the valid range.
+    - ``clamp_fn(values)``: project a batch of inputs onto the valid input range (pixels in
+      [0, 1] for images in normalised units, full scale for audio); attacks and noise use it.
     """
 
     name: str
@@ -83,6 +85,7 @@ class ModalitySpec:
     pack_fn: Callable[[Any], tuple[str, bytes]] | None = None
     collate_fn: Callable[[Sequence[Any]], Any] | None = None
     perturb_fn: Callable[[Any, float, torch.Generator], Any] | None = None
+    clamp_fn: Callable[[Any], Any] | None = None
     preset: Any = None  # the tower's input preset (e.g. ImagePreset) the transforms use
     options: Any = None  # the factory's typed options (for records and plugins)
 
@@ -144,6 +147,13 @@ class ModalitySpec:
         if self.perturb_fn is None or level == 0:
             return values
         return self.perturb_fn(values, level, generator)
+
+    def clamp(self, values: Any) -> Any:
+        """``values`` projected onto the valid input range (``clamp_fn``); unchanged when the
+        spec declares no range (e.g. text, or a plugin without one)."""
+        if self.clamp_fn is None:
+            return values
+        return self.clamp_fn(values)
 
 
 class ModalityFactory(Protocol):

@@ -147,14 +147,25 @@ def _check_attack(x: Tensor, y: Tensor, eps: float) -> None:
         raise UserInputError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
 
 
-def fgsm(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float) -> Tensor:
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def fgsm(
+    forward: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    clamp: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one L-inf step of size ``eps``.
 
-    Returns a detached ``x_adv`` with ``|x_adv - x|_inf <= eps`` that raises the cross-entropy.
+    Returns a detached ``x_adv`` with ``|x_adv - x|_inf <= eps`` that raises the cross-entropy,
+    projected by ``clamp`` onto the valid input range (e.g. ``ModalitySpec.clamp``) when given.
     """
     _check_attack(x, y, eps)
     _, grad = _loss_grad(forward, x, y)
-    return (x.detach() + eps * grad.sign()).detach()
+    return (clamp or _identity)(x.detach() + eps * grad.sign()).detach()
 
 
 def pgd(
@@ -166,12 +177,16 @@ def pgd(
     steps: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    clamp: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Projected gradient descent (Madry et al. 2018) within the L-inf ball of radius ``eps``.
 
     ``steps`` signed-gradient steps of size ``alpha``, each projected back onto the ball, from a
-    uniform random start when ``random_start``. Per row, the iterate with the highest loss seen is
-    returned, so the attack never ends weaker than one of its own steps.
+    uniform random start when ``random_start``. Every iterate (the start included) is also
+    projected by ``clamp`` onto the valid input range when given; the intersection of the ball
+    and a box is a box, so clamping after the ball projection is the exact projection. Per row,
+    the iterate with the highest loss seen is returned, so the attack never ends weaker than one
+    of its own steps.
     """
     _check_attack(x, y, eps)
     if alpha <= 0 or steps < 1:
@@ -183,11 +198,13 @@ def pgd(
     if random_start and eps > 0:
         noise = torch.rand(x.shape, generator=generator, device=_rand_device(x, generator))
         adv = x + (2 * noise.to(device=x.device, dtype=x.dtype) - 1) * eps
+    project = clamp or _identity
+    adv = project(adv)
     best, best_loss = adv.clone(), torch.full((x.shape[0],), -torch.inf, device=x.device)
     for _ in range(steps):
         loss, grad = _loss_grad(forward, adv, y)
         best, best_loss = _keep_best(best, best_loss, adv, loss)
-        adv = x + (adv + alpha * grad.sign() - x).clamp(-eps, eps)
+        adv = project(x + (adv + alpha * grad.sign() - x).clamp(-eps, eps))
     with torch.no_grad():
         final_loss = F.cross_entropy(forward(adv), y, reduction="none")
     best, _ = _keep_best(best, best_loss, adv, final_loss)

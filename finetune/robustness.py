@@ -126,7 +126,11 @@ def adversarial(
     max_items: int | None = 256,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy under FGSM or PGD (L-inf) on ``modality``'s input at each epsilon."""
+    """Accuracy under FGSM or PGD (L-inf) on ``modality``'s input at each epsilon.
+
+    Adversarial inputs are clamped to the modality's valid input range
+    (:meth:`~modalign.data.modality.ModalitySpec.clamp`: pixels in [0, 1], audio full scale).
+    """
     _check(clf, modality)
     if attack not in ("fgsm", "pgd"):
         raise UserInputError(f"attack {attack!r}: valid attacks are fgsm, pgd")
@@ -135,6 +139,7 @@ def adversarial(
     correct = torch.zeros(len(eps))
     total = 0
     gen = torch.Generator().manual_seed(seed)
+    clamp = clf.model.modality_specs()[modality].clamp
     for batch, y in _batches(clf, src, batch_size, max_items):
         if modality not in batch.inputs:
             continue
@@ -151,9 +156,10 @@ def adversarial(
             if e == 0:
                 adv = x
             elif attack == "fgsm":
-                adv = fgsm(forward, x, target, e)
+                adv = fgsm(forward, x, target, e, clamp=clamp)
             else:
-                adv = pgd(forward, x, target, e, alpha=2.5 * e / steps, steps=steps, generator=gen)
+                alpha = 2.5 * e / steps
+                adv = pgd(forward, x, target, e, alpha, steps, generator=gen, clamp=clamp)
             with torch.no_grad():
                 correct[i] += (forward(adv).argmax(1) == target).sum()
         total += int(keep.sum())

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from modalign.cli import main
 
@@ -258,6 +259,33 @@ def test_robustness_curves(
     assert adv["accuracy"][0] == pytest.approx(res["accuracy"])
     assert adv["accuracy"][1] <= adv["accuracy"][0]  # an attack never helps
     assert (tmp_path / "cm.png").stat().st_size > 1000
+    _attacked_images_stay_in_pixel_range(clf, manifest)
+
+
+def _attacked_images_stay_in_pixel_range(clf_dir: Path, manifest: Path) -> None:
+    """FGSM/PGD with a huge budget: the images the encoder sees stay in the pixel range [0, 1]
+    (in the tower's normalised units), i.e. the attacks are clamped to the valid input range."""
+    from modalign.finetune.classifier import load_classifier
+    from modalign.finetune.robustness import adversarial
+
+    clf = load_classifier(clf_dir)
+    spec = clf.model.modality_specs()["image"]
+    encode, seen = clf.model.encoder.encode, []
+
+    def spy(modality, x):
+        if modality == "image":
+            seen.append(x.detach().clone())
+        return encode(modality, x)
+
+    clf.model.encoder.encode = spy
+    for attack in ("fgsm", "pgd"):
+        seen.clear()
+        adversarial(
+            clf, str(manifest), "image", eps=(0.0, 100.0), attack=attack, steps=2, max_items=8
+        )
+        adv = torch.cat(seen)
+        assert torch.equal(spec.clamp(adv), adv)  # every attacked input is inside the range
+        assert float(adv.abs().max()) < 10  # an unclamped eps=100 step would reach ~100
 
 
 @pytest.mark.parametrize("method", ["self_training", "knn"])

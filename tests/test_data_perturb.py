@@ -48,3 +48,18 @@ def test_text_word_dropout() -> None:
     some = spec.perturb(texts * 20, 0.5, torch.Generator().manual_seed(0))
     kept = sum(len(t.split()) for t in some[::2]) / (20 * 5)
     assert 0.3 < kept < 0.7 and all(set(t.split()) <= set(texts[0].split()) for t in some[::2])
+
+
+def test_clamp_is_each_modality_valid_input_range() -> None:
+    """``ModalitySpec.clamp`` (what FGSM/PGD project onto): normalised pixel range for images,
+    full scale for audio, identity for text (no range)."""
+    specs = _specs()
+    big = torch.linspace(-5, 5, 4 * 64).view(4, 1, 8, 8)
+    img = specs["image"].clamp(big)
+    assert float(img.min()) == -2.0 and float(img.max()) == 2.0
+    inside = torch.full((1, 1, 8, 8), 0.3)
+    assert torch.equal(specs["image"].clamp(inside), inside)
+    wave = specs["audio"].clamp(torch.tensor([[-3.0, -0.5, 0.5, 3.0]]))
+    assert wave.tolist() == [[-1.0, -0.5, 0.5, 1.0]]
+    texts = ["a b"]
+    assert specs["text"].clamp(texts) is texts

@@ -117,3 +117,28 @@ def test_pgd_at_least_as_strong_as_fgsm():
     assert torch.equal(adv_pgd, again)
     with pytest.raises(UserInputError):
         pgd(model, x, y, eps, alpha=0.0, steps=5)
+
+
+def test_attacks_clamp_to_the_valid_input_range():
+    """With ``clamp``, FGSM/PGD iterates stay in the ball AND the box; FGSM's clamped result is
+    exactly the box-clamped unclamped step (ball ∩ box is a box: clamping is the projection)."""
+    model, _, _ = _linear_problem()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 5, generator=gen)  # valid inputs in [0, 1], many near the edges
+    y = torch.randint(0, 3, (64,), generator=gen)
+
+    def box(t: torch.Tensor) -> torch.Tensor:
+        return t.clamp(0.0, 1.0)
+
+    eps = 0.2
+    free = fgsm(model, x, y, eps)
+    assert float(free.min()) < 0.0 or float(free.max()) > 1.0  # the unclamped step leaves it
+    clamped = fgsm(model, x, y, eps, clamp=box)
+    assert torch.equal(clamped, box(free))
+    for adv in (
+        clamped,
+        pgd(model, x, y, eps, eps / 4, 10, generator=torch.Generator().manual_seed(4), clamp=box),
+    ):
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+        assert (adv - x).abs().max() <= eps + 1e-6
+        assert _loss(model, adv, y) > _loss(model, x, y)

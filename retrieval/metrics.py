@@ -27,7 +27,7 @@ import numpy as np
 
 from modalign.core.errors import UserInputError
 
-__all__ = ["NoPositivesError", "RetrievalMetrics", "retrieval_metrics"]
+__all__ = ["NoPositivesError", "QueryRanks", "RetrievalMetrics", "query_ranks", "retrieval_metrics"]
 
 # Rows of one group are ranked in blocks so the (rows, positives) temporaries stay a few tens
 # of MB even when one group holds most of the gallery.
@@ -71,12 +71,24 @@ class RetrievalMetrics:
 
 
 @dataclass
-class _ChunkStats:
-    """Per-query results of one chunk (only for queries that have a positive)."""
+class QueryRanks:
+    """Per-query results, in query order, for the queries that have a positive.
 
-    first_rank: np.ndarray  # (q,) int64, 1-based
-    ap: np.ndarray  # (q,) float64
+    Attributes:
+        rows: ``(q,)`` index of each scored query in the query array.
+        first_rank: ``(q,)`` 1-based rank of its first positive (pessimistic on ties).
+        ap: ``(q,)`` its average precision over the full ranking.
+        skipped: queries without any positive in the gallery.
+    """
+
+    rows: np.ndarray
+    first_rank: np.ndarray
+    ap: np.ndarray
     skipped: int
+
+    def recall_at(self, k: int) -> np.ndarray:
+        """``(q,)`` 0/1: whether each query has a positive in its top ``k``."""
+        return (self.first_rank <= k).astype(np.float64)
 
 
 def retrieval_metrics(
@@ -107,15 +119,42 @@ def retrieval_metrics(
         UserInputError: on bad shapes, non-finite values or bad arguments.
         NoPositivesError: when no query has a positive.
     """
-    q, g, qg, gg, ex = _validate(queries, gallery, query_groups, gallery_groups, exclude)
     ks = _validate_ks(ks)
+    return _summarise(
+        query_ranks(queries, gallery, query_groups, gallery_groups, chunk_size, exclude), ks
+    )
+
+
+def query_ranks(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    query_groups: np.ndarray,
+    gallery_groups: np.ndarray,
+    chunk_size: int = 1024,
+    exclude: np.ndarray | None = None,
+) -> QueryRanks:
+    """Per-query first-positive rank and AP (what :func:`retrieval_metrics` averages).
+
+    Same arguments, ranking and tie rule as :func:`retrieval_metrics`; per-query figures feed
+    bootstrap intervals without re-ranking query by query. Raises ``UserInputError`` on bad
+    input (it does not raise :class:`NoPositivesError`: ``skipped`` counts those queries).
+    """
+    q, g, qg, gg, ex = _validate(queries, gallery, query_groups, gallery_groups, exclude)
     if chunk_size < 1:
         raise UserInputError(f"chunk_size must be >= 1, got {chunk_size}")
     positives = _group_index(gg)
     parts = [
-        _score_chunk(q[s:e], g, qg[s:e], ex[s:e], positives) for s, e in _chunks(len(q), chunk_size)
+        _score_chunk(q[s:e], g, qg[s:e], ex[s:e], positives, s)
+        for s, e in _chunks(len(q), chunk_size)
     ]
-    return _summarise(parts, ks)
+    rows = _cat([p.rows for p in parts], np.int64)
+    order = np.argsort(rows, kind="stable")
+    return QueryRanks(
+        rows[order],
+        _cat([p.first_rank for p in parts], np.int64)[order],
+        _cat([p.ap for p in parts], np.float64)[order],
+        sum(p.skipped for p in parts),
+    )
 
 
 def _validate(
@@ -188,7 +227,8 @@ def _score_chunk(
     query_groups: np.ndarray,
     exclude: np.ndarray,
     positives: dict[int, np.ndarray],
-) -> _ChunkStats:
+    offset: int,
+) -> QueryRanks:
     scores = queries @ gallery.T
     rows = np.flatnonzero(exclude >= 0)
     # -inf sits below every finite score, so an excluded item never outranks a positive
@@ -199,8 +239,11 @@ def _score_chunk(
     scores.sort(axis=1)
     ranked = [_rank_positives(scores, *block) for block in blocks]
     skipped += sum(len(b[0]) - len(r[0]) for b, r in zip(blocks, ranked))
-    return _ChunkStats(
-        _cat([r[0] for r in ranked], np.int64), _cat([r[1] for r in ranked], np.float64), skipped
+    return QueryRanks(
+        _cat([r[0] for r in ranked], np.int64) + offset,
+        _cat([r[1] for r in ranked], np.int64),
+        _cat([r[2] for r in ranked], np.float64),
+        skipped,
     )
 
 
@@ -235,8 +278,8 @@ def _positive_blocks(
 
 def _rank_positives(
     sorted_scores: np.ndarray, rows: np.ndarray, asc: np.ndarray, n_pos: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """First-positive rank and AP for query ``rows`` from their positives' sorted scores.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows kept, first-positive rank and AP for query ``rows`` from their positives' scores.
 
     With positives sorted by descending score ``a_1 >= ... >= a_P``, the pessimistic rank of the
     i-th positive is ``i + #negatives(score >= a_i)``, and
@@ -255,7 +298,7 @@ def _rank_positives(
     valid = i[None, :] <= n_pos[:, None]
     ap_sum = np.where(valid, i / ranks, 0.0).sum(axis=1)
     keep = n_pos > 0
-    return ranks[keep, 0].astype(np.int64), ap_sum[keep] / n_pos[keep]
+    return rows[keep], ranks[keep, 0].astype(np.int64), ap_sum[keep] / n_pos[keep]
 
 
 def _first_of_ties(asc: np.ndarray) -> np.ndarray:
@@ -270,21 +313,19 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def _summarise(parts: list[_ChunkStats], ks: tuple[int, ...]) -> RetrievalMetrics:
-    first = np.concatenate([p.first_rank for p in parts])
-    ap = np.concatenate([p.ap for p in parts])
-    skipped = sum(p.skipped for p in parts)
+def _summarise(r: QueryRanks, ks: tuple[int, ...]) -> RetrievalMetrics:
+    first = r.first_rank
     if len(first) == 0:
         raise NoPositivesError(
-            f"none of the {skipped} queries has a positive in the gallery: check that query "
+            f"none of the {r.skipped} queries has a positive in the gallery: check that query "
             "and gallery groups (labels / ids) refer to the same items"
         )
     return RetrievalMetrics(
         recall={k: float(np.mean(first <= k)) for k in ks},
         precision_at_1=float(np.mean(first <= 1)),
-        map=float(np.mean(ap)),
+        map=float(np.mean(r.ap)),
         median_rank=float(np.median(first)),
         mean_rank=float(np.mean(first)),
         queries=len(first),
-        skipped=skipped,
+        skipped=r.skipped,
     )

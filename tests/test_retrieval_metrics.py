@@ -197,3 +197,29 @@ def test_bad_input_raises_user_error(kwargs: dict, match: str) -> None:
     }
     with pytest.raises(UserInputError, match=match):
         retrieval_metrics(**(args | kwargs))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_query_ranks_are_each_query_alone_in_query_order(chunk_size: int) -> None:
+    """``query_ranks`` (what the benchmark bootstraps) equals scoring every query on its own,
+    in query order, with ties, exclusions and positive-less queries (left out, counted)."""
+    from modalign.retrieval.metrics import query_ranks
+
+    rng = np.random.default_rng(3)
+    q, g = quantised(rng, 29, 3), quantised(rng, 41, 3)
+    qg, gg = rng.integers(0, 6, 29), rng.integers(0, 5, 41)  # group 5 has no gallery item
+    exclude = rng.integers(-1, 41, 29)
+    r = query_ranks(q, g, qg, gg, chunk_size=chunk_size, exclude=exclude)
+    rows, firsts, aps = [], [], []
+    for i in range(len(q)):
+        want = reference_metrics(q[i : i + 1], g, qg[i : i + 1], gg, exclude=exclude[i : i + 1])
+        if want["skipped"]:
+            continue
+        rows.append(i)
+        firsts.append(want["mean_rank"])
+        aps.append(want["map"])
+    assert r.skipped == len(q) - len(rows) > 0
+    assert r.rows.tolist() == rows
+    assert r.first_rank.tolist() == firsts
+    assert r.ap == pytest.approx(aps, rel=1e-12)
+    assert r.recall_at(1).tolist() == [float(f <= 1) for f in firsts]

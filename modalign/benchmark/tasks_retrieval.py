@@ -14,7 +14,7 @@ from modalign.finetune.embedded import fused_embedding
 from modalign.finetune.pseudo_label import class_prompt_embeddings
 from modalign.report import table
 from modalign.retrieval.evaluate import Level, positive_groups
-from modalign.retrieval.metrics import NoPositivesError, retrieval_metrics
+from modalign.retrieval.metrics import query_ranks
 
 __all__ = ["RetrievalOptions", "ZeroShotOptions", "per_query_metrics"]
 
@@ -28,21 +28,15 @@ class RetrievalOptions:
 def per_query_metrics(
     q: np.ndarray, g: np.ndarray, qg: np.ndarray, gg: np.ndarray, ks: list[int]
 ) -> dict[str, np.ndarray]:
-    """``recall@k`` (0/1) and AP per query, each from :func:`retrieval_metrics` on that query.
+    """``recall@k`` (0/1) and AP per query, in query order, from one ranking of all queries
+    (:func:`~modalign.retrieval.metrics.query_ranks`, the ranking ``retrieval_metrics`` averages).
 
     Queries without a positive in the gallery are left out (as the aggregate skips them).
     """
-    out: dict[str, list[float]] = {f"recall@{k}": [] for k in ks}
-    out["map"] = []
-    for i in range(len(q)):
-        try:
-            m = retrieval_metrics(q[i : i + 1], g, qg[i : i + 1], gg, ks=ks)
-        except NoPositivesError:
-            continue
-        for k in ks:
-            out[f"recall@{k}"].append(m.recall[k])
-        out["map"].append(m.map)
-    return {k: np.asarray(v) for k, v in out.items()}
+    r = query_ranks(q, g, qg, gg)
+    out = {f"recall@{k}": r.recall_at(k) for k in ks}
+    out["map"] = r.ap
+    return out
 
 
 def run_retrieval(ctx: Any, opts: RetrievalOptions) -> dict[str, Any]:

@@ -113,10 +113,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temp file path beside ``path``; write it (any library), it is then moved in.
 
     For writers that want a filename (``faiss.write_index``, ``safetensors.save_file``, tar).
+    ``durable=False`` skips the fsyncs (still temp + rename, so readers never see half a file):
+    only for files whose loss in a power cut is harmless and whose damage the reader detects
+    (decoded-item cache entries carry a checksum; an fsync costs ~20x the write there).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,11 +128,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         _chmod_default(tmp, is_dir=False)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _write_failed(path, exc) from exc
@@ -138,9 +143,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file via temp + fsync + rename so readers never see half of it."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write a file via temp + fsync + rename so readers never see half of it (``durable``:
+    see :func:`atomic_path`)."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
 
 

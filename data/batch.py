@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,6 +82,25 @@ class BadItemLog:
 
 
 @dataclass
+class DecodeCounts:
+    """What building samples cost: decodes from the item's bytes and decoded-item cache
+    outcomes (:mod:`modalign.data.cache`). Summed per batch, so workers' figures reach the run."""
+
+    decoded: int = 0  # file/bytes values decoded (load or prepare); inline text is not counted
+    cache_hits: int = 0  # values taken from the cache (augment only)
+    cache_corrupt: int = 0  # unreadable disk entries (truncated, torn, edited): decoded again
+    cache_full: int = 0  # decoded values not kept: the cache reached max_bytes
+    cache_write_errors: int = 0  # disk entries that could not be written (disk full, ...)
+
+    def add(self, other: DecodeCounts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
 class Sample:
     """One decoded row: ``values`` by modality (only those that decoded), plus its bad records."""
 
@@ -92,6 +111,7 @@ class Sample:
     bad: list[BadRecord] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # other fields (a shard's json)
     key: int = 0  # augmentation key from (seed, epoch, item): see modalign.data.item_keys
+    counts: DecodeCounts = field(default_factory=DecodeCounts)
 
 
 _OLD_KEYS = {"id": "ids", "label": "labels", "index": "index", "present": "present", "bad": "bad"}
@@ -115,6 +135,7 @@ class Batch:
     # One augmentation key per row (long): model-side augmentations draw from these
     # (modalign.data.item_keys), so results do not depend on how rows are split over processes.
     keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    counts: DecodeCounts = field(default_factory=DecodeCounts)  # what decoding the batch cost
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -192,6 +213,9 @@ class Collate:
                 continue
             inputs[name] = spec.collate([s.values.get(name, spec.placeholder) for s in kept])
             present[name] = torch.tensor(mask, dtype=torch.bool)
+        counts = DecodeCounts()
+        for s in samples:
+            counts.add(s.counts)
         return Batch(
             inputs=inputs,
             present=present,
@@ -200,4 +224,5 @@ class Collate:
             index=torch.tensor([s.index for s in kept], dtype=torch.long),
             bad=bad,
             keys=torch.tensor([s.key for s in kept], dtype=torch.long),
+            counts=counts,
         )

@@ -17,8 +17,16 @@ import torch
 
 from modalign.core.registry import NoOptions
 from modalign.data.config import AudioConfig, DataConfig, ImageConfig
-from modalign.data.decode import Source, decode_audio, decode_image, decode_text, read_audio
-from modalign.data.modality import MODALITIES, ImagePreset, ModalitySpec, StatKind
+from modalign.data.decode import (
+    Source,
+    augment_audio,
+    decode_audio,
+    decode_image,
+    decode_text,
+    prepare_audio,
+    read_audio,
+)
+from modalign.data.modality import MODALITIES, ImagePreset, Loader, ModalitySpec, StatKind
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
@@ -54,8 +62,18 @@ def _fit_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
     return (values[0],) * channels
 
 
-class _ImageLoader:
-    """Decode + timm transform; transforms are built on first use (pack/inspect never need them)."""
+def _image_prepare(icfg: ImageConfig) -> Callable[[Source], np.ndarray]:
+    """Decode to uint8 pixels, (H, W) for ``L`` or (H, W, 3) for ``RGB`` (what the cache keeps)."""
+
+    def prepare(source: Source) -> np.ndarray:
+        return np.asarray(decode_image(source, icfg))
+
+    return prepare
+
+
+class _ImageAugment:
+    """Decoded pixels -> timm transform; transforms are built on first use (pack/inspect never
+    need them)."""
 
     def __init__(self, preset: ImagePreset, icfg: ImageConfig) -> None:
         self.preset, self.icfg = preset, icfg
@@ -66,8 +84,10 @@ class _ImageLoader:
             self._tf[train] = image_transform(self.preset, self.icfg, train)
         return self._tf[train]
 
-    def __call__(self, source: Source, train: bool, rng: np.random.Generator) -> torch.Tensor:
-        img = decode_image(source, self.icfg)
+    def __call__(self, pixels: np.ndarray, train: bool, rng: np.random.Generator) -> torch.Tensor:
+        from PIL import Image
+
+        img = Image.fromarray(pixels)
         tf = self._transform(train)
         if not train:
             return tf(img)
@@ -82,6 +102,15 @@ class _ImageLoader:
                 return tf(img)
         finally:
             random.setstate(state)
+
+
+def composed(prepare: Callable[[Any], Any], augment: Loader) -> Loader:
+    """``load`` as ``augment(prepare(source), train, rng)``, for a spec that splits its load."""
+
+    def load(source: Any, train: bool, rng: np.random.Generator) -> Any:
+        return augment(prepare(source), train, rng)
+
+    return load
 
 
 def _image_pack(icfg: ImageConfig) -> Callable[[Any], tuple[str, bytes]]:
@@ -133,9 +162,10 @@ def image_modality(data_cfg: DataConfig, options: ImageConfig, preset: Any) -> M
     preset = preset or ImagePreset()
     size = preset.input_size
     clamp = _image_clamp(preset, options.channels)
+    prepare, augment = _image_prepare(options), _ImageAugment(preset, options)
     return ModalitySpec(
         "image",
-        _ImageLoader(preset, options),
+        composed(prepare, augment),
         torch.zeros(options.channels, size, size),
         extensions=IMAGE_EXTENSIONS,
         decode=lambda source: decode_image(source, options),
@@ -146,6 +176,9 @@ def image_modality(data_cfg: DataConfig, options: ImageConfig, preset: Any) -> M
         clamp_fn=clamp,
         preset=preset,
         options=options,
+        prepare=prepare,
+        augment=augment,
+        prepare_fingerprint=f"image/1 channels={options.channels} max_pixels={options.max_pixels}",
     )
 
 
@@ -190,6 +223,9 @@ def audio_modality(data_cfg: DataConfig, options: AudioConfig, preset: Any) -> M
     def load(source: Source, train: bool, rng: np.random.Generator) -> torch.Tensor:
         return torch.from_numpy(decode_audio(source, options, rng if train else None))
 
+    def augment(raw: dict[str, np.ndarray], train: bool, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(augment_audio(raw, options, rng if train else None))
+
     return ModalitySpec(
         "audio",
         load,
@@ -203,6 +239,11 @@ def audio_modality(data_cfg: DataConfig, options: AudioConfig, preset: Any) -> M
         clamp_fn=_audio_clamp,
         preset=preset,
         options=options,
+        prepare=lambda source: prepare_audio(source, options),
+        augment=augment,
+        # prepare checks short clips whole and long ones per window: the clip length decides
+        prepare_fingerprint=f"audio/1 sample_rate={options.sample_rate} "
+        f"clip_samples={options.clip_samples}",
     )
 
 

@@ -48,6 +48,38 @@ class ImageConfig:
 
 
 @dataclass
+class CacheSpec:
+    """``data.cache``: the decoded-item cache (:mod:`modalign.data.cache`), an entry of
+    ``ITEM_CACHES`` (``none``, ``memory``, ``disk`` or a plugin's) and its options; the short
+    form ``cache: memory`` names the kind alone."""
+
+    kind: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from modalign.data.cache import ITEM_CACHES
+
+        ITEM_CACHES.get(self.kind, "data.cache.kind")
+        ITEM_CACHES.options(self.kind, self.options, "data.cache.options")  # checked up front
+
+
+def cache_spec(value: Any) -> CacheSpec:
+    """``data.cache`` as a :class:`CacheSpec`: from a spec, a mapping, or a bare kind name."""
+    if isinstance(value, CacheSpec):
+        return value
+    if isinstance(value, str):
+        return CacheSpec(value)
+    if isinstance(value, dict):
+        from modalign.core.config_io import from_dict
+
+        return from_dict(CacheSpec, value, "data.cache")
+    raise ConfigError(
+        f"data.cache: expected a cache kind (none, memory, disk) or {{kind: ..., options: "
+        f"{{...}}}}, got {value!r}"
+    )
+
+
+@dataclass
 class DataConfig:
     """Where the data is and how to decode it."""
 
@@ -55,14 +87,20 @@ class DataConfig:
     train: str | dict[str, float] = ""
     val: str = ""
     num_workers: int = 0
+    prefetch_factor: int = 2  # batches each worker decodes ahead (with num_workers > 0)
     shuffle: bool = True
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     max_bad_fraction: float = 0.5  # abort if more than this fraction of items is bad
     # Options of plugin modalities, by name (checked by the modality's options dataclass).
     modalities: dict[str, Any] = field(default_factory=dict)
+    # Decoded-item cache: none (default) | memory | disk, e.g. {kind: disk, options: {dir: D}}
+    cache: Any = field(default_factory=CacheSpec)
 
     def __post_init__(self) -> None:
+        self.cache = cache_spec(self.cache)
+        if self.prefetch_factor < 1:
+            raise ConfigError("data.prefetch_factor must be at least 1")
         both = [m for m in SECTION_OPTIONS if m in self.modalities]
         if both:
             raise ConfigError(

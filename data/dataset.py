@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from modalign.core.world import resolve_world
 from modalign.data.batch import BadItemLog, BadRecord, Batch, Collate, Sample
+from modalign.data.cache import ItemCache
 from modalign.data.manifest import Manifest, ManifestRow
 from modalign.data.modality import ModalitySpec
 from modalign.data.sample import decode_sample
@@ -27,6 +28,7 @@ __all__ = [
     "Batch",
     "Collate",
     "EpochBatchSampler",
+    "EpochsBatchSampler",
     "PairedDataset",
     "RawSource",
     "Sample",
@@ -49,12 +51,14 @@ class PairedDataset(Dataset):
         train: bool = False,
         seed: int = 0,
         source: str = "",
+        cache: ItemCache | None = None,
     ) -> None:
         self.rows = list(rows)
         self.modalities = dict(modalities)
         self.train = train
         self.seed = seed
         self.source = source
+        self.cache = cache  # decoded-item cache (modalign.data.cache); None = decode every epoch
 
     @classmethod
     def from_manifest(
@@ -63,8 +67,9 @@ class PairedDataset(Dataset):
         modalities: Mapping[str, ModalitySpec],
         train: bool = False,
         seed: int = 0,
+        cache: ItemCache | None = None,
     ) -> PairedDataset:
-        return cls(manifest.rows, modalities, train=train, seed=seed, source=str(manifest.path))
+        return cls(manifest.rows, modalities, train, seed, str(manifest.path), cache)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,6 +86,7 @@ class PairedDataset(Dataset):
             label=row.label,
             index=i,
             where=f"{self.source}:{row.line}" if self.source else row.id,
+            cache=self.cache,
         )
 
 
@@ -145,16 +151,46 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield [offset + int(i) for i in chunk]
 
 
+class EpochsBatchSampler(Sampler[list[int]]):
+    """:class:`EpochBatchSampler` 's batches epoch after epoch, endlessly, from global micro-batch
+    ``start`` (``epoch * batches_per_epoch + batch``). One DataLoader over it keeps its workers
+    (and their decoded-item caches) for a whole run instead of starting them every epoch."""
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+    ) -> None:
+        self.args = (num_items, batch_size, rank, world_size, seed, shuffle)
+        self.per_epoch = EpochBatchSampler(*self.args).batches_per_epoch()
+        if self.per_epoch == 0:
+            raise ValueError(f"{num_items} items make no full batch of {batch_size * world_size}")
+        self.start = start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start_batch = divmod(self.start, self.per_epoch)
+        while True:
+            yield from EpochBatchSampler(*self.args, epoch=epoch, start_batch=start_batch)
+            epoch, start_batch = epoch + 1, 0
+
+
 def make_loader(
     dataset: PairedDataset,
-    sampler: EpochBatchSampler | None = None,
+    sampler: Sampler[list[int]] | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     keep_empty: bool = False,
+    prefetch_factor: int = 2,
 ) -> DataLoader:
     """DataLoader over a paired dataset; without a sampler, items in order (evaluation).
 
-    ``keep_empty`` keeps rows whose every modality failed as all-absent rows (see :class:`Collate`).
+    ``keep_empty`` keeps rows whose every modality failed as all-absent rows (see :class:`Collate`);
+    ``prefetch_factor`` batches per worker are decoded ahead (ignored without workers).
     """
     collate = Collate(dataset.modalities, keep_empty=keep_empty)
     if sampler is None:
@@ -164,7 +200,7 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
-        persistent_workers=False,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=False,
     )
 
@@ -188,9 +224,11 @@ class RawSource(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         source: str = "",
+        cache: ItemCache | None = None,
     ) -> None:
         self.modalities = dict(modalities)
         self.train, self.seed, self.shuffle, self.source = train, seed, shuffle, source
+        self.cache = cache  # decoded-item cache used by decode(); None = decode every epoch
         self.rank, self.world = resolve_world(rank, world_size)
         self.epoch = 0
         self.skip: list[int] = []

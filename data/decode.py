@@ -11,6 +11,7 @@ import errno
 import io
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,50 @@ def decode_audio(
     return crop_or_pad(wave, cfg.clip_samples, rng)
 
 
+def prepare_audio(source: Source, cfg: AudioConfig) -> dict[str, np.ndarray]:
+    """The cacheable half of :func:`decode_audio`: the whole recording, decoded once.
+
+    A recording longer than the clip: ``{"wave": mono float32 at the file's own rate, "sr":
+    that rate, "frames": libsndfile's frame count}``; each epoch's window is cut (and checked,
+    and resampled) by :func:`augment_audio` exactly as the windowed file read does. Any other
+    (shorter, or read by the librosa fallback): checked here (empty, NaN, silent: BadItem,
+    nothing to cache) and resampled to ``cfg.sample_rate`` once, ``"frames": -1``.
+    """
+    import soundfile as sf
+
+    data = _read_bytes(source)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr, frames = int(f.samplerate), int(f.frames)
+            wave = f.read(dtype="float32", always_2d=True)
+        wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    except Exception as exc:
+        if not _looks_compressed(source, data):
+            raise BadItem(_unreadable("unreadable_audio", source), _why(exc)) from None
+        (wave, sr), frames = _read_librosa(source, data, exc), -1
+    if frames < 0 or not is_long(sr, frames, cfg):  # the whole-file path: check and resample
+        wave, frames = _checked(wave), -1
+        if sr != cfg.sample_rate:
+            wave, sr = resample(wave, sr, cfg.sample_rate), cfg.sample_rate
+    out = {"wave": np.ascontiguousarray(wave, dtype=np.float32)}
+    return out | {"sr": np.array(sr, dtype=np.int64), "frames": np.array(frames, dtype=np.int64)}
+
+
+def augment_audio(
+    raw: dict[str, np.ndarray], cfg: AudioConfig, rng: np.random.Generator | None
+) -> np.ndarray:
+    """:func:`decode_audio`'s clip from :func:`prepare_audio`'s result (same draws, same
+    samples: the window rule is :func:`crop_window` for both). Returns a new array."""
+    wave, sr, frames = raw["wave"], int(raw["sr"]), int(raw["frames"])
+    if frames >= 0:
+        clip = crop_window(lambda lo, n: wave[lo : lo + n], sr, frames, cfg, rng)
+        if clip is not None:
+            return np.array(clip, dtype=np.float32)
+    if sr != cfg.sample_rate:
+        wave = resample(wave, sr, cfg.sample_rate)
+    return np.array(crop_or_pad(wave, cfg.clip_samples, rng), dtype=np.float32)
+
+
 # Formats libsndfile may lack (MP3 needs libsndfile >= 1.1); librosa/audioread can try them.
 FALLBACK_AUDIO = (".mp3", ".m4a", ".aac", ".opus", ".wma")
 
@@ -151,20 +196,37 @@ def read_audio_window(
     except Exception:
         return None
     with f:
-        sr, frames, length = int(f.samplerate), int(f.frames), cfg.clip_samples
-        ratio = cfg.sample_rate / sr
-        n_out = frames if sr == cfg.sample_rate else math.ceil(frames * ratio)
-        if frames <= 0 or n_out <= length:
-            return None
-        start = (
-            int(rng.integers(0, n_out - length + 1)) if rng is not None else (n_out - length) // 2
-        )
-        if sr == cfg.sample_rate:
-            return _checked(_read_frames(f, start, length))
-        margin = math.ceil(_RESAMPLE_MARGIN * sr)
-        lo = max(0, math.floor(start / ratio) - margin)
-        hi = min(frames, math.ceil((start + length) / ratio) + margin)
-        wave = resample(_checked(_read_frames(f, lo, hi - lo)), sr, cfg.sample_rate)
+        return crop_window(lambda lo, n: _read_frames(f, lo, n), int(f.samplerate), int(f.frames),
+                           cfg, rng)  # fmt: skip
+
+
+def is_long(sr: int, frames: int, cfg: AudioConfig) -> bool:
+    """True when a recording of ``frames`` at ``sr`` is longer than the clip at the target rate
+    (then only a window is read and checked; see :func:`crop_window`)."""
+    n_out = frames if sr == cfg.sample_rate else math.ceil(frames * cfg.sample_rate / sr)
+    return frames > 0 and n_out > cfg.clip_samples
+
+
+def crop_window(
+    read: Callable[[int, int], np.ndarray],
+    sr: int,
+    frames: int,
+    cfg: AudioConfig,
+    rng: np.random.Generator | None,
+) -> np.ndarray | None:
+    """The clip of a long recording from ``read(first_frame, count)`` (mono at ``sr``), or None
+    when it is not longer than the clip. The one window rule, for files and decoded arrays."""
+    if not is_long(sr, frames, cfg):
+        return None
+    length, ratio = cfg.clip_samples, cfg.sample_rate / sr
+    n_out = frames if sr == cfg.sample_rate else math.ceil(frames * ratio)
+    start = int(rng.integers(0, n_out - length + 1)) if rng is not None else (n_out - length) // 2
+    if sr == cfg.sample_rate:
+        return _checked(read(start, length))
+    margin = math.ceil(_RESAMPLE_MARGIN * sr)
+    lo = max(0, math.floor(start / ratio) - margin)
+    hi = min(frames, math.ceil((start + length) / ratio) + margin)
+    wave = resample(_checked(read(lo, hi - lo)), sr, cfg.sample_rate)
     offset = start - round(lo * ratio)
     clip = wave[offset : offset + length]
     return np.ascontiguousarray(np.pad(clip, (0, length - clip.shape[0])))

@@ -71,6 +71,12 @@ class ModalitySpec:
     - ``perturb_fn(values, level, generator)``: robustness noise, clamped to the valid range.
     - ``clamp_fn(values)``: project a batch of inputs onto the valid input range (pixels in
       [0, 1] for images in normalised units, full scale for audio); attacks and noise use it.
+    - ``prepare(source)`` + ``augment(raw, train, rng)``: ``load`` split in two, so the
+      decoded-item cache (:mod:`modalign.data.cache`) can keep ``prepare``'s result across
+      epochs. ``prepare`` is deterministic (it depends only on the item's bytes and the settings
+      ``prepare_fingerprint`` names; default: the spec's ``options``) and returns a numpy array
+      or a dict of them; ``augment`` draws all its randomness from ``rng``. ``load(s, t, r)``
+      must equal ``augment(prepare(s), t, r)`` bit for bit. Specs without them are not cached.
     """
 
     name: str
@@ -88,6 +94,9 @@ class ModalitySpec:
     clamp_fn: Callable[[Any], Any] | None = None
     preset: Any = None  # the tower's input preset (e.g. ImagePreset) the transforms use
     options: Any = None  # the factory's typed options (for records and plugins)
+    prepare: Callable[[Any], Any] | None = None  # decode only, cacheable (see above)
+    augment: Loader | None = None  # prepare's result -> model input (train-time randomness)
+    prepare_fingerprint: str = ""  # the settings prepare depends on ("" = from ``options``)
 
     # -- batching ------------------------------------------------------------------------
     def collate(self, values: Sequence[Any]) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from modalign.data.batch import BadRecord, Sample
+from modalign.data.cache import ItemCache, load_value
 from modalign.data.decode import BadItem
 from modalign.data.item_keys import item_key
 from modalign.data.modality import ModalitySpec
@@ -29,13 +30,16 @@ def decode_sample(
     index: int,
     where: str,
     meta: Mapping[str, Any] | None = None,
+    cache: ItemCache | None = None,
 ) -> Sample:
     """Decode ``raw[m] = (origin, value)`` with ``specs[m].load``; a BadItem drops that modality.
 
     ``origin`` says where the value came from for bad-item details (a file path, a shard member
     extension, or ``""`` for an inline value); ``where`` names the row (``file:line`` or
     ``shard#key``). Modalities without a spec are ignored. The sample's augmentation ``key``
-    comes from a child of ``rng`` (:func:`~modalign.data.item_keys.item_key`).
+    comes from a child of ``rng`` (:func:`~modalign.data.item_keys.item_key`). With ``cache``,
+    specs that split their load decode through it (:func:`~modalign.data.cache.load_value`:
+    same values, fewer decodes); ``sample.counts`` says what decoding cost.
     """
     sample = Sample(id=id, label=label, index=index, meta=dict(meta or {}), key=item_key(rng))
     for name, spec in specs.items():
@@ -43,7 +47,7 @@ def decode_sample(
             continue
         origin, value = raw[name]
         try:
-            sample.values[name] = spec.load(value, train, rng)
+            sample.values[name] = load_value(spec, value, train, rng, cache, sample.counts)
         except BadItem as exc:
             sample.bad.append(BadRecord(where, name, exc.reason, _detail(origin, exc.detail)))
     return sample

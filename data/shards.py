@@ -32,6 +32,7 @@ import numpy as np
 
 from modalign.core.errors import DataError
 from modalign.data.batch import BadRecord, Sample
+from modalign.data.cache import ItemCache
 from modalign.data.columns import id_cell, label_cell
 from modalign.data.dataset import RawSource
 from modalign.data.decode import BadItem, decode_text
@@ -187,13 +188,14 @@ class ShardDataset(RawSource):
         shuffle_buffer: int = 1000,
         rank: int | None = None,
         world_size: int | None = None,
+        cache: ItemCache | None = None,
     ) -> None:
         if isinstance(urls, str | Path):
             source, shard_urls = str(urls), expand_shards(urls)
         else:
             shard_urls = list(urls)
             source = shard_urls[0] if len(shard_urls) == 1 else f"{len(shard_urls)} shards"
-        super().__init__(modalities, train, seed, shuffle, rank, world_size, source)
+        super().__init__(modalities, train, seed, shuffle, rank, world_size, source, cache)
         self.urls = shard_urls
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self._counts: dict[str, int] = recorded_counts(self.urls)  # no pass over the shards
@@ -239,8 +241,9 @@ class ShardDataset(RawSource):
 
     def decode(self, raw: dict[str, Any], position: int) -> Sample:
         return decode_shard_sample(
-            raw, self.modalities, self._by_ext, self.train, self.seed, self.epoch, position
-        )
+            raw, self.modalities, self._by_ext, self.train, self.seed, self.epoch, position,
+            cache=self.cache,
+        )  # fmt: skip
 
 
 def _extension_map(modalities: Mapping[str, ModalitySpec]) -> dict[str, str]:
@@ -262,6 +265,7 @@ def decode_shard_sample(
     seed: int,
     epoch: int,
     position: int,
+    cache: ItemCache | None = None,
 ) -> Sample:
     """Raw shard record -> :class:`Sample` (via the shared :func:`decode_sample`).
 
@@ -287,6 +291,7 @@ def decode_shard_sample(
         index=position,
         where=where,
         meta={k: v for k, v in meta.items() if k not in ("id", "label")},
+        cache=cache,
     )
     sample.bad[:0] = problems
     if not values:

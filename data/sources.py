@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from modalign.core.errors import DataError
 from modalign.data.batch import Batch, Collate, Sample
+from modalign.data.cache import ItemCache
 from modalign.data.dataset import PairedDataset, RawSource
 from modalign.data.manifest import Manifest, is_manifest, read_manifest
 from modalign.data.modality import ModalitySpec, check_name
@@ -44,6 +45,7 @@ class ManifestSource(RawSource):
             rank,
             world_size,
             dataset.source,
+            dataset.cache,
         )
         self.dataset = dataset
         self.manifest = manifest
@@ -178,27 +180,30 @@ def open_source(
     rank: int | None = None,
     world_size: int | None = None,
     shuffle_buffer: int = 1000,
+    cache: ItemCache | None = None,
 ) -> RawSource:
     """Open a manifest, a shard pattern (``data pack`` or img2dataset shards) or a ``{SRC:
-    weight}`` mix as a :class:`RawSource` (shuffled when ``train``).
+    weight}`` mix as a :class:`RawSource` (shuffled when ``train``; items decoded through
+    ``cache`` when given, see :mod:`modalign.data.cache`).
 
     Raises :class:`DataError` naming the file for an unknown suffix, a missing file or shard, or a
     manifest without usable rows. Rows skipped while reading are on ``source.skipped``.
     """
     check_specs(specs)
     if isinstance(src, Mapping):
-        return open_mix(src, specs, train, seed, rank=rank, world_size=world_size, shuffle=shuffle)
+        return open_mix(src, specs, train, seed, rank, world_size, shuffle, cache)
     shuffle = train if shuffle is None else shuffle
     text = str(src)
+    shard_args = (specs, train, seed, shuffle, shuffle_buffer, rank, world_size, cache)
     if is_shard_pattern(text):
-        return ShardDataset(text, specs, train, seed, shuffle, shuffle_buffer, rank, world_size)
+        return ShardDataset(text, *shard_args)
     if is_manifest(text):
         manifest = read_manifest(text, specs)
-        dataset = PairedDataset.from_manifest(manifest, specs, train=train, seed=seed)
+        dataset = PairedDataset.from_manifest(manifest, specs, train, seed, cache)
         return ManifestSource(dataset, shuffle, rank, world_size, manifest=manifest)
     if Path(text).is_dir():  # an img2dataset / data pack output folder: its shards, sorted
         urls = shards_in(Path(text))
-        source = ShardDataset(urls, specs, train, seed, shuffle, shuffle_buffer, rank, world_size)
+        source = ShardDataset(urls, *shard_args)
         source.source = text
         return source
     raise DataError(
@@ -226,13 +231,14 @@ def open_mix(
     rank: int | None = None,
     world_size: int | None = None,
     shuffle: bool | None = None,
+    cache: ItemCache | None = None,
 ) -> RawSource:
     """Several SRCs mixed by weight (``{src: weight}``; a plain list weighs them equally)."""
     weighted = dict(sources) if isinstance(sources, Mapping) else dict.fromkeys(sources, 1.0)
     if not weighted:
         raise DataError("a mix needs at least one source (data.train: {SRC: weight, ...})")
     opened = [
-        open_source(str(s), specs, train, seed, shuffle, rank=rank, world_size=world_size)
+        open_source(str(s), specs, train, seed, shuffle, rank, world_size, cache=cache)
         for s in weighted
     ]
     if len(opened) == 1:
@@ -262,25 +268,32 @@ def open_stream(
     start: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    cache: ItemCache | None = None,
+    prefetch_factor: int = 2,
 ) -> BatchStream | SourceStream:
     """Endless training micro-batches for this process from ``src`` (resume with ``start``).
 
     A manifest gets :class:`BatchStream` (global batches split across processes exactly as one
-    process would see them); shards and ``{SRC: weight}`` mixes get :class:`SourceStream`. Both
-    carry ``position`` and read-time problems in ``skipped``/``skipped_examples`` (for a
-    BadItemLog).
+    process would see them; one loader for the whole run); shards and ``{SRC: weight}`` mixes
+    get :class:`SourceStream` (workers restart each epoch: a ``memory`` cache there only helps
+    without workers, use ``disk``). Both carry ``position`` and read-time problems in
+    ``skipped``/``skipped_examples`` (for a BadItemLog). ``cache``: see
+    :mod:`modalign.data.cache`; results are the same with and without it.
     """
     source = open_source(src, specs, train=True, seed=seed, shuffle=shuffle, rank=rank,
-                         world_size=world_size)  # fmt: skip
+                         world_size=world_size, cache=cache)  # fmt: skip
     if isinstance(source, ManifestSource):
         stream = BatchStream(
-            source.dataset, batch_size, source.rank, source.world, seed, shuffle, num_workers, start
-        )
+            source.dataset, batch_size, source.rank, source.world, seed, shuffle, num_workers,
+            start, prefetch_factor,
+        )  # fmt: skip
         manifest = source.manifest
         stream.skipped = dict(manifest.skipped) if manifest else {}
         stream.skipped_examples = list(manifest.skipped_examples) if manifest else []
         return stream
-    stream = SourceStream(source, batch_size, num_workers=num_workers, start=start)
+    stream = SourceStream(
+        source, batch_size, num_workers=num_workers, start=start, prefetch_factor=prefetch_factor
+    )
     stream.skipped = dict(source.skipped)
     stream.skipped_examples = list(source.skipped_examples)
     return stream

@@ -20,6 +20,7 @@ from modalign.data.dataset import (
     Batch,
     Collate,
     EpochBatchSampler,
+    EpochsBatchSampler,
     PairedDataset,
     RawSource,
     make_loader,
@@ -55,9 +56,11 @@ class BatchStream:
         shuffle: bool = True,
         num_workers: int = 0,
         start: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         self.dataset, self.batch_size, self.rank, self.world = dataset, batch_size, rank, world_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.prefetch_factor = prefetch_factor
         self.position = start
         self.skipped: dict[str, int] = {}  # manifest rows skipped at read time (see open_stream)
         self.skipped_examples: list[str] = []
@@ -70,24 +73,18 @@ class BatchStream:
             )
 
     def __iter__(self) -> Iterator[Batch]:
-        while True:
-            epoch, start_batch = divmod(self.position, self.per_epoch)
-            sampler = EpochBatchSampler(
-                len(self.dataset),
-                self.batch_size,
-                self.rank,
-                self.world,
-                seed=self.seed,
-                shuffle=self.shuffle,
-                epoch=epoch,
-                start_batch=start_batch,
-            )
-            loader = make_loader(
-                self.dataset, sampler, num_workers=self.num_workers, keep_empty=True
-            )
-            for batch in loader:
-                self.position += 1
-                yield batch
+        # One loader over every epoch: workers start once and keep their memory caches.
+        sampler = EpochsBatchSampler(
+            len(self.dataset), self.batch_size, self.rank, self.world, self.seed, self.shuffle,
+            start=self.position,
+        )  # fmt: skip
+        loader = make_loader(
+            self.dataset, sampler, num_workers=self.num_workers, keep_empty=True,
+            prefetch_factor=self.prefetch_factor,
+        )  # fmt: skip
+        for batch in loader:
+            self.position += 1
+            yield batch
 
 
 class SourceStream:
@@ -117,10 +114,12 @@ class SourceStream:
         start: int = 0,
         drop_last: bool = True,
         keep_empty: bool = True,
+        prefetch_factor: int = 2,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        self.prefetch_factor = prefetch_factor
         self.drop_last, self.keep_empty = drop_last, keep_empty
         self.position = start
         self.skipped: dict[str, int] = {}
@@ -166,6 +165,7 @@ class SourceStream:
                 num_workers=self.num_workers,
                 collate_fn=collate,
                 drop_last=self.drop_last,
+                prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             )
             produced = 0
             for batch in loader:

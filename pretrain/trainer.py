@@ -31,6 +31,7 @@ from modalign.core.artifact import atomic_write_text, lock_dir, remove_stale_tem
 from modalign.core.config_io import dump_yaml
 from modalign.core.errors import DataError
 from modalign.core.world import world
+from modalign.data.cache import open_cache
 from modalign.data.dataset import BadItemLog, Batch
 from modalign.data.modality import ModalitySpec, modality_specs
 from modalign.data.sources import open_stream
@@ -227,6 +228,8 @@ def _open_batches(run: _Run) -> tuple[Any, Iterator[Batch], BadItemLog]:
         start=run.position,
         rank=rank,
         world_size=world_size,
+        cache=open_cache(cfg.data.cache),
+        prefetch_factor=cfg.data.prefetch_factor,
     )
     bad = BadItemLog()
     bad.add_counts(stream.skipped, stream.skipped_examples)

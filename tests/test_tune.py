@@ -84,6 +84,34 @@ def test_tune_finetune_resumes_and_never_reads_test(
     assert meta["head"]["kind"] == best["finetune"]["head"]["kind"]
 
 
+def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
+    tune_setup: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import optuna
+
+    study = tmp_path / "study"
+    res = _tune(tune_setup, study, "2", "--metric", "accuracy")
+    trials = optuna.load_study(study_name="finetune", storage=f"sqlite:///{study / 'study.db'}")
+    assert trials.user_attrs["metric"] == "accuracy"
+    for t in trials.trials:  # each trial's value is its validation accuracy, not the subset mean
+        assert t.value == pytest.approx(t.user_attrs["accuracy"])
+        assert set(t.user_attrs["by_subset"]) == {"audio", "image", "audio+image"}
+    assert res["best_value"] == pytest.approx(max(t.value for t in trials.trials))
+
+    import modalign.finetune.embedded as embedded
+
+    def never(*a, **kw):  # type: ignore[no-untyped-def]
+        raise AssertionError("embedded before the metric was checked")
+
+    monkeypatch.setattr(embedded, "embed_source", never)
+    argv = ["-q", "tune", "demo", "--budget", "3", "--study", str(study), "--set",
+            *tune_setup["sets"]]  # fmt: skip
+    assert main(argv) == 2  # resumed with the default metric (subsets): refused, nothing embedded
+    assert main([*argv, "--metric", "f1"]) == 2  # unknown metric
+    assert main([*argv[:-len(tune_setup["sets"]) - 1], "--stage", "pretrain", "--metric",
+                 "accuracy"]) == 2  # fmt: skip
+
+
 def test_tune_pretrain_stage_best_yaml_pretrains(tune_setup: dict, tmp_path: Path) -> None:
     study = tmp_path / "pstudy"
     extra = ["--stage", "pretrain", "--set", "train.steps=4", "train.val_every=2",
@@ -109,3 +137,28 @@ def test_budget_parsing_and_errors() -> None:
         with pytest.raises(UserInputError):
             parse_budget(bad)
     assert main(["tune", "demo", "--budget", "soon"]) == 2
+
+
+def test_head_option_grid_stays_at_or_below_the_registered_default() -> None:
+    import dataclasses
+
+    import optuna
+
+    from modalign.finetune.heads import HEADS
+    from modalign.tune.space import FinetuneSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: dict[tuple[str, str], set[int]] = {}
+    for _ in range(150):
+        head = FinetuneSpace().suggest(study.ask())["finetune.head"]
+        for name, value in head["options"].items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                seen.setdefault((head["kind"], name), set()).add(value)
+    assert {kind for kind, _ in seen} == set(HEADS.names())
+    for (kind, name), values in seen.items():
+        default = getattr(HEADS.get(kind).options(), name)
+        # larger heads multiply a trial's cost (the slow transformer trials of issue 13)
+        assert values == {max(1, default // 4), max(1, default // 2), default}, (kind, name)
+    fields = {f.name for f in dataclasses.fields(HEADS.get("transformer").options)}
+    assert {"hidden", "layers", "heads"} <= fields

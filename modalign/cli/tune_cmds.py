@@ -25,6 +25,7 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
         pruner=args.pruner,
         seed=args.seed,
         val_per_class=args.val_per_class,
+        metric=args.metric,
     )
     result = {
         "study": str(res.study_dir),
@@ -58,6 +59,11 @@ def add_tune(sub: Any) -> None:
         type=int,
         default=5,
         help="finetune stage: validation rows per class, drawn from the training labels",
+    )
+    p.add_argument(
+        "--metric",
+        help="finetune stage: what trials maximise on validation: subsets (mean accuracy over "
+        "modality subsets, the default) or accuracy (each row's modalities present)",
     )
     add_set(p)
     add_common(p)

@@ -55,7 +55,7 @@ def _pruner(kind: str) -> Any:
 
 
 def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
-               val_per_class: int) -> Any:  # fmt: skip
+               val_per_class: int, metric: str) -> Any:  # fmt: skip
     from modalign.tune.finetune_stage import (
         FinetuneObjective,
         default_tree,
@@ -83,7 +83,50 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
         pseudo_labels=labelers,
         labeler_options={cfg.pseudo_label: dict(cfg.pseudo_label_options)},
     )
-    return FinetuneObjective(tree, data, space)
+    return FinetuneObjective(tree, data, space, metric)
+
+
+def _check_metric(stage: str, metric: str | None) -> str:
+    """The stage's metric: ``subsets`` by default for finetune; pretrain has its own (recall)."""
+    from modalign.tune.finetune_stage import check_metric
+
+    if stage == "pretrain":
+        if metric is not None:
+            raise UserInputError("--metric applies to --stage finetune (pretrain scores recall@1)")
+        return "recall@1"
+    return check_metric(metric or "subsets")
+
+
+def _open_study(
+    stage: str, study_dir: Path, sampler: str, pruner: str, seed: int, metric: str
+) -> Any:
+    """Create or load the study in ``study_dir/study.db``; checked before any long work."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=stage,
+        storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
+        load_if_exists=True,
+        direction="maximize",
+        sampler=make_sampler(sampler, seed),
+        pruner=_pruner(pruner),
+    )
+    _same_metric(study, metric, _check_metric(stage, None), study_dir)
+    return study
+
+
+def _same_metric(study: Any, metric: str, default: str, study_dir: Path) -> None:
+    """A resumed study keeps the metric its trials were scored with."""
+    # studies made before metrics were recorded scored the stage's default (then the only one)
+    before = study.user_attrs.get("metric", default if study.trials else None)
+    if before is None:
+        study.set_user_attr("metric", metric)
+    elif before != metric:
+        raise UserInputError(
+            f"{study_dir}: this study's trials maximise {before!r}, not {metric!r}; "
+            f"pass --metric {before} to resume it, or use a new --study folder"
+        )
 
 
 def run_tune(
@@ -96,32 +139,26 @@ def run_tune(
     pruner: str = "median",
     seed: int = 0,
     val_per_class: int = 5,
+    metric: str | None = None,
 ) -> TuneResult:
     """Run (or resume) the study in ``study_dir`` until ``budget``; write best.yaml and friends.
 
     Trial counts in ``budget`` are the study's total: a resumed study runs only the rest.
+    ``metric`` (finetune stage, a key of :data:`~modalign.tune.finetune_stage.METRICS`; default
+    ``subsets``) is what a trial maximises on the validation rows; a study keeps its metric.
     Every trial runs inside ``process_state_guard`` (the process is left as found).
     """
-    import optuna
-
     from modalign.pretrain.process_state import process_state_guard
     from modalign.tune.outputs import write_outputs
 
     if stage not in STAGES:
         raise UserInputError(f"--stage {stage!r}: valid stages are {', '.join(STAGES)}")
+    metric = _check_metric(stage, metric)
     study_dir = Path(study_dir)
     # the whole study (loading the model draws weight init from the default RNG) and each trial
     with lock_dir(study_dir, "tuning study"), process_state_guard():
-        objective = _objective(stage, config, list(overrides), study_dir, val_per_class)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
-            study_name=stage,
-            storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
-            load_if_exists=True,
-            direction="maximize",
-            sampler=make_sampler(sampler, seed),
-            pruner=_pruner(pruner),
-        )
+        study = _open_study(stage, study_dir, sampler, pruner, seed, metric)
+        objective = _objective(stage, config, list(overrides), study_dir, val_per_class, metric)
         done = len([t for t in study.trials if t.state.is_finished()])
         todo = None if budget.trials is None else max(0, budget.trials - done)
 

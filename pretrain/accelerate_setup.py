@@ -18,14 +18,20 @@ from torch import nn
 from modalign.core.errors import ConfigError
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.distributed import convert_batchnorm
+from modalign.pretrain.engines import adopt_launch_engine, check_engine_options
 
 # train.precision -> Accelerate's mixed_precision name.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def uses_cpu(cfg: PretrainConfig) -> bool:
-    """Whether the run trains on CPU (``train.device=cpu``, or ``auto`` without CUDA)."""
+    """Whether the run trains on CPU: ``train.device=cpu``, or for ``auto`` the user's
+    Accelerate config (``use_cpu``, exported as ``ACCELERATE_USE_CPU``), else no CUDA."""
+    from accelerate.utils import parse_flag_from_env
+
     device = cfg.train.device
+    if device == "auto" and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
@@ -45,7 +51,9 @@ def resolved_precision(cfg: PretrainConfig) -> str:
 
 
 def check_precision(cfg: PretrainConfig) -> None:
-    """Refuse settings Accelerate would silently change (raised before any work starts)."""
+    """Refuse settings Accelerate would silently change, or the launch's engine cannot run
+    (:func:`~modalign.pretrain.engines.check_engine_options`); raised before any work starts."""
+    check_engine_options(cfg)
     if uses_cpu(cfg) and resolved_precision(cfg) == "fp16":
         # Accelerate silently runs fp16 on CPU as fp32 (no autocast, no scaler): say so instead.
         raise ConfigError(
@@ -57,6 +65,9 @@ def check_precision(cfg: PretrainConfig) -> None:
 def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
     """An Accelerator for ``cfg.train`` (precision, device; DDP tolerates unused parameters).
 
+    Everything else comes from the user's Accelerate config (``accelerate launch`` exports it
+    as ``ACCELERATE_*``/``FSDP_*`` variables): the engine (DDP, FSDP, DeepSpeed, see
+    :mod:`~modalign.pretrain.engines`), ``mixed_precision`` while ``train.precision=auto``.
     ``trackers`` (checked by :func:`~modalign.pretrain.run_log.tracker_names`) log under
     ``output.dir`` (TensorBoard: ``output.dir/tensorboard``).
     """
@@ -68,13 +79,15 @@ def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     out = Path(cfg.output.dir)
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=uses_cpu(cfg),
         mixed_precision=PRECISIONS[resolved_precision(cfg)],
         kwargs_handlers=[ddp],
         log_with=list(trackers) or None,
         project_config=project,
     )
+    adopt_launch_engine(accelerator)
+    return accelerator
 
 
 def compile_trunks(encoder: nn.Module, compilable: Mapping[str, bool]) -> list[str]:

@@ -63,16 +63,18 @@ def save_bundle(
     image_preset: ImagePreset | None = None,
     extra: dict[str, Any] | None = None,
     modalities: Mapping[str, ModalitySpec] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the bundle files into ``out_dir`` (``atomic_files``: checkpoints/ etc. are left
     alone, each file's sha256 goes into ``modalign.json``, written last).
 
     ``modalities``: specs passed in rather than registered (recorded without a provider).
+    ``state``: the encoder's full state dict when its parameters are sharded (FSDP, DeepSpeed).
     """
     from safetensors.torch import save  # bytes, so a write error names the path
 
     out_dir = Path(out_dir)
-    state = encoder_state(encoder)
+    state = encoder_state(encoder, state=state)
     external = external_record(encoder)
     presets = input_presets(encoder)
     if image_preset is not None and not presets:

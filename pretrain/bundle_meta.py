@@ -28,10 +28,14 @@ def external_trunk_prefixes(encoder: MultimodalEncoder) -> list[str]:
     return [f"trunks.{m}." for m in external_of(encoder) if is_frozen(encoder.trunks[m])]
 
 
-def encoder_state(encoder: MultimodalEncoder, cfg: Any = None) -> dict[str, torch.Tensor]:
-    """The tensors a bundle stores (everything but referenced external trunks)."""
+def encoder_state(
+    encoder: MultimodalEncoder, cfg: Any = None, state: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors a bundle stores (everything but referenced external trunks); ``state``: the
+    encoder's full state dict when it was gathered elsewhere (sharded engines)."""
     skip = external_trunk_prefixes(encoder)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    state = encoder.state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return {k: v for k, v in state.items() if not any(k.startswith(p) for p in skip)}
 
 

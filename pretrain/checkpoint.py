@@ -1,26 +1,31 @@
-"""Atomic checkpoints: ``checkpoints/step-N/`` appears complete or not at all.
+"""Checkpoint directories: listing, resume resolution, pruning, the state file and its manifest.
 
-Written into a temp dir beside it, fsynced, then renamed; the previous checkpoint stays valid
-if the process dies mid-write. Nothing is unpickled on load: weights are safetensors, the
-optimizer/RNG state is read with ``torch.load(weights_only=True)``.
+``checkpoints/step-N/`` appears complete or not at all (:func:`modalign.core.artifact.atomic_dir`:
+a temp dir beside it, fsynced, renamed). ``state.json`` is written last and lists the sha256 of
+every other file (:func:`file_manifest`), which :func:`verify_checkpoint` checks before anything
+is read. Format 2 (``format: modalign.checkpoint``) holds what ``accelerator.save_state`` writes;
+format 1 (no ``format`` key, modalign <= 0.2 before engines) is still read by
+:mod:`modalign.pretrain.checkpoint_v1`. Nothing is unpickled without a check: see
+:mod:`modalign.pretrain.safe_pickle`.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from modalign.core.artifact import sha256_file, verify_files
 from modalign.core.errors import UserInputError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
+FORMAT = "modalign.checkpoint"
+FORMAT_VERSION = 2  # 2: accelerator.save_state layout (+ engine, files); 1: modalign's own files
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -65,40 +70,47 @@ def remove_stale_temp_dirs(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all)."""
     for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step touches, as tensors/lists (loadable with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def read_state(path: Path) -> dict[str, Any]:
+    """``path/state.json`` with ``format_version`` filled in (1 for the unversioned format).
+
+    Unreadable, another format, or newer than this modalign reads -> :class:`UserInputError`.
+    """
+    file = Path(path) / STATE_FILE
     try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"{path / STATE_FILE}: unreadable checkpoint state ({exc})") from None
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{file}: unreadable checkpoint state ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format", FORMAT) != FORMAT:
+        raise UserInputError(f"{file}: not a modalign checkpoint state file ({FORMAT})")
+    version = meta.setdefault("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise UserInputError(
+            f"{file}: checkpoint format version {version!r} is not one this modalign reads "
+            f"(1..{FORMAT_VERSION}); resume it with the modalign that wrote it, or upgrade"
+        )
+    return meta
+
+
+def file_manifest(directory: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``directory`` but the state file."""
+    root = Path(directory)
+    return {
+        f.relative_to(root).as_posix(): sha256_file(f)
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.relative_to(root).as_posix() != STATE_FILE
+    }
+
+
+def verify_checkpoint(path: Path, meta: dict[str, Any]) -> None:
+    """Every file the state file lists is there with its sha256 (torn or edited -> exit 2)."""
+    verify_files(path, meta, "checkpoint")
 
 
 def torch_load(path: Path) -> Any:
+    """A torch file read with ``weights_only=True`` (tensors and plain containers only)."""
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -151,11 +151,15 @@ class ContrastiveLoss(nn.Module):
         self.pair_loss = entry.factory(cfg, LOSSES.options(cfg.kind, cfg.options, "loss.options"))
         keys = [pair_key(a, b) for a, b in self.pairs]
         init, bias = self.pair_loss.init_log_scale, self.pair_loss.init_bias
+        # One-element vectors, not 0-d scalars: FSDP2 (fully_shard) cannot shard 0-d parameters.
         self.log_scale = nn.ParameterDict(
-            {k: nn.Parameter(torch.tensor(init), requires_grad=cfg.learn_temperature) for k in keys}
+            {
+                k: nn.Parameter(torch.tensor([init]), requires_grad=cfg.learn_temperature)
+                for k in keys
+            }
         )
         self.bias = nn.ParameterDict(
-            {k: nn.Parameter(torch.tensor(bias)) for k in keys} if bias is not None else {}
+            {k: nn.Parameter(torch.tensor([bias])) for k in keys} if bias is not None else {}
         )
 
     @property

@@ -1,27 +1,45 @@
 """Train state on disk: save and restore ``checkpoints/step-N`` (one protocol: ``atomic_dir``).
 
-A checkpoint holds the weights (safetensors), optimizer / schedule / loss-scaler state and every
-process's RNG state (``torch.load(weights_only=True)``-readable), ``run_config.yaml`` and, written
-last, ``state.json`` (step, data position in micro-batches, world size, config). Step-dir
-helpers (listing, resume resolution, pruning, RNG capture) live in
-:mod:`modalign.pretrain.checkpoint`.
+Save (every process calls :func:`save_checkpoint`): the main process opens the atomic temp dir
+beside ``checkpoints/step-N`` and sends its path to the others; every process writes its part
+with ``accelerator.save_state`` (:mod:`.engine_state`: shards, its RNG state); all processes
+agree that each part was written; the main process adds ``scheduler.json``, ``run_config.yaml``
+and, last, ``state.json`` (format 2: step, data position in micro-batches, world size, engine,
+config, sha256 of every other file), then fsyncs and renames the dir into place. A failure on
+any process fails every process and removes the temp dir; the previous checkpoint stays valid.
+
+Load: the main process checks every file against ``state.json`` and the pickles of DCP folders
+(:mod:`.safe_pickle`), then every process reads its part with ``accelerator.load_state``.
+Format 1 checkpoints are read by :mod:`.checkpoint_v1`. Step-dir helpers (listing, resume
+resolution, pruning) live in :mod:`.checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modalign.core.artifact import atomic_dir
+from modalign.core.artifact import ArtifactWriteError, atomic_dir
 from modalign.core.config_io import dump_yaml
+from modalign.core.errors import ModalignError, UserInputError
 from modalign.core.world import world
 from modalign.pretrain import checkpoint as ckpt
-from modalign.pretrain.bundle import encoder_state
+from modalign.pretrain.checkpoint_v1 import load_v1
 from modalign.pretrain.config import PretrainConfig
+from modalign.pretrain.engine_state import (
+    SCHEDULER_FILE,
+    load_engine_state,
+    save_engine_state,
+    scheduler_state,
+)
+from modalign.pretrain.engines import engine_name, is_sharded
 from modalign.pretrain.model import ContrastiveTask
+from modalign.pretrain.safe_pickle import check_dcp_pickles
 
 log = logging.getLogger(__name__)
 
@@ -47,58 +65,129 @@ class Restored:
 def save_checkpoint(
     state: TrainState, out_dir: Path, cfg: PretrainConfig, step: int, position: int
 ) -> Path:
-    """Write ``out_dir/checkpoints/step-<step>`` on the main process (all processes call it)."""
+    """Write ``out_dir/checkpoints/step-<step>`` (every process calls it; see module doc)."""
     final = Path(out_dir) / "checkpoints" / f"step-{step}"
-    _rank, world_size = world()
-    # Every rank's RNG state is needed to replay augmentation; gather them to the main process.
-    rng_all = gather_objects(ckpt.rng_state())
-    if state.accelerator.is_main_process:
-        with atomic_dir(final) as tmp:
-            _write_state_files(state, tmp, cfg, rng_all)
-            (tmp / "run_config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-            # Written last: a checkpoint without its state file is never listed as complete.
-            (tmp / ckpt.STATE_FILE).write_text(
-                json.dumps(
-                    {
-                        "step": step,
-                        "micro_batches": position,
-                        "world_size": world_size,
-                        "config": dump_yaml(cfg),
-                    }
-                )
-            )
+    main = state.accelerator.is_main_process
+    failure: Exception | None = None
+    try:
+        with atomic_dir(final) if main else nullcontext() as staged:
+            tmp = Path(from_main(str(staged) if main else ""))
+            agree(attempt(_write_state_files, state, tmp, cfg), final)
+            if main:
+                _write_meta(state, tmp, cfg, step, position)
+    except Exception as exc:  # every process must hear of it, or the others would wait
+        failure = exc
+    agree(failure, final)
+    if main:
         ckpt.prune_checkpoints(out_dir, cfg.train.keep_checkpoints)
     state.accelerator.wait_for_everyone()
     return final
 
 
-def _write_state_files(state: TrainState, tmp: Path, cfg: PretrainConfig, rng_all: list) -> None:
-    from safetensors.torch import save as safetensors_bytes
-
-    weights = {f"encoder.{k}": v for k, v in encoder_state(state.core.encoder).items()}
-    weights.update(
-        {
-            f"loss.{k}": v.detach().cpu().contiguous()
-            for k, v in state.core.loss.state_dict().items()
-        }
-    )
-    # Every file goes through a Python file object: a full disk or an I/O error is then an
-    # OSError (errno kept), which atomic_dir reports naming the checkpoint, instead of
-    # torch's "inline_container.cc ... unexpected pos" or a silent safetensors failure.
-    (tmp / "model.safetensors").write_bytes(safetensors_bytes(weights))
-    _save_torch(state.optimizer.state_dict(), tmp / "optimizer.pt")
-    _save_torch(state.scheduler.state_dict(), tmp / "scheduler.pt")
-    if state.accelerator.scaler is not None:
-        _save_torch(state.accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    for r, state_r in enumerate(rng_all):
-        _save_torch(state_r, tmp / f"rng-{r}.pt")
+def _write_state_files(state: TrainState, tmp: Path, cfg: PretrainConfig) -> None:
+    """Every process: its ``save_state`` files; the main process: the LR schedule."""
+    try:
+        save_engine_state(state, tmp)
+    except RuntimeError as exc:  # torch's file writer reports a full disk without an errno
+        # An OSError: atomic_dir names the checkpoint and says nothing was replaced.
+        raise ArtifactWriteError(
+            f"accelerator.save_state failed: {exc}; torch's file writer keeps no OS error, "
+            "a full disk looks like this"
+        ) from exc
+    if state.accelerator.is_main_process:
+        (tmp / SCHEDULER_FILE).write_text(scheduler_state(state.scheduler), encoding="utf-8")
 
 
-def _save_torch(obj: Any, path: Path) -> None:
-    import torch
+def _write_meta(
+    state: TrainState, tmp: Path, cfg: PretrainConfig, step: int, position: int
+) -> None:
+    (tmp / "run_config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    meta = {
+        "format": ckpt.FORMAT,
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": step,
+        "micro_batches": position,
+        "world_size": world()[1],
+        "engine": engine_name(state.accelerator),
+        "sharded": is_sharded(state.accelerator),
+        "config": dump_yaml(cfg),
+        "files": ckpt.file_manifest(tmp),
+    }
+    # Written last: a checkpoint without its state file is never listed as complete.
+    (tmp / ckpt.STATE_FILE).write_text(json.dumps(meta), encoding="utf-8")
 
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
+
+def load_checkpoint(path: Path, state: TrainState, accum_steps: int) -> Restored:
+    """Restore weights, optimizer, schedule, scaler and this process's RNG from ``path``."""
+    meta = ckpt.read_state(path)
+    main = state.accelerator.is_main_process
+    agree(attempt(_check_readable, path, meta, state) if main else None, path)
+    _LOADERS[meta["format_version"]](Path(path), meta, state)
+    step = int(meta["step"])
+    return Restored(step, int(meta.get("micro_batches", step * accum_steps)))
+
+
+def _check_readable(path: Path, meta: dict[str, Any], state: TrainState) -> None:
+    """Hashes, pickles and engine of ``path`` fit this run (main process; exit 2 if not)."""
+    ckpt.verify_checkpoint(path, meta)
+    check_dcp_pickles(path)
+    was = meta.get("engine", "NO") if meta.get("sharded", False) else "an unsharded engine"
+    if bool(meta.get("sharded", False)) != is_sharded(state.accelerator):
+        raise UserInputError(
+            f"--resume {path}: written by {was}, but this run uses "
+            f"{engine_name(state.accelerator)}; resume with the Accelerate config it was "
+            "written with (the same engine)"
+        )
+
+
+def _load_v2(path: Path, meta: dict[str, Any], state: TrainState) -> None:
+    rank, _ = world()
+    if not (path / f"random_states_{rank}.pkl").is_file():
+        log.warning("%s has no RNG state for rank %d (world size changed); reseeding", path, rank)
+    load_engine_state(state, path)
+
+
+def _load_v1(path: Path, meta: dict[str, Any], state: TrainState) -> None:
+    load_v1(path, state)
+
+
+# format_version -> reader
+_LOADERS: dict[int, Callable[[Path, dict[str, Any], TrainState], None]] = {
+    1: _load_v1,
+    2: _load_v2,
+}
+
+
+def attempt(fn: Callable[..., Any], *args: Any) -> Exception | None:
+    """Run ``fn(*args)``; the exception it raised, or None."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def agree(failure: Exception | None, what: Path) -> None:
+    """Raise on every process if any process failed (its own error where it failed)."""
+    errors = gather_objects(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, error = failed[0]
+        raise ModalignError(f"{what}: process {rank} failed ({error}); see its log")
+
+
+def from_main(obj: Any) -> Any:
+    """The main process's ``obj`` on every process."""
+    _rank, size = world()
+    if size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -111,31 +200,6 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * size
     dist.all_gather_object(out, obj)
     return out
-
-
-def load_checkpoint(path: Path, state: TrainState, accum_steps: int) -> Restored:
-    """Restore weights, optimizer, schedule, scaler and this process's RNG from ``path``."""
-    from safetensors.torch import load_file
-
-    meta = ckpt.read_state(path)
-    weights = load_file(str(path / "model.safetensors"))
-    enc = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
-    loss = {k.removeprefix("loss."): v for k, v in weights.items() if k.startswith("loss.")}
-    state.core.encoder.load_state_dict(enc, strict=False)
-    state.core.loss.load_state_dict(loss)
-    state.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt"))
-    state.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
-    scaler = state.accelerator.scaler
-    if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(ckpt.torch_load(path / "scaler.pt"))
-    rank, _ = world()
-    rng_file = path / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        ckpt.set_rng_state(ckpt.torch_load(rng_file))
-    else:
-        log.warning("%s has no RNG state for rank %d (world size changed); reseeding", path, rank)
-    step = int(meta["step"])
-    return Restored(step, int(meta.get("micro_batches", step * accum_steps)))
 
 
 # Settings a checkpoint cannot be resumed under: they change which parameters exist.

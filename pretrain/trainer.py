@@ -47,6 +47,7 @@ from modalign.pretrain.accumulation import cached_accumulation_step
 from modalign.pretrain.bundle import save_bundle
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.distributed import all_reduce_mean
+from modalign.pretrain.engines import full_model_state
 from modalign.pretrain.feed import next_micro_batches
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
 from modalign.pretrain.model import ContrastiveTask, build_encoder
@@ -341,6 +342,8 @@ def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
     accelerator, cfg = run.accelerator, run.cfg
     accelerator.wait_for_everyone()
     check_finite_weights(run, cfg.train.steps)
+    # Full weights on the main process (a gather on every process when they are sharded).
+    weights = full_model_state(accelerator, run.task, prefix="encoder.")
     if accelerator.is_main_process:
         save_bundle(
             run.out_dir,
@@ -349,6 +352,7 @@ def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
             run.built.image_preset,
             extra={"step": cfg.train.steps},
             modalities=run.passed_specs,
+            state=weights,
         )
         atomic_write_text(run.out_dir / "run_config.yaml", dump_yaml(cfg))
         run_log.publish_metrics(

@@ -54,7 +54,7 @@ def test_disk_full_while_writing_a_checkpoint_names_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sets = _overrides(tmp_path, steps=3)
-    _plant(monkeypatch, ".tmp-step-2-", "optimizer.pt")
+    _plant(monkeypatch, ".tmp-step-2-", "model.safetensors")
     with pytest.raises(ArtifactWriteError) as info:
         pretrain(load_config(None, sets))
     assert "checkpoints/step-2" in str(info.value) and "disk full" in str(info.value)

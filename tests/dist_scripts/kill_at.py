@@ -41,8 +41,8 @@ def arm(mode: str, n: int) -> None:
         write = train_state._write_state_files
         seen = {"step": 0}
 
-        def write_then_die(state, tmp, cfg, rng_all):
-            write(state, tmp, cfg, rng_all)
+        def write_then_die(state, tmp, cfg):
+            write(state, tmp, cfg)
             seen["step"] += 1
             if seen["step"] == n:
                 die()

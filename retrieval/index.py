@@ -84,6 +84,7 @@ class BuildStats:
     search_params: dict[str, int] = field(default_factory=dict)
     target_recall: float | None = None
     measured_recall: float | None = None
+    recall_lower_bound: float | None = None
     tune_queries: int = 0
 
 
@@ -215,6 +216,21 @@ class VectorIndex:
         self._index.add(x)
         self._ids.extend(new_ids)
 
+    def add_assigned(self, embeddings: np.ndarray, ids: Sequence[str], lists: np.ndarray) -> None:
+        """Append new vectors to a CPU IVF index whose inverted ``lists`` are already known.
+
+        ``lists[i]`` is ``quantizer.assign`` of row i (what ``add`` would compute); the caller
+        has checked the ids as for ``add(..., new=True)``. A chunked build uses this to size
+        the inverted lists exactly before filling them.
+        """
+        x = _as_vectors(embeddings, "embeddings", self.dim)
+        new_ids = _check_ids(ids, len(x), existing=())
+        assign = np.ascontiguousarray(lists, dtype=np.int64)
+        if assign.shape != (len(x),):
+            raise UserInputError(f"got {len(x)} vectors but {assign.shape} list assignments")
+        self._index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
+        self._ids.extend(new_ids)
+
     def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
         """Return the ``k`` best items per query (k is clipped to the index size).
 
@@ -328,6 +344,7 @@ class VectorIndex:
         self.stats.search_params = outcome.params
         self.stats.target_recall = target_recall
         self.stats.measured_recall = outcome.measured_recall
+        self.stats.recall_lower_bound = outcome.recall_lower_bound
         self.stats.tune_queries = outcome.queries
 
 

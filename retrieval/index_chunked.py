@@ -1,7 +1,8 @@
 """Chunked index build from vectors on disk: memory bounded by the index, not by the corpus.
 
 :func:`build_chunked` trains on a sample gathered row by row from the ``.npy`` files (the same
-rows :meth:`VectorIndex.build` would pick in RAM), adds the files one at a time, and tunes
+rows :meth:`VectorIndex.build` would pick in RAM), adds the files one at a time (an IVF index's
+lists sized exactly first, from a pass of coarse assignments: :func:`add_chunks`), and tunes
 recall against exact top-k computed file by file. So a chunked build over files equals an
 in-RAM build over their concatenation: same ids in the same order, same trained quantiser.
 """
@@ -34,7 +35,7 @@ from modalign.retrieval.index_factory import (
 )
 from modalign.retrieval.index_tuning import TUNE_K, drop_rows, tunable_param, tuning_rows
 
-__all__ = ["ShardVectors", "build_chunked"]
+__all__ = ["ShardVectors", "add_chunks", "build_chunked"]
 
 
 @dataclass
@@ -125,9 +126,7 @@ def build_chunked(
         built.train_on(vectors.take(train_rows(n, size, seed)))
     stats.train_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    for first, x in vectors.chunks():
-        built.add(x, id_list[first : first + len(x)], new=True)
-        del x
+    add_chunks(built, vectors, id_list)
     stats.add_seconds = time.perf_counter() - t
     if knob is not None and n > 1:
         t = time.perf_counter()
@@ -135,6 +134,41 @@ def build_chunked(
         stats.tune_seconds = time.perf_counter() - t
     stats.build_seconds = time.perf_counter() - start
     return built
+
+
+def add_chunks(built: VectorIndex, vectors: ShardVectors, ids: list[str]) -> None:
+    """Add every file to ``built``; a plain CPU IVF index gets exactly sized inverted lists.
+
+    Appending grows each inverted list like a ``std::vector`` (capacity doubling, the old buffer
+    copied and freed), so peak memory ends up well above the final codes. For a CPU
+    ``IndexIVF`` with array lists the files are read twice instead: first every row's list
+    (the coarse assignment ``add`` would do anyway, 8 bytes per row), then each list is
+    reserved at its final size and the rows are added with those assignments.
+    """
+    ivf = _array_ivf(built)
+    if ivf is None:
+        for first, x in vectors.chunks():
+            built.add(x, ids[first : first + len(x)], new=True)
+        return
+    lists = [ivf.quantizer.assign(x, 1).ravel() for _, x in vectors.chunks()]
+    sizes = np.bincount(np.concatenate(lists), minlength=ivf.nlist)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    for list_no in np.flatnonzero(sizes):
+        invlists.resize(int(list_no), int(sizes[list_no]))  # allocate once ...
+        invlists.resize(int(list_no), 0)  # ... and keep the capacity
+    for (first, x), assign in zip(vectors.chunks(), lists):
+        built.add_assigned(x, ids[first : first + len(x)], assign)
+
+
+def _array_ivf(built: VectorIndex) -> faiss.IndexIVF | None:
+    """The index itself if it is an empty CPU IVF index over array inverted lists."""
+    if built.device != "cpu" or len(built) > 0:
+        return None
+    index = faiss.downcast_index(built._cpu_index())
+    if not isinstance(index, faiss.IndexIVF) or index.ntotal > 0:
+        return None
+    lists = faiss.downcast_InvertedLists(index.invlists)
+    return index if isinstance(lists, faiss.ArrayInvertedLists) else None
 
 
 def chunked_tuning_set(

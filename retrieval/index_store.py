@@ -66,18 +66,25 @@ def write_files(
     """The three index files into ``directory`` (atomic_dir fsyncs them before the rename)."""
     index_path = directory / INDEX_FILE
     faiss.write_index(cpu_index, str(index_path))
-    ids_bytes = "".join(f"{i}\n" for i in ids).encode("utf-8")
-    _write_bytes(directory / IDS_FILE, ids_bytes)
-    files = {
-        INDEX_FILE: file_digest(index_path),
-        IDS_FILE: {"bytes": len(ids_bytes), "sha256": hashlib.sha256(ids_bytes).hexdigest()},
-    }
+    files = {INDEX_FILE: file_digest(index_path), IDS_FILE: _write_ids(directory / IDS_FILE, ids)}
     full = {"format_version": FORMAT_VERSION, **meta, "files": files}
     _write_bytes(directory / META_FILE, json.dumps(full, indent=2).encode("utf-8"))
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)  # durability: atomic_dir fsyncs the staged tree before renaming
+
+
+def _write_ids(path: Path, ids: list[str], batch: int = 65_536) -> dict[str, Any]:
+    """ids.txt written and hashed a batch at a time (no second copy of every id in memory)."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("wb") as fh:
+        for start in range(0, len(ids), batch):
+            data = "".join(f"{i}\n" for i in ids[start : start + batch]).encode("utf-8")
+            fh.write(data)
+            digest.update(data)
+            size += len(data)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def read_index_dir(

@@ -148,6 +148,22 @@ def _cpu_fsdp(accelerator: Any) -> None:
     log.info("FSDP%d on CPU processes (gloo), as the Accelerate config asks", plugin.fsdp_version)
 
 
+def check_shardable(accelerator: Any, model: Any) -> None:
+    """Refuse, before training, parameters FSDP2 cannot shard (non-contiguous ones, e.g. conv
+    weights a tower keeps channels-last), naming the towers and the fix."""
+    if engine_name(accelerator) != "FSDP":
+        return
+    bad = [name for name, p in model.named_parameters() if not p.is_contiguous()]
+    if not bad:
+        return
+    towers = sorted({n.split("trunks.", 1)[1].split(".", 1)[0] for n in bad if "trunks." in n})
+    fix = ", ".join(f"model.towers.{m}.options.channels_last=false" for m in towers)
+    raise ConfigError(
+        f"FSDP shards contiguous parameters only, and {len(bad)} are not (e.g. {bad[0]}): "
+        f"these towers keep channels-last weights; set {fix or 'contiguous weights'} under FSDP"
+    )
+
+
 def full_model_state(accelerator: Any, model: Any, prefix: str = "") -> dict[str, Any]:
     """The prepared model's full state dict, on CPU: the entries under ``prefix`` (which is
     removed from the keys). A collective under sharded engines: every process calls it, the

@@ -47,7 +47,7 @@ from modalign.pretrain.accumulation import cached_accumulation_step
 from modalign.pretrain.bundle import save_bundle
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.distributed import all_reduce_mean
-from modalign.pretrain.engines import full_model_state
+from modalign.pretrain.engines import check_shardable, full_model_state
 from modalign.pretrain.feed import next_micro_batches
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
 from modalign.pretrain.model import ContrastiveTask, build_encoder
@@ -191,6 +191,7 @@ def _setup(
     built, specs, task = _build_task(cfg, tower_builders, modalities, accelerator)
     optimizer = make_optimizer(task, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
+    check_shardable(accelerator, task)
     task, optimizer = accelerator.prepare(task, optimizer)
     core: ContrastiveTask = accelerator.unwrap_model(task)
     state = train_state.TrainState(core, optimizer, scheduler, accelerator)

@@ -140,3 +140,25 @@ def test_fsdp_checkpoint_resumes_exactly(runs: dict[str, Path]) -> None:
     want, got = _weights(runs["two"]), _weights(runs["resumed"])
     assert set(want) == set(got)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_fsdp_refuses_channels_last_towers_naming_the_key(tmp_path: Path) -> None:
+    """Channels-last weights (the timm towers' default) cannot be sharded by FSDP2: the run
+    stops before training with exit 2, naming each tower's key to set."""
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=16)
+    config, run_yaml = tmp_path / "fsdp.yaml", tmp_path / "run.yaml"
+    config.write_text(ACCELERATE_CONFIG)
+    run_yaml.write_text("train:\n  seed: 0\n")
+    overrides = [*tiny_overrides(manifest, tmp_path / "out", steps=1, batch=8), *SETTINGS[:-2]]
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [launcher, "launch", "--config_file", str(config), "--main_process_port", str(_port()),
+         "-m", "modalign", "-q", "pretrain", str(run_yaml),
+         *[a for o in overrides for a in ("--set", o)]],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    err = proc.stdout + proc.stderr
+    assert "model.towers.image.options.channels_last=false" in err, err[-3000:]
+    assert "model.towers.audio.options.channels_last=false" in err
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -100,6 +100,9 @@ class OptimConfig:
     decay_steps: int = 0  # cosine horizon in steps (independent of train.steps); 0 = no decay
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # One fused AdamW kernel over all parameters (CPU and CUDA; same update as the per-parameter
+    # loop up to float rounding, ~5x faster step on CPU). false = PyTorch's per-parameter loop.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         _require("optim.lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a number > 0")

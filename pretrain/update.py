@@ -15,7 +15,13 @@ import torch
 from modalign.core.errors import ModalignError
 from modalign.pretrain.losses import LossOutput
 
-__all__ = ["TrainingDiverged", "apply_update", "check_finite_weights", "clip_and_norm"]
+__all__ = [
+    "TrainingDiverged",
+    "align_layouts",
+    "apply_update",
+    "check_finite_weights",
+    "clip_and_norm",
+]
 
 
 class TrainingDiverged(ModalignError):
@@ -30,10 +36,43 @@ def apply_update(run: Any, out: LossOutput, loss_value: float, step: int) -> Non
     # With fp16 the loss scaler owns overflow: it skips that step and lowers the scale.
     if run.accelerator.scaler is None and norm is not None and not math.isfinite(norm):
         diverged(run, f"gradient norm became {norm}", step, out)
+    align_layouts(run.optimizer)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.core.loss.clamp_()
+
+
+def align_layouts(optimizer: Any) -> int:
+    """Give every gradient and moment tensor its parameter's memory layout (strides).
+
+    PyTorch's fused AdamW reads parameter, gradient and moments as flat memory. A channels-last
+    conv weight (``TimmOptions.channels_last``) next to a contiguous gradient or moment (a
+    checkpoint written with the other layout, a backward kernel that returns another layout)
+    is refused on CUDA and, on CPU, updated wrong without an error. A copy in the parameter's
+    layout costs nothing when the layouts already agree. Returns the tensors re-laid.
+    """
+    fixed = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = _laid_like(p, p.grad)
+                fixed += 1
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
+                    state[key] = _laid_like(p, value)
+                    fixed += 1
+    return fixed
+
+
+def _laid_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(p.shape, p.stride(), dtype=value.dtype, device=value.device)
+    return out.copy_(value)
 
 
 def clip_and_norm(run: Any) -> float | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -114,9 +114,6 @@ class Sample:
     counts: DecodeCounts = field(default_factory=DecodeCounts)
 
 
-_OLD_KEYS = {"id": "ids", "label": "labels", "index": "index", "present": "present", "bad": "bad"}
-
-
 @dataclass
 class Batch:
     """A batch: ``inputs[m]`` (tensor or list) and ``present[m]`` (bool per row) by modality.
@@ -136,6 +133,9 @@ class Batch:
     # (modalign.data.item_keys), so results do not depend on how rows are split over processes.
     keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     counts: DecodeCounts = field(default_factory=DecodeCounts)  # what decoding the batch cost
+    # Outputs a loader-side batch hook already computed for some modalities (e.g. a frozen
+    # tower's trunk features, see modalign.pretrain.loader_towers): modality -> (B, ...) tensor.
+    encoded: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -151,7 +151,8 @@ class Batch:
             for m, v in self.inputs.items()
         }
         present = {m: p.to(device, non_blocking=non_blocking) for m, p in self.present.items()}
-        return replace(self, inputs=inputs, present=present)
+        encoded = {m: e.to(device, non_blocking=non_blocking) for m, e in self.encoded.items()}
+        return replace(self, inputs=inputs, present=present, encoded=encoded)
 
     def with_absent(
         self, specs: Mapping[str, ModalitySpec], names: Sequence[str] | None = None
@@ -172,19 +173,26 @@ class Batch:
             self,
             inputs={m: self.inputs[m] for m in keep},
             present={m: self.present[m] for m in keep},
+            encoded={m: e for m, e in self.encoded.items() if m in keep},
         )
 
-    # -- TEMPORARY read-only dict-style access while callers migrate (the lead removes it) ----
-    def __getitem__(self, key: str) -> Any:
-        if key in _OLD_KEYS:
-            return getattr(self, _OLD_KEYS[key])
-        return self.inputs[key]
 
-    def __contains__(self, key: object) -> bool:
-        return key in _OLD_KEYS or key in self.inputs
+BatchHook = Callable[[Batch], Batch]
+"""A function applied to every collated batch inside the loader (in its worker processes)."""
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
+
+class HookedCollate:
+    """``hook(collate(samples))``: runs in the DataLoader workers, overlapped with the step.
+
+    Both parts must be picklable when workers start by spawn/forkserver (they are forked on
+    Linux by default).
+    """
+
+    def __init__(self, collate: Callable[[Sequence[Sample]], Batch], hook: BatchHook) -> None:
+        self.collate, self.hook = collate, hook
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        return self.hook(self.collate(samples))
 
 
 class Collate:

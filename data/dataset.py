@@ -16,7 +16,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from modalign.core.world import resolve_world
-from modalign.data.batch import BadItemLog, BadRecord, Batch, Collate, Sample
+from modalign.data.batch import (
+    BadItemLog,
+    BadRecord,
+    Batch,
+    BatchHook,
+    Collate,
+    HookedCollate,
+    Sample,
+)
 from modalign.data.cache import ItemCache
 from modalign.data.manifest import Manifest, ManifestRow
 from modalign.data.modality import ModalitySpec
@@ -26,9 +34,11 @@ __all__ = [
     "BadItemLog",
     "BadRecord",
     "Batch",
+    "BatchHook",
     "Collate",
     "EpochBatchSampler",
     "EpochsBatchSampler",
+    "HookedCollate",
     "PairedDataset",
     "RawSource",
     "Sample",
@@ -186,13 +196,17 @@ def make_loader(
     num_workers: int = 0,
     keep_empty: bool = False,
     prefetch_factor: int = 2,
+    batch_hook: BatchHook | None = None,
 ) -> DataLoader:
     """DataLoader over a paired dataset; without a sampler, items in order (evaluation).
 
     ``keep_empty`` keeps rows whose every modality failed as all-absent rows (see :class:`Collate`);
-    ``prefetch_factor`` batches per worker are decoded ahead (ignored without workers).
+    ``prefetch_factor`` batches per worker are decoded ahead (ignored without workers);
+    ``batch_hook`` runs on every collated batch inside the loader (see :class:`HookedCollate`).
     """
-    collate = Collate(dataset.modalities, keep_empty=keep_empty)
+    collate: Any = Collate(dataset.modalities, keep_empty=keep_empty)
+    if batch_hook is not None:
+        collate = HookedCollate(collate, batch_hook)
     if sampler is None:
         sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     return DataLoader(

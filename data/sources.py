@@ -17,7 +17,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from modalign.core.errors import DataError
-from modalign.data.batch import Batch, Collate, Sample
+from modalign.data.batch import Batch, BatchHook, Collate, Sample
 from modalign.data.cache import ItemCache
 from modalign.data.dataset import PairedDataset, RawSource
 from modalign.data.manifest import Manifest, is_manifest, read_manifest
@@ -270,6 +270,7 @@ def open_stream(
     world_size: int | None = None,
     cache: ItemCache | None = None,
     prefetch_factor: int = 2,
+    batch_hook: BatchHook | None = None,
 ) -> BatchStream | SourceStream:
     """Endless training micro-batches for this process from ``src`` (resume with ``start``).
 
@@ -278,22 +279,24 @@ def open_stream(
     get :class:`SourceStream` (workers restart each epoch: a ``memory`` cache there only helps
     without workers, use ``disk``). Both carry ``position`` and read-time problems in
     ``skipped``/``skipped_examples`` (for a BadItemLog). ``cache``: see
-    :mod:`modalign.data.cache`; results are the same with and without it.
+    :mod:`modalign.data.cache`; results are the same with and without it. ``batch_hook``
+    runs on every collated batch inside the loader (its workers, when ``num_workers > 0``).
     """
     source = open_source(src, specs, train=True, seed=seed, shuffle=shuffle, rank=rank,
                          world_size=world_size, cache=cache)  # fmt: skip
     if isinstance(source, ManifestSource):
         stream = BatchStream(
             source.dataset, batch_size, source.rank, source.world, seed, shuffle, num_workers,
-            start, prefetch_factor,
+            start, prefetch_factor, batch_hook,
         )  # fmt: skip
         manifest = source.manifest
         stream.skipped = dict(manifest.skipped) if manifest else {}
         stream.skipped_examples = list(manifest.skipped_examples) if manifest else []
         return stream
     stream = SourceStream(
-        source, batch_size, num_workers=num_workers, start=start, prefetch_factor=prefetch_factor
-    )
+        source, batch_size, num_workers=num_workers, start=start,
+        prefetch_factor=prefetch_factor, batch_hook=batch_hook,
+    )  # fmt: skip
     stream.skipped = dict(source.skipped)
     stream.skipped_examples = list(source.skipped_examples)
     return stream

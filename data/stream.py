@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 from modalign.core.errors import DataError
 from modalign.data.dataset import (
     Batch,
+    BatchHook,
     Collate,
     EpochBatchSampler,
     EpochsBatchSampler,
+    HookedCollate,
     PairedDataset,
     RawSource,
     make_loader,
@@ -57,10 +59,11 @@ class BatchStream:
         num_workers: int = 0,
         start: int = 0,
         prefetch_factor: int = 2,
+        batch_hook: BatchHook | None = None,
     ) -> None:
         self.dataset, self.batch_size, self.rank, self.world = dataset, batch_size, rank, world_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.batch_hook = prefetch_factor, batch_hook
         self.position = start
         self.skipped: dict[str, int] = {}  # manifest rows skipped at read time (see open_stream)
         self.skipped_examples: list[str] = []
@@ -80,7 +83,7 @@ class BatchStream:
         )  # fmt: skip
         loader = make_loader(
             self.dataset, sampler, num_workers=self.num_workers, keep_empty=True,
-            prefetch_factor=self.prefetch_factor,
+            prefetch_factor=self.prefetch_factor, batch_hook=self.batch_hook,
         )  # fmt: skip
         for batch in loader:
             self.position += 1
@@ -115,11 +118,12 @@ class SourceStream:
         drop_last: bool = True,
         keep_empty: bool = True,
         prefetch_factor: int = 2,
+        batch_hook: BatchHook | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.batch_hook = prefetch_factor, batch_hook
         self.drop_last, self.keep_empty = drop_last, keep_empty
         self.position = start
         self.skipped: dict[str, int] = {}
@@ -154,7 +158,11 @@ class SourceStream:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, consumed, offset = self.locate(self.position) if self.position else (0, [], 0)
-        collate = Collate(self.source.modalities, keep_empty=self.keep_empty)
+        collate: Collate | HookedCollate = Collate(
+            self.source.modalities, keep_empty=self.keep_empty
+        )
+        if self.batch_hook is not None:
+            collate = HookedCollate(collate, self.batch_hook)
         while True:
             self.source.set_epoch(epoch)
             self.source.skip = [c * self.batch_size for c in consumed]

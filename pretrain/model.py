@@ -69,10 +69,21 @@ class MultimodalEncoder(nn.Module):
                 trunk.eval()
         return self
 
-    def encode(self, modality: str, value: Any, normalize: bool = True) -> torch.Tensor:
-        """One modality through preprocessor -> trunk -> head (-> L2 normalisation)."""
-        x = self.preprocessors[modality](value)
-        x = self.trunks[modality](x)
+    def encode(
+        self,
+        modality: str,
+        value: Any,
+        normalize: bool = True,
+        trunk_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One modality through preprocessor -> trunk -> head (-> L2 normalisation).
+
+        ``trunk_out``: the trunk's output, already computed (a frozen tower run in the loader,
+        see :mod:`modalign.pretrain.loader_towers`); then only the head runs."""
+        if trunk_out is None:
+            x = self.trunks[modality](self.preprocessors[modality](value))
+        else:
+            x = trunk_out
         head = self.heads[modality]
         # A float64 trunk output (e.g. from numpy) meets the head in the head's own dtype.
         weight = next(head.parameters(), None)
@@ -81,8 +92,20 @@ class MultimodalEncoder(nn.Module):
         z = head(x)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, inputs: Mapping[str, Any], normalize: bool = True) -> dict[str, torch.Tensor]:
-        return {m: self.encode(m, inputs[m], normalize) for m in self.modalities if m in inputs}
+    def forward(
+        self,
+        inputs: Mapping[str, Any],
+        normalize: bool = True,
+        encoded: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings of the modalities in ``inputs``; ``encoded[m]`` (trunk outputs computed
+        elsewhere) replaces preprocessor + trunk for ``m``."""
+        done = encoded or {}
+        return {
+            m: self.encode(m, inputs[m], normalize, done.get(m))
+            for m in self.modalities
+            if m in inputs
+        }
 
 
 @dataclass
@@ -150,7 +173,7 @@ class ContrastiveTask(nn.Module):
         ``features_only``, apply the loss."""
         inputs = {m: v for m, v in batch.inputs.items() if m in self.encoder.modalities}
         with item_keys(batch.keys):
-            features = self.encoder(inputs)
+            features = self.encoder(inputs, encoded=batch.encoded)
         if features_only:
             return features
         return TaskOutput(self.loss(features, batch.present), features)

@@ -49,6 +49,7 @@ from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.distributed import all_reduce_mean
 from modalign.pretrain.engines import check_shardable, full_model_state
 from modalign.pretrain.feed import next_micro_batches
+from modalign.pretrain.loader_towers import FrozenTowersHook, loader_modalities
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
 from modalign.pretrain.model import ContrastiveTask, build_encoder
 from modalign.pretrain.optim import make_optimizer, make_scheduler
@@ -232,10 +233,23 @@ def _open_batches(run: _Run) -> tuple[Any, Iterator[Batch], BadItemLog]:
         world_size=world_size,
         cache=open_cache(cfg.data.cache),
         prefetch_factor=cfg.data.prefetch_factor,
+        batch_hook=_frozen_towers_hook(run),
     )
     bad = BadItemLog()
     bad.add_counts(stream.skipped, stream.skipped_examples)
     return stream, iter(stream), bad
+
+
+def _frozen_towers_hook(run: _Run) -> FrozenTowersHook | None:
+    """The loader hook computing frozen towers' features (``train.frozen_towers``), if any."""
+    encoder, cfg = run.core.encoder, run.cfg
+    mods = loader_modalities(
+        cfg.train.frozen_towers, encoder, run.accelerator, cfg.data.num_workers
+    )
+    if not mods:
+        return None
+    log.info("frozen towers run in the loader: %s", ", ".join(mods))
+    return FrozenTowersHook(encoder, mods)
 
 
 def _train_loop(run: _Run) -> tuple[float, list[dict[str, Any]], BadItemLog]:

@@ -116,4 +116,4 @@ def text_manifest(root: Path, n: int) -> Path:
 
 
 def batch_ids(batches: Sequence[Mapping]) -> list[list[str]]:
-    return [list(b["id"]) for b in batches]
+    return [list(b.ids) for b in batches]

@@ -27,14 +27,14 @@ def main(manifest: str, shards: str, out: Path) -> None:
     # Manifest: the training stream; one epoch = per_epoch global batches split over ranks.
     stream = open_stream(manifest, specs, batch_size=3, seed=7)
     batches = list(itertools.islice(iter(stream), stream.per_epoch))
-    ids = [i for b in batches for i in b["id"]]
+    ids = [i for b in batches for i in b.ids]
     (out / f"manifest-rank{rank}.json").write_text(json.dumps(ids))
     # Shards: 2 DataLoader workers per rank, keep partial batches so nothing is dropped.
     source = open_source(shards, specs, train=True, seed=7)
     shard_stream = SourceStream(source, 4, num_workers=2, drop_last=False)
     per_epoch = sum(shard_stream._batches(c) for c in source.counts(2))
     batches = list(itertools.islice(iter(shard_stream), per_epoch))
-    ids = [i for b in batches for i in b["id"]]
+    ids = [i for b in batches for i in b.ids]
     (out / f"shards-rank{rank}.json").write_text(json.dumps(ids))
     dist.barrier()
     dist.destroy_process_group()

@@ -224,10 +224,11 @@ def test_batch_moves_fills_absent_and_keeps_old_keys(tmp_path: Path) -> None:
     assert "image" not in batch.inputs  # a copy: the original is unchanged
     moved = full.to("cpu")
     assert moved.inputs["text"] == ["x", "y"] and moved.present["text"].tolist() == [True, True]
-    # temporary dict-style access while callers migrate
-    assert batch["id"] == ["a", "b"] and batch["label"] == [None, None]
-    assert batch["present"]["text"].all() and batch["text"] == ["x", "y"] and "text" in batch
-    assert batch["index"].tolist() == [0, 1] and batch["bad"] == [] and batch.get("audio") is None
+    assert batch.ids == ["a", "b"] and batch.labels == [None, None]
+    assert batch.present["text"].all() and batch.inputs["text"] == ["x", "y"]
+    assert batch.index.tolist() == [0, 1] and batch.bad == [] and "audio" not in batch.inputs
+    with pytest.raises(TypeError):  # typed fields only: no dict-style access
+        batch["id"]  # type: ignore[index]
 
 
 def test_eval_source_keeps_file_order_with_workers(tmp_path: Path) -> None:

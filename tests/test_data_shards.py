@@ -80,7 +80,7 @@ def test_truncated_shard_skips_tail_counts_it_and_goes_on(tmp_path: Path, text_s
     log = BadItemLog()
     loader = DataLoader(ds, batch_size=4, collate_fn=Collate(text_specs))
     for batch in loader:
-        log.add(batch["bad"])
+        log.add(batch.bad)
     assert log.counts == {"truncated_shard": 1} and "truncated_shard=1" in log.summary()
 
 
@@ -111,7 +111,7 @@ def test_split_by_rank_and_worker_is_disjoint_and_complete(tmp_path: Path, text_
         ds.set_epoch(1)
         loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=Collate(text_specs))
         for batch in loader:
-            seen.update(batch["id"])
+            seen.update(batch.ids)
         assert sum(ds.counts(2)) == sum(int(u[-6:-4]) + 5 for u in ds.rank_shards())
     assert set(seen) == everything and max(seen.values()) == 1
 
@@ -146,7 +146,7 @@ def test_weighted_mix_follows_weights_and_counts(tmp_path: Path, text_specs) -> 
     assert 0.68 < from_manifest / len(samples) < 0.82  # weight 3:1 -> 75%
     assert len(samples) == mix.counts(1)[0] and len(set(s.id for s in samples)) == len(samples)
     loader = DataLoader(mix, batch_size=8, num_workers=2, collate_fn=Collate(text_specs))
-    assert sum(len(b["id"]) for b in loader) == sum(mix.counts(2))
+    assert sum(len(b.ids) for b in loader) == sum(mix.counts(2))
 
 
 def test_manifest_source_covers_rows_once_per_epoch(tmp_path: Path, text_specs) -> None:

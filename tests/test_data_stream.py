@@ -85,12 +85,12 @@ def test_rows_with_every_modality_bad_keep_batch_size(tmp_path: Path, specs) -> 
     specs = {"image": specs["image"]}
     stream = open_stream(path, specs, batch_size=4, seed=0)
     batch = next(iter(stream))
-    assert len(batch["id"]) == 4 and int(batch["present"]["image"].sum()) == 2
-    assert sorted(r.reason for r in batch["bad"]) == ["missing_file", "missing_file"]
+    assert len(batch.ids) == 4 and int(batch.present["image"].sum()) == 2
+    assert sorted(r.reason for r in batch.bad) == ["missing_file", "missing_file"]
     dataset = PairedDataset.from_manifest(read_manifest(path, ["image"]), specs)
     samples = [dataset[i] for i in range(4)]
-    assert len(Collate(specs)(samples)["id"]) == 2  # evaluation default: dropped, as before
-    assert len(Collate(specs, keep_empty=True)(samples)["id"]) == 4
+    assert len(Collate(specs)(samples).ids) == 2  # evaluation default: dropped, as before
+    assert len(Collate(specs, keep_empty=True)(samples).ids) == 4
 
 
 def test_open_stream_kinds_and_empty_epoch(tmp_path: Path, text_specs) -> None:

@@ -9,8 +9,8 @@ workers, while the main process runs the trainable towers. ``train.frozen_towers
   without workers in the main process, before the step, which is the same work);
 * ``auto`` (default): ``loader`` when it can only help, else ``step``. It can help when the run
   is on the CPU in fp32, with loader workers and cores for them
-  (``torch threads + data.num_workers <= CPU cores``), on an unsharded engine; on a GPU the
-  tower is faster on the device, so ``auto`` keeps it there.
+  (``torch threads + data.num_workers <= CPU cores``), on an unsharded engine, without
+  ``train.compile``; on a GPU the tower is faster on the device, so ``auto`` keeps it there.
 
 What the workers compute is what the step computes: the same preprocessor (train mode, inside
 the batch's item keys) and trunk (eval mode, no grad), in fp32. Results are bit-identical to
@@ -52,7 +52,7 @@ def frozen_modalities(encoder: MultimodalEncoder) -> list[str]:
 
 
 def _auto_reason(
-    device: torch.device, precision: str, num_workers: int, sharded: bool
+    device: torch.device, precision: str, num_workers: int, sharded: bool, compiled: bool
 ) -> str | None:
     """Why ``auto`` keeps frozen towers in the step (None: it moves them to the loader)."""
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
@@ -62,6 +62,8 @@ def _auto_reason(
         return f"mixed precision {precision}"
     if sharded:
         return "a sharded engine"
+    if compiled:
+        return "train.compile (each worker would compile the trunk again)"
     if num_workers < 1:
         return "data.num_workers is 0"
     if threads + num_workers > cores:
@@ -74,8 +76,10 @@ def loader_modalities(
     encoder: MultimodalEncoder,
     accelerator: Any,
     num_workers: int,
+    compiled: bool = False,
 ) -> list[str]:
-    """The frozen modalities ``train.frozen_towers`` (``policy``) computes in the loader."""
+    """The frozen modalities ``train.frozen_towers`` (``policy``) computes in the loader
+    (``compiled``: the run compiles its trunks, ``train.compile``)."""
     frozen = frozen_modalities(encoder)
     if policy == "step" or not frozen:
         return []
@@ -88,7 +92,7 @@ def loader_modalities(
             )
         return frozen
     reason = _auto_reason(
-        accelerator.device, str(accelerator.mixed_precision), num_workers, sharded
+        accelerator.device, str(accelerator.mixed_precision), num_workers, sharded, compiled
     )
     if reason is not None:
         log.debug("frozen towers %s stay in the step: %s", frozen, reason)

@@ -244,8 +244,9 @@ def _frozen_towers_hook(run: _Run) -> FrozenTowersHook | None:
     """The loader hook computing frozen towers' features (``train.frozen_towers``), if any."""
     encoder, cfg = run.core.encoder, run.cfg
     mods = loader_modalities(
-        cfg.train.frozen_towers, encoder, run.accelerator, cfg.data.num_workers
-    )
+        cfg.train.frozen_towers, encoder, run.accelerator, cfg.data.num_workers,
+        compiled=cfg.train.compile,
+    )  # fmt: skip
     if not mods:
         return None
     log.info("frozen towers run in the loader: %s", ", ".join(mods))

@@ -158,6 +158,7 @@ def test_auto_moves_frozen_towers_only_where_it_can_help(monkeypatch: pytest.Mon
         assert loader_modalities("auto", encoder, _accelerator(engine="FSDP"), 1) == []
         assert loader_modalities("auto", encoder, _accelerator(), 0) == []
         assert loader_modalities("auto", encoder, _accelerator(), 2) == []  # 1 + 2 > 2 cores
+        assert loader_modalities("auto", encoder, _accelerator(), 1, compiled=True) == []
         assert loader_modalities("step", encoder, _accelerator(), 1) == []
         assert loader_modalities("loader", encoder, _accelerator("cuda"), 0) == frozen
         with pytest.raises(ConfigError, match="train.frozen_towers=step"):

@@ -195,6 +195,14 @@ class HookedCollate:
         return self.hook(self.collate(samples))
 
 
+def make_collate(
+    modalities: Mapping[str, ModalitySpec], keep_empty: bool = False, hook: BatchHook | None = None
+) -> Callable[[Sequence[Sample]], Batch]:
+    """The DataLoader ``collate_fn``: :class:`Collate`, then ``hook`` when one is given."""
+    collate = Collate(modalities, keep_empty=keep_empty)
+    return collate if hook is None else HookedCollate(collate, hook)
+
+
 class Collate:
     """List of samples -> :class:`Batch` with stacked tensors and ``present`` masks.
 

@@ -24,6 +24,7 @@ from modalign.data.batch import (
     Collate,
     HookedCollate,
     Sample,
+    make_collate,
 )
 from modalign.data.cache import ItemCache
 from modalign.data.manifest import Manifest, ManifestRow
@@ -204,9 +205,7 @@ def make_loader(
     ``prefetch_factor`` batches per worker are decoded ahead (ignored without workers);
     ``batch_hook`` runs on every collated batch inside the loader (see :class:`HookedCollate`).
     """
-    collate: Any = Collate(dataset.modalities, keep_empty=keep_empty)
-    if batch_hook is not None:
-        collate = HookedCollate(collate, batch_hook)
+    collate = make_collate(dataset.modalities, keep_empty, batch_hook)
     if sampler is None:
         sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     return DataLoader(

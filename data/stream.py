@@ -16,13 +16,12 @@ from typing import Protocol, runtime_checkable
 from torch.utils.data import DataLoader
 
 from modalign.core.errors import DataError
+from modalign.data.batch import make_collate
 from modalign.data.dataset import (
     Batch,
     BatchHook,
-    Collate,
     EpochBatchSampler,
     EpochsBatchSampler,
-    HookedCollate,
     PairedDataset,
     RawSource,
     make_loader,
@@ -158,11 +157,7 @@ class SourceStream:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, consumed, offset = self.locate(self.position) if self.position else (0, [], 0)
-        collate: Collate | HookedCollate = Collate(
-            self.source.modalities, keep_empty=self.keep_empty
-        )
-        if self.batch_hook is not None:
-            collate = HookedCollate(collate, self.batch_hook)
+        collate = make_collate(self.source.modalities, self.keep_empty, self.batch_hook)
         while True:
             self.source.set_epoch(epoch)
             self.source.skip = [c * self.batch_size for c in consumed]

@@ -84,6 +84,11 @@ def check_engine_options(cfg: Any) -> None:
             "on the main process only, and sharded weights need every process; set "
             "train.val_every=0 and run `modalign evaluate retrieval` on the bundle"
         )
+    if cfg.train.frozen_towers == "loader":
+        raise ConfigError(
+            f"train.frozen_towers=loader with {wanted}: the loader workers need whole frozen "
+            "towers, and this engine shards them; set train.frozen_towers=step (or auto)"
+        )
 
 
 def adopt_launch_engine(accelerator: Any) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalign.core.errors import ConfigError
 from modalign.data.batch import Batch
 from modalign.data.item_keys import item_keys
 from modalign.pretrain.engines import is_sharded
@@ -83,16 +82,14 @@ def loader_modalities(
     frozen = frozen_modalities(encoder)
     if policy == "step" or not frozen:
         return []
-    sharded = is_sharded(accelerator)
-    if policy == "loader":
-        if sharded:
-            raise ConfigError(
-                "train.frozen_towers=loader needs whole towers in every process, and this "
-                "engine shards them; set train.frozen_towers=step (or auto) under FSDP/DeepSpeed"
-            )
+    if policy == "loader":  # refused up front under sharded engines (check_engine_options)
         return frozen
     reason = _auto_reason(
-        accelerator.device, str(accelerator.mixed_precision), num_workers, sharded, compiled
+        accelerator.device,
+        str(accelerator.mixed_precision),
+        num_workers,
+        is_sharded(accelerator),
+        compiled,
     )
     if reason is not None:
         log.debug("frozen towers %s stay in the step: %s", frozen, reason)

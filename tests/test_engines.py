@@ -106,7 +106,11 @@ def test_deepspeed_config_without_deepspeed_is_refused_up_front(
 
 @pytest.mark.parametrize(
     ("setting", "key"),
-    [("train.accum_steps=2", "train.accum_steps"), ("train.val_every=1", "train.val_every")],
+    [
+        ("train.accum_steps=2", "train.accum_steps"),
+        ("train.val_every=1", "train.val_every"),
+        ("train.frozen_towers=loader", "train.frozen_towers"),
+    ],
 )
 def test_sharded_engine_refuses_what_it_cannot_run(
     monkeypatch: pytest.MonkeyPatch, setting: str, key: str

@@ -23,6 +23,9 @@ from modalign.data.item_keys import current_item_keys, item_generators
 class LogMel(nn.Module):
     """(B, T) waveform -> (B, 1, n_mels, frames) log-mel power in dB (per-clip ``top_db`` floor)."""
 
+    mel_basis: torch.Tensor  # buffers, registered in __init__
+    window: torch.Tensor
+
     def __init__(self, cfg: AudioConfig, amin: float = 1e-10, precision: str = "float64") -> None:
         super().__init__()
         import librosa
@@ -128,8 +131,7 @@ def _draws(
             if size <= 0:
                 row.append((0, 0))
                 continue
-            width = int(torch.randint(0, size + 1, (), generator=gen))
-            start = int(float(torch.rand((), generator=gen)) * (axis_len - width + 1))
-            row.append((width, start))
+            w = int(torch.randint(0, size + 1, (), generator=gen))
+            row.append((w, int(float(torch.rand((), generator=gen)) * (axis_len - w + 1))))
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long, device=device).view(b, len(sizes), 2)

@@ -26,6 +26,7 @@ from modalign.data.decode import (
     prepare_audio,
     read_audio,
 )
+from modalign.data.media import audio_decode_bytes, image_decode_bytes, sniff_audio, sniff_image
 from modalign.data.modality import MODALITIES, ImagePreset, Loader, ModalitySpec, StatKind
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -45,7 +46,7 @@ def image_transform(preset: ImagePreset, cfg: DataConfig | ImageConfig, train: b
         is_training=train,
         scale=(icfg.train_scale_min, 1.0),
         hflip=icfg.hflip,
-        color_jitter=icfg.color_jitter or None,
+        color_jitter=icfg.color_jitter or None,  # type: ignore[arg-type]  # timm: None = no jitter; its hint omits None
         interpolation=preset.interpolation,
         mean=mean,
         std=std,
@@ -179,6 +180,8 @@ def image_modality(data_cfg: DataConfig, options: ImageConfig, preset: Any) -> M
         prepare=prepare,
         augment=augment,
         prepare_fingerprint=f"image/1 channels={options.channels} max_pixels={options.max_pixels}",
+        sniff=sniff_image,
+        decode_bytes=image_decode_bytes,
     )
 
 
@@ -244,6 +247,8 @@ def audio_modality(data_cfg: DataConfig, options: AudioConfig, preset: Any) -> M
         # prepare checks short clips whole and long ones per window: the clip length decides
         prepare_fingerprint=f"audio/1 sample_rate={options.sample_rate} "
         f"clip_samples={options.clip_samples}",
+        sniff=sniff_audio,
+        decode_bytes=lambda data: audio_decode_bytes(data, options.clip_seconds),
     )
 
 

@@ -32,15 +32,16 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
 
 from modalign.core.artifact import ArtifactWriteError, atomic_write_bytes, atomic_write_json
-from modalign.core.config_io import to_dict
+from modalign.core.config_io import AT_LEAST_1, Range, to_dict
 from modalign.core.errors import UserInputError
-from modalign.core.registry import NoOptions, Registry
+from modalign.core.registry import NoOptions
 from modalign.data.batch import DecodeCounts
+from modalign.data.config import ITEM_CACHES
 from modalign.data.modality import ModalitySpec
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,6 @@ class ItemCache(Protocol):
 
 class CacheFactory(Protocol):
     def __call__(self, options: Any) -> ItemCache | None: ...
-
-
-ITEM_CACHES: Registry[CacheFactory] = Registry("item cache", "modalign.item_caches")
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -179,7 +177,7 @@ def nbytes(raw: Raw) -> int:
 class MemoryOptions:
     """``data.cache: {kind: memory, options: {max_bytes}}`` (per process: each worker its own)."""
 
-    max_bytes: int = 2**30
+    max_bytes: Annotated[int, AT_LEAST_1] = 2**30
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
@@ -215,7 +213,7 @@ class DiskOptions:
     0 = no limit (counted once per process at its first write, plus what it writes)."""
 
     dir: str = ""
-    max_bytes: int = 0
+    max_bytes: Annotated[int, Range(ge=0, note="0 = no limit")] = 0
 
     def __post_init__(self) -> None:
         if self.max_bytes < 0:
@@ -240,8 +238,6 @@ class DiskCache:
         return self.root / f"{entry.name}.safetensors"
 
     def fetch(self, entry: CacheEntry, counts: DecodeCounts) -> Raw | None:
-        from modalign.data.cache_file import read_entry
-
         try:
             data = self.path(entry).read_bytes()
         except FileNotFoundError:
@@ -256,8 +252,6 @@ class DiskCache:
         return frozen(entry.about["modality"], raw)
 
     def store(self, entry: CacheEntry, raw: Raw, counts: DecodeCounts) -> None:
-        from modalign.data.cache_file import entry_bytes
-
         data = entry_bytes(raw, entry.name)
         if self.max_bytes and self._usage() + len(data) > self.max_bytes:
             counts.cache_full += 1
@@ -328,3 +322,66 @@ def open_cache(spec: Any) -> ItemCache | None:
         return None
     entry = ITEM_CACHES.get(spec.kind, "data.cache.kind")
     return entry.factory(ITEM_CACHES.options(spec.kind, spec.options, "data.cache.options"))
+
+
+# -- one disk entry as bytes -------------------------------------------------------------------
+# One disk-cache entry as bytes: a safetensors file whose metadata names the format, the entry
+# and a blake2b checksum of the arrays (dtype, shape and bytes), so a truncated, torn or edited
+# file reads as "no entry" (and is then rewritten) instead of as a wrong value. No pickles.
+
+_SINGLE = "value"  # the array name when prepare returns one array
+
+
+def _contiguous(arr: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn a 0-d array (a sample rate) into shape (1,)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        arr = _contiguous(arrays[name])
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def entry_bytes(raw: Raw, entry: str) -> bytes:
+    """The file content for ``raw`` stored as ``entry``."""
+    from safetensors.numpy import save
+
+    single = not isinstance(raw, dict)
+    arrays: dict[str, np.ndarray] = dict(raw) if isinstance(raw, dict) else {_SINGLE: raw}
+    arrays = {k: _contiguous(v) for k, v in arrays.items()}
+    meta = {
+        "format": CACHE_FORMAT,
+        "format_version": str(CACHE_VERSION),
+        "entry": entry,
+        "single": "1" if single else "0",
+        "blake2b": _checksum(arrays),
+    }
+    return save(arrays, metadata=meta)
+
+
+def read_entry(data: bytes, entry: str) -> Raw | None:
+    """The value stored in ``data`` for ``entry``, or None when the file is not a whole, valid
+    entry of this format and version (any damage: the caller decodes again and rewrites)."""
+    from safetensors.numpy import load
+
+    try:
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        if (
+            meta.get("format") != CACHE_FORMAT
+            or meta.get("format_version") != str(CACHE_VERSION)
+            or meta.get("entry") != entry
+        ):
+            return None
+        arrays = load(data)
+    except Exception:  # truncated header, bad JSON, short payload: safetensors raises many types
+        return None
+    if _checksum(arrays) != meta.get("blake2b"):
+        return None
+    if meta.get("single") == "1":
+        return arrays.get(_SINGLE)
+    return arrays

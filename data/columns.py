@@ -5,7 +5,9 @@ column     rule
 =========  ===================================================================================
 ``id``     a non-empty string (kept verbatim) or an integer (written in decimal). Absent, null
            or ``""``: the row's own ``<folder>:<line>``. Anything else (a float, a boolean, a
-           list, an object) is an error naming the row.
+           list, an object), or a string holding a control character (newline, tab, NUL...),
+           a line/paragraph separator or a lone surrogate, is an error naming the row: ids
+           are written one per line into indexes and embedding shards.
 ``label``  a string (kept verbatim) or an integer; an integral float (``1.0``) is the integer
            (``"1"``), so ``1`` and ``1.0`` are one class. Absent, null, ``""`` or only
            whitespace: unlabeled, in every format. A boolean, a fractional float, a list or an
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,12 @@ def id_cell(value: Any, where: str, default: str) -> str:
     if is_empty(value):
         return default
     if isinstance(value, str):
+        bad = next((c for c in value if unicodedata.category(c) in _BAD_ID_CHARS), None)
+        if bad is not None:
+            raise DataError(
+                f"{where}: id {value!r} contains {_char_name(bad)}; an id is one line of "
+                "printable text (ids are stored one per line): fix the id in the manifest"
+            )
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -54,6 +63,14 @@ def id_cell(value: Any, where: str, default: str) -> str:
         f"{where}: id {value!r} is a {_kind(value)}; an id is a string or an integer "
         "(quote it in JSON, or leave it out to use the row's file:line)"
     )
+
+
+_BAD_ID_CHARS = {"Cc", "Cs", "Zl", "Zp"}  # control, lone surrogate, line/paragraph separator
+
+
+def _char_name(c: str) -> str:
+    kind = "a lone surrogate" if unicodedata.category(c) == "Cs" else "a control character"
+    return f"the character U+{ord(c):04X} ({unicodedata.name(c, kind)})"
 
 
 def label_cell(value: Any, where: str) -> str | None:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from modalign.core.config_io import (
+    AT_LEAST_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+)
 from modalign.core.errors import ConfigError
+from modalign.core.registry import Registry
 
 # Built-in modalities whose options keep their own top-level section (``data.image``...).
 SECTION_OPTIONS = ("image", "audio")
@@ -15,17 +24,17 @@ SECTION_OPTIONS = ("image", "audio")
 class AudioConfig:
     """Waveform decoding and the log-mel front end (computed batched on the device)."""
 
-    sample_rate: int = 16000
-    clip_seconds: float = 1.0
-    n_mels: int = 64
-    n_fft: int = 400
-    hop_length: int = 160
-    f_min: float = 0.0
-    f_max: float | None = None
-    top_db: float = 80.0
+    sample_rate: Annotated[int, AT_LEAST_1] = 16000
+    clip_seconds: Annotated[float, POSITIVE] = 1.0
+    n_mels: Annotated[int, AT_LEAST_1] = 64
+    n_fft: Annotated[int, Range(ge=2)] = 400
+    hop_length: Annotated[int, AT_LEAST_1] = 160
+    f_min: Annotated[float, NON_NEGATIVE] = 0.0
+    f_max: Annotated[float | None, POSITIVE] = None
+    top_db: Annotated[float, POSITIVE] = 80.0
     spec_augment: bool = False  # time/frequency masking while training
-    freq_mask: int = 8
-    time_mask: int = 10
+    freq_mask: Annotated[int, NON_NEGATIVE] = 8
+    time_mask: Annotated[int, NON_NEGATIVE] = 10
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or self.clip_seconds <= 0:
@@ -40,11 +49,20 @@ class AudioConfig:
 class ImageConfig:
     """Image decoding and augmentation; size/mean/std come from the image tower."""
 
-    channels: int = 3  # 1 = greyscale ("L"), 3 = RGB
-    max_pixels: int = 64_000_000  # decompression-bomb limit
-    train_scale_min: float = 0.08  # RandomResizedCrop lower scale bound
-    hflip: float = 0.5
-    color_jitter: float = 0.0
+    channels: Literal[1, 3] = 3  # 1 = greyscale ("L"), 3 = RGB
+    max_pixels: Annotated[int, AT_LEAST_1] = 64_000_000  # decompression-bomb limit
+    train_scale_min: Annotated[float, Range(gt=0, le=1)] = (
+        0.08  # RandomResizedCrop lower scale bound
+    )
+    hflip: Annotated[float, FRACTION] = 0.5
+    color_jitter: Annotated[float, NON_NEGATIVE] = 0.0
+
+
+ITEM_CACHES: Registry[Callable[[Any], Any]] = Registry("item cache", "modalign.item_caches")
+"""Decoded-item caches named by ``data.cache.kind``: ``factory(options) -> ItemCache | None``
+(:class:`modalign.data.cache.ItemCache`). The built-ins (``none``, ``memory``, ``disk``) are
+registered by :mod:`modalign.data.cache`; the registry sits beside :class:`CacheSpec`, which
+names its entries, so the config is checked when built without importing the caches."""
 
 
 @dataclass
@@ -57,8 +75,6 @@ class CacheSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from modalign.data.cache import ITEM_CACHES
-
         ITEM_CACHES.get(self.kind, "data.cache.kind")
         ITEM_CACHES.options(self.kind, self.options, "data.cache.options")  # checked up front
 
@@ -84,14 +100,18 @@ class DataConfig:
     """Where the data is and how to decode it."""
 
     # SRC: manifest (.jsonl/.csv/.parquet), WebDataset shard pattern, or {SRC: weight} mix
-    train: str | dict[str, float] = ""
+    train: str | dict[str, Annotated[float, POSITIVE]] = ""
     val: str = ""
-    num_workers: int = 0
-    prefetch_factor: int = 2  # batches each worker decodes ahead (with num_workers > 0)
+    num_workers: Annotated[int, NON_NEGATIVE] = 0
+    prefetch_factor: Annotated[int, AT_LEAST_1] = (
+        2  # batches each worker decodes ahead (with num_workers > 0)
+    )
     shuffle: bool = True
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
-    max_bad_fraction: float = 0.5  # abort if more than this fraction of items is bad
+    max_bad_fraction: Annotated[float, FRACTION] = (
+        0.5  # abort if more than this fraction of items is bad
+    )
     # Options of plugin modalities, by name (checked by the modality's options dataclass).
     modalities: dict[str, Any] = field(default_factory=dict)
     # Decoded-item cache: none (default) | memory | disk, e.g. {kind: disk, options: {dir: D}}
@@ -99,8 +119,6 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.cache = cache_spec(self.cache)
-        if self.prefetch_factor < 1:
-            raise ConfigError("data.prefetch_factor must be at least 1")
         both = [m for m in SECTION_OPTIONS if m in self.modalities]
         if both:
             raise ConfigError(

@@ -1,6 +1,7 @@
 """Writing a corpus folder (media files + manifests) safely, for the built-in corpus builders.
 
-Protocol: the folder is locked (:func:`modalign.core.artifact.lock_dir`) for the whole build;
+Protocol: the folder is claimed (:func:`modalign.core.artifact.output_dir`: refused unless new,
+empty or a corpus folder; locked) for the whole build;
 existing manifests are removed *first*, so no manifest ever names a media file that is being
 rewritten; media files are written in place (thousands of small files: a per-file fsync would
 triple the build time); then one ``os.sync`` makes them durable and the manifests are written
@@ -17,13 +18,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from modalign.core.artifact import atomic_write_text, lock_dir, remove_stale_temp
+from modalign.core.artifact import OutputKind, atomic_write_text, output_dir, remove_stale_temp
+
+CORPUS_KIND = OutputKind("modalign.corpus-folder", "corpus folder")
+"""A folder written by a corpus builder (recorded in its lock file)."""
 
 
 @contextmanager
-def corpus_folder(root: Path, manifests: Sequence[str], what: str) -> Iterator[Path]:
-    """Lock ``root`` and remove the old ``manifests`` (file names) before the build writes."""
-    with lock_dir(root, what):
+def corpus_folder(
+    root: Path,
+    manifests: Sequence[str],
+    what: str,
+    key: str = "--out",
+    markers: tuple[tuple[str, str], ...] = (),
+) -> Iterator[Path]:
+    """Claim ``root`` (exit 2 naming ``key`` if it holds other files, or another build runs;
+    ``what`` names the corpus, ``markers`` as in :class:`~modalign.core.artifact.OutputKind`)
+    and remove the old ``manifests`` before the build writes."""
+    with output_dir(root, OutputKind(CORPUS_KIND.format, what, markers), key):
         remove_stale_temp(root)
         for name in manifests:
             (root / name).unlink(missing_ok=True)

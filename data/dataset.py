@@ -38,7 +38,6 @@ __all__ = [
     "BatchHook",
     "Collate",
     "EpochBatchSampler",
-    "EpochsBatchSampler",
     "HookedCollate",
     "PairedDataset",
     "RawSource",
@@ -102,9 +101,13 @@ class PairedDataset(Dataset):
 
 
 def row_values(row: ManifestRow, specs: Mapping[str, ModalitySpec]) -> dict[str, tuple[str, Any]]:
-    """A manifest row's raw values as ``(origin, value)`` for :func:`decode_sample`."""
+    """A manifest row's raw values as ``(origin, value)`` for :func:`decode_sample`.
+
+    ``origin`` is ``""`` for an inline value, the path of a file, and ``<N-byte cell>`` for
+    media bytes held in the manifest itself (a Parquet byte cell), never the bytes.
+    """
     return {
-        m: ("" if spec.inline else v, v)
+        m: ("" if spec.inline else v if isinstance(v, str) else f"<{len(v)}-byte cell>", v)
         for m, spec in specs.items()
         if (v := row.values.get(m)) is not None
     }
@@ -118,6 +121,10 @@ class EpochBatchSampler(Sampler[list[int]]):
     single-process batch exactly. Incomplete global batches are dropped (contrastive batches need
     equal sizes on every rank). Indices are ``epoch * n + i`` (see :class:`PairedDataset`).
     ``start_batch`` resumes mid-epoch without repeating or skipping data.
+
+    ``endless=True`` goes on epoch after epoch from (``epoch``, ``start_batch``): one DataLoader
+    over it keeps its workers (and their decoded-item caches) for a whole run instead of starting
+    them every epoch; :meth:`endless_from` starts it at a global micro-batch position.
     """
 
     def __init__(
@@ -131,12 +138,34 @@ class EpochBatchSampler(Sampler[list[int]]):
         epoch: int = 0,
         start_batch: int = 0,
         drop_last: bool = True,
+        endless: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.n, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world_size
         self.seed, self.shuffle, self.epoch, self.start_batch = seed, shuffle, epoch, start_batch
-        self.drop_last = drop_last
+        self.drop_last, self.endless = drop_last, endless
+        if endless and self.batches_per_epoch() == 0:
+            raise ValueError(f"{num_items} items make no full batch of {self.global_batch}")
+
+    @classmethod
+    def endless_from(
+        cls,
+        num_items: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+    ) -> EpochBatchSampler:
+        """Endless batches from global micro-batch ``start`` (``epoch * per_epoch + batch``)."""
+        per_epoch = cls(num_items, batch_size, rank, world_size).batches_per_epoch()
+        if per_epoch == 0:
+            raise ValueError(f"{num_items} items make no full batch of {batch_size * world_size}")
+        epoch, start_batch = divmod(start, per_epoch)
+        return cls(num_items, batch_size, rank, world_size, seed, shuffle, epoch, start_batch,
+                   endless=True)  # fmt: skip
 
     @property
     def global_batch(self) -> int:
@@ -147,47 +176,29 @@ class EpochBatchSampler(Sampler[list[int]]):
         return full if self.drop_last or rest == 0 else full + 1
 
     def __len__(self) -> int:
+        if self.endless:
+            raise TypeError("an endless EpochBatchSampler has no length")
         return max(0, self.batches_per_epoch() - self.start_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
+        epoch, start_batch = self.epoch, self.start_batch
+        while True:
+            yield from self._epoch(epoch, start_batch)
+            if not self.endless:
+                return
+            epoch, start_batch = epoch + 1, 0
+
+    def _epoch(self, epoch: int, start_batch: int) -> Iterator[list[int]]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n, generator=gen)
         else:
             perm = torch.arange(self.n)
-        offset = self.epoch * self.n
-        for b in range(self.start_batch, self.batches_per_epoch()):
+        offset = epoch * self.n
+        for b in range(start_batch, self.batches_per_epoch()):
             lo = b * self.global_batch + self.rank * self.batch_size
             chunk = perm[lo : min(lo + self.batch_size, self.n)]
             yield [offset + int(i) for i in chunk]
-
-
-class EpochsBatchSampler(Sampler[list[int]]):
-    """:class:`EpochBatchSampler` 's batches epoch after epoch, endlessly, from global micro-batch
-    ``start`` (``epoch * batches_per_epoch + batch``). One DataLoader over it keeps its workers
-    (and their decoded-item caches) for a whole run instead of starting them every epoch."""
-
-    def __init__(
-        self,
-        num_items: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        start: int = 0,
-    ) -> None:
-        self.args = (num_items, batch_size, rank, world_size, seed, shuffle)
-        self.per_epoch = EpochBatchSampler(*self.args).batches_per_epoch()
-        if self.per_epoch == 0:
-            raise ValueError(f"{num_items} items make no full batch of {batch_size * world_size}")
-        self.start = start
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, start_batch = divmod(self.start, self.per_epoch)
-        while True:
-            yield from EpochBatchSampler(*self.args, epoch=epoch, start_batch=start_batch)
-            epoch, start_batch = epoch + 1, 0
 
 
 def make_loader(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import io
 import math
+import os
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +122,7 @@ def prepare_audio(source: Source, cfg: AudioConfig) -> dict[str, np.ndarray]:
     import soundfile as sf
 
     data = _read_bytes(source)
+    check_wav_length(data, len(data))
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr, frames = int(f.samplerate), int(f.frames)
@@ -157,8 +160,10 @@ FALLBACK_AUDIO = (".mp3", ".m4a", ".aac", ".opus", ".wma")
 
 
 def read_audio(source: Source) -> tuple[np.ndarray, int]:
-    """Mono float32 waveform at its own sample rate; empty, NaN/inf and silent clips are bad."""
+    """Mono float32 waveform at its own sample rate; empty, NaN/inf, silent and truncated clips
+    are bad."""
     data = _read_bytes(source)
+    check_wav_length(data, len(data))
     try:
         wave, sr = _read_soundfile(data)
     except Exception as exc:
@@ -191,6 +196,15 @@ def read_audio_window(
     """
     import soundfile as sf
 
+    if isinstance(source, bytes):
+        check_wav_length(source, len(source))
+    else:
+        try:
+            with open(source, "rb") as fh:
+                head, size = fh.read(_WAV_HEAD), os.fstat(fh.fileno()).st_size
+        except OSError:
+            return None  # the whole-file path names the reason
+        check_wav_length(head, size)
     try:
         f = sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except Exception:
@@ -198,6 +212,42 @@ def read_audio_window(
     with f:
         return crop_window(lambda lo, n: _read_frames(f, lo, n), int(f.samplerate), int(f.frames),
                            cfg, rng)  # fmt: skip
+
+
+_WAV_HEAD = 1 << 16  # bytes read to find a WAV's data chunk header
+
+
+def check_wav_length(head: bytes, size: int) -> None:
+    """BadItem ``truncated_audio`` when a RIFF/WAVE file is shorter than its header says.
+
+    ``head``: the file's first bytes (at least up to its ``data`` chunk header to be checked),
+    ``size``: the file's whole length. libsndfile reads such a file up to where it ends (a
+    16-byte remnant of an 11,756-byte clip decodes as 8 samples), so the header is checked
+    here: a ``data`` chunk (or any chunk before it) declaring more bytes than the file holds
+    is a corrupt file everywhere, a query as much as a manifest item. A size field of 0 or
+    0xFFFFFFFF (a stream written before its length was known) is not checked.
+    """
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        return
+    order = "<" if head[:4] == b"RIFF" else ">"
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, declared = (
+            head[pos : pos + 4],
+            struct.unpack(order + "I", head[pos + 4 : pos + 8])[0],
+        )
+        present = size - (pos + 8)
+        if declared in (0, 0xFFFFFFFF) and chunk == b"data":
+            return
+        if declared > present:
+            raise BadItem(
+                "truncated_audio",
+                f"the WAV header declares {declared} bytes in chunk "
+                f"{chunk.decode('latin-1')!r}, {max(0, present)} are present (a cut-off file)",
+            )
+        if chunk == b"data":
+            return
+        pos += 8 + declared + (declared & 1)
 
 
 def is_long(sr: int, frames: int, cfg: AudioConfig) -> bool:

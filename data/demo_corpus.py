@@ -65,7 +65,7 @@ def build_demo_corpus(
         digits = load_digits()
         n = len(digits.target) if limit is None else min(limit, len(digits.target))
         rows, jobs = _plan(root, digits, n, np.random.default_rng(seed))
-        _synthesize_all(jobs, sample_rate, workers)
+        synthesize_words(jobs, sample_rate, workers)
         commit_manifests(root, {f"{split}.jsonl": split_rows for split, split_rows in rows.items()})
     return DemoCorpus(
         root, root / "train.jsonl", root / "test.jsonl", n, time.perf_counter() - started
@@ -113,10 +113,19 @@ def _write_digit_png(image: np.ndarray, path: Path) -> None:
 
     img = (image * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img, mode="L").resize((32, 32), Image.BILINEAR).save(path, format="PNG")
+    Image.fromarray(img, mode="L").resize((32, 32), Image.Resampling.BILINEAR).save(
+        path, format="PNG"
+    )
 
 
-def _synthesize_all(jobs: list[Job], sample_rate: int, workers: int) -> None:
+def synthesize_words(jobs: list[Job], sample_rate: int, workers: int) -> None:
+    """Speak every ``(wav path, text, voice, rate, pitch, level)`` job into a 16-bit WAV file.
+
+    ``workers`` processes (spawned) share the jobs; each job's output depends only on its own
+    arguments (see :class:`~modalign.data.speech.SpeechSynthesizer`), so the files are the same
+    whatever the number of workers. The files are not fsynced: the caller makes them durable
+    (:func:`~modalign.data.corpus_files.commit_manifests`).
+    """
     chunks = [(jobs[w::workers], sample_rate) for w in range(max(1, workers))]
     if workers > 1:
         import multiprocessing as mp

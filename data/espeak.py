@@ -15,22 +15,22 @@ from pathlib import Path
 from types import ModuleType
 
 # --- eSpeak NG C API constants (speak_lib.h) -------------------------------------------------
-_AUDIO_OUTPUT_SYNCHRONOUS = 2  # synthesise inside espeak_Synth, delivering audio to our callback
-_INITIALIZE_DONT_EXIT = 0x8000  # return an error instead of calling exit() on missing data
-_POS_CHARACTER = 1
-_CHARS_UTF8 = 1  # plain UTF-8 text: no SSML, no [[phoneme]] input
-_EE_OK = 0
-_PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE = 1, 3, 4
+AUDIO_OUTPUT_SYNCHRONOUS = 2  # synthesise inside espeak_Synth, delivering audio to our callback
+INITIALIZE_DONT_EXIT = 0x8000  # return an error instead of calling exit() on missing data
+POS_CHARACTER = 1
+CHARS_UTF8 = 1  # plain UTF-8 text: no SSML, no [[phoneme]] input
+EE_OK = 0
+PARAM_RATE, PARAM_PITCH, PARAM_RANGE = 1, 3, 4
 # Milliseconds of audio per callback; bigger means fewer Python round-trips.
-_BUFFER_MS = 1000
+BUFFER_MS = 1000
 # Fixed seed for eSpeak's own noise generator (breathy voices), otherwise seeded from the clock.
-_RAND_SEED = 1
+RAND_SEED = 1
 
 # Documented parameter ranges (speak_lib.h). eSpeak silently clamps outside them, which would
 # hide a caller's mistake, so we reject instead.
-_RATE_RANGE = (80, 450)
-_PITCH_RANGE = (0, 100)
-_RANGE_RANGE = (0, 100)
+RATE_RANGE = (80, 450)
+PITCH_RANGE = (0, 100)
+RANGE_RANGE = (0, 100)
 
 # English base voices offered by available_voices(), and the classic male/female variants.
 # Immutable; filtered against the shipped data at call time.
@@ -47,7 +47,7 @@ _ENGLISH_BASES = (
 _CLASSIC_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
 
 # int (*t_espeak_callback)(short *wav, int numsamples, espeak_EVENT *events)
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
 
 
 def import_loader() -> ModuleType:
@@ -107,7 +107,7 @@ def declare(lib: ctypes.CDLL) -> None:
     c_int, c_uint = ctypes.c_int, ctypes.c_uint
     lib.espeak_Initialize.argtypes = [c_int, c_int, ctypes.c_char_p, c_int]
     lib.espeak_Initialize.restype = c_int
-    lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
+    lib.espeak_SetSynthCallback.argtypes = [SynthCallback]
     lib.espeak_SetSynthCallback.restype = None
     lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
     lib.espeak_ListVoices.restype = ctypes.c_void_p
@@ -141,7 +141,7 @@ def dlclose(lib: ctypes.CDLL) -> None:
     if sys.platform == "win32":
         _ctypes.FreeLibrary(lib._handle)  # type: ignore[attr-defined]
     else:
-        _ctypes.dlclose(lib._handle)  # type: ignore[attr-defined]
+        _ctypes.dlclose(lib._handle)
 
 
 def remove_dir(path: str) -> None:

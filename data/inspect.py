@@ -88,7 +88,9 @@ def _duplicates(report: _Report, manifest: Any, max_examples: int) -> dict[str, 
     """``{"count": ids seen more than once, "examples": [{"id", "lines"|"occurrences"}]}``."""
     if manifest is not None:
         dups = duplicate_ids(manifest.rows)
-        examples = [{"id": i, "lines": ls} for i, ls in list(dups.items())[:max_examples]]
+        examples: list[dict[str, Any]] = [
+            {"id": i, "lines": ls} for i, ls in list(dups.items())[:max_examples]
+        ]
         return {"count": len(dups), "examples": examples}
     repeated = [(i, n) for i, n in report.ids.items() if n > 1]
     examples = [{"id": i, "occurrences": n} for i, n in repeated[:max_examples]]
@@ -97,7 +99,12 @@ def _duplicates(report: _Report, manifest: Any, max_examples: int) -> dict[str, 
 
 def _samples(source: Any, num_workers: int) -> Iterable[Sample]:
     # batch_size=None: samples come through one by one; workers only parallelise the decoding.
-    loader = DataLoader(source, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    loader = DataLoader(
+        source,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_identity,  # type: ignore[arg-type]  # torch's hint assumes batches (lists)
+    )
     return iter(loader)
 
 

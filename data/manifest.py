@@ -12,17 +12,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modalign.core.errors import ConfigError, DataError
 from modalign.data.columns import id_cell, inline_cell, is_empty, label_cell, media_cell
+from modalign.data.modality import MODALITIES, RESERVED_COLUMNS, modality_specs
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Manifest columns (and batch fields) that are never modalities; a modality may not use them.
-RESERVED_COLUMNS = ("id", "label", "present", "index", "bad", "line")
 
 
 @dataclass(slots=True)  # slots: millions of rows stay small in every DataLoader worker
@@ -119,8 +119,6 @@ def read_manifest(
 def _inline_names(modalities: Sequence[str] | Mapping[str, Any]) -> list[str]:
     if isinstance(modalities, Mapping):
         return [m for m, spec in modalities.items() if spec.inline]
-    from modalign.data.modality import MODALITIES, modality_specs  # same layer; cycle-free here
-
     known = [m for m in modalities if m in MODALITIES]
     return [m for m, spec in modality_specs(known).items() if spec.inline]
 
@@ -159,7 +157,7 @@ def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
     return text.removeprefix("\ufeff") if line_no == 1 else text
 
 
-def _read_csv(path: Path, modalities: Sequence[str]) -> list[tuple[int, dict]]:
+def _read_csv(path: Path, modalities: Collection[str]) -> list[tuple[int, dict]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")  # utf-8-sig: Excel writes a BOM
     except UnicodeDecodeError as exc:
@@ -171,7 +169,7 @@ def _read_csv(path: Path, modalities: Sequence[str]) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: malformed CSV ({exc})") from None
 
 
-def _parse_csv(path: Path, text: str, modalities: Sequence[str]) -> list[tuple[int, dict]]:
+def _parse_csv(path: Path, text: str, modalities: Collection[str]) -> list[tuple[int, dict]]:
     with io.StringIO(text, newline="") as fh:
         # strict: an unterminated quote is an error instead of a field that swallows every
         # following row up to the end of the file.

@@ -28,7 +28,9 @@ from modalign.core.errors import ConfigError
 from modalign.core.registry import Registry
 from modalign.data.config import DataConfig
 from modalign.data.decode import BadItem
-from modalign.data.manifest import RESERVED_COLUMNS
+
+RESERVED_COLUMNS = ("id", "label", "present", "index", "bad", "line")
+"""Manifest columns that are never a modality."""
 
 Loader = Callable[[Any, bool, np.random.Generator], Any]
 Stats = Mapping[str, Any]
@@ -71,6 +73,11 @@ class ModalitySpec:
     - ``perturb_fn(values, level, generator)``: robustness noise, clamped to the valid range.
     - ``clamp_fn(values)``: project a batch of inputs onto the valid input range (pixels in
       [0, 1] for images in normalised units, full scale for audio); attacks and noise use it.
+    - ``sniff(head)``: the media type of a file from its first bytes
+      (:data:`~modalign.data.media.SNIFF_BYTES`), None unless it is one this modality
+      declares; a server serves only files it names (:mod:`modalign.data.media`).
+    - ``decode_bytes(data)``: peak memory in bytes that decoding ``data`` takes, read from its
+      header (ValueError if unreadable); servers refuse or queue uploads by it.
     - ``prepare(source)`` + ``augment(raw, train, rng)``: ``load`` split in two, so the
       decoded-item cache (:mod:`modalign.data.cache`) can keep ``prepare``'s result across
       epochs. ``prepare`` is deterministic (it depends only on the item's bytes and the settings
@@ -97,6 +104,8 @@ class ModalitySpec:
     prepare: Callable[[Any], Any] | None = None  # decode only, cacheable (see above)
     augment: Loader | None = None  # prepare's result -> model input (train-time randomness)
     prepare_fingerprint: str = ""  # the settings prepare depends on ("" = from ``options``)
+    sniff: Callable[[bytes], str | None] | None = None  # file head -> declared media type
+    decode_bytes: Callable[[bytes], int] | None = None  # file bytes -> peak decode memory
 
     # -- batching ------------------------------------------------------------------------
     def collate(self, values: Sequence[Any]) -> Any:
@@ -235,8 +244,3 @@ def default_modalities(
     if image_preset is not None:
         presets.setdefault("image", image_preset)
     return modality_specs(["image", "audio", "text"], cfg, presets)
-
-
-# Built-in factories register themselves on import (after the names above exist).
-from modalign.data import builtin_modalities  # noqa: E402, F401
-from modalign.data.builtin_modalities import image_transform  # noqa: E402, F401  (old home)

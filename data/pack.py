@@ -24,7 +24,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from modalign.core.artifact import atomic_path, lock_dir, remove_stale_temp, write_meta
+from modalign.core.artifact import (
+    OutputKind,
+    atomic_path,
+    output_dir,
+    remove_stale_temp,
+    write_meta,
+)
 from modalign.core.errors import ConfigError, DataError
 from modalign.data.config import DataConfig
 from modalign.data.decode import BadItem
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT, INDEX_VERSION = "modalign.shards", 1
+SHARDS_KIND = OutputKind(INDEX_FORMAT, "shard folder", ((INDEX_FILE, INDEX_FORMAT),))
 META_MEMBERS = ("json", "cls")
 
 
@@ -60,9 +67,9 @@ def pack_shards(
     """
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
-    manifest, specs = _read(src, specs, cfg)
-    out = Path(out_dir)
-    with lock_dir(out, "shard folder"):
+    # Claimed before the manifest is read: a second pack into the folder stops here (exit 2).
+    with output_dir(out_dir, SHARDS_KIND, "--out") as out:
+        manifest, specs = _read(src, specs, cfg)
         remove_stale_temp(out)
         tally = _Tally(manifest, max_examples)
         with _ShardWriter(out, prefix, shard_size) as writer:

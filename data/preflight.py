@@ -14,7 +14,7 @@ from typing import Any
 
 from modalign.core.errors import ConfigError, DataError
 from modalign.data.manifest import ManifestRow, is_manifest, read_manifest
-from modalign.data.shards import SHARD_SUFFIXES, expand_shards, is_shard_pattern
+from modalign.data.shards import SHARD_SUFFIXES, expand_shards, folder_shards, is_shard_pattern
 
 PIPE_PREFIX = "pipe:"
 
@@ -67,10 +67,10 @@ def _check_one(src: str, modalities: Sequence[str], result: SourceCheck) -> None
         result.rows += len(manifest.rows)
         result.duplicates.update(duplicate_ids(manifest.rows))
     elif Path(src).is_dir():
-        shards = [p for p in Path(src).iterdir() if p.name.lower().endswith(SHARD_SUFFIXES)]
+        shards = folder_shards(Path(src))  # a recorded shard that is gone: DataError
         if not shards:
             raise DataError(f"{src}: folder holds no shards ({'/'.join(SHARD_SUFFIXES)})")
-        result.files.extend(sorted(str(p) for p in shards))
+        result.files.extend(shards)
     elif not Path(src).exists():
         raise DataError(f"{src}: not found; pass an existing manifest, shard pattern or folder")
     else:

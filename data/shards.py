@@ -38,7 +38,6 @@ from modalign.data.dataset import RawSource
 from modalign.data.decode import BadItem, decode_text
 from modalign.data.modality import ModalitySpec
 from modalign.data.sample import decode_sample
-from modalign.data.shard_counts import recorded_counts
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BAD_KEY = "__bad__"  # a record that only carries shard-level problems
@@ -220,7 +219,7 @@ class ShardDataset(RawSource):
         return self.rank_shards()[worker::num_workers]
 
     def raw(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        records = (
+        records: Iterator[dict[str, Any]] = (
             rec for url in self.worker_shards(worker, num_workers) for rec in iter_shard(url)
         )
         if self.shuffle_buffer > 1:
@@ -355,3 +354,118 @@ def _modality_values(
         if spec.inline and name not in values and meta.get(name) is not None:
             values[name] = ("json", meta[name])
     return values
+
+
+# -- recorded counts -------------------------------------------------------------------------
+# Sample counts of shards without reading them: ``data pack``'s index, img2dataset's stats.
+#
+# A resume (and every epoch's per-worker plan) needs each shard's record count. Reading every
+# tar to count it costs a pass over the corpus; the writers already recorded the counts:
+#
+# * ``modalign data pack`` writes ``DIR/index.json`` (``format: modalign.shards``) with
+#   ``pattern`` and per-shard ``counts`` in the pattern's order;
+# * img2dataset writes ``DIR/NNNNN_stats.json`` beside ``DIR/NNNNN.tar`` with ``successes``.
+#
+# A count is trusted only for a local shard that is not newer than the file that recorded it
+# (a shard rewritten since is counted by reading it, as before).
+
+PACK_INDEX = "index.json"
+PACK_FORMAT = "modalign.shards"
+
+
+def recorded_counts(urls: Sequence[str]) -> dict[str, int]:
+    """``{url: records}`` for every local shard in ``urls`` whose count a writer recorded."""
+    local = {u: Path(u[5:] if u.startswith("file:") else u) for u in urls if "://" not in u}
+    packed: dict[str, tuple[int, Path]] = {}
+    for folder in {p.parent for p in local.values()}:
+        packed.update(_pack_counts(folder))
+    out: dict[str, int] = {}
+    for url, path in local.items():
+        found = packed.get(str(path)) or _img2dataset_count(path)
+        if found is not None and path.is_file():
+            n, recorder = found
+            if path.stat().st_mtime_ns <= recorder.stat().st_mtime_ns:
+                out[url] = n
+    return out
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pack_counts(folder: Path) -> dict[str, tuple[int, Path]]:
+    """``{shard path: (count, index.json)}`` from a ``data pack`` index in ``folder``."""
+    index = folder / PACK_INDEX
+    meta = _read(index)
+    if not meta or meta.get("format") != PACK_FORMAT or not isinstance(meta.get("counts"), list):
+        return {}
+    try:
+        names = expand_shards(str(meta["pattern"]))
+    except Exception:
+        return {}
+    if len(names) != len(meta["counts"]):
+        return {}
+    return {str(folder / Path(nm).name): (int(n), index) for nm, n in zip(names, meta["counts"])}
+
+
+def folder_shards(folder: Path) -> list[str]:
+    """The shards of a shard folder, checked against what its writer recorded (sorted paths).
+
+    A ``data pack`` folder lists its shards and their counts in ``index.json``: a listed shard
+    that is gone, or a tar the index does not list, is a :class:`DataError` naming it (reading
+    the rest would silently lose or add items). In an img2dataset folder, a ``NNNNN_stats.json``
+    recording successes whose ``NNNNN.tar`` is gone is the same error. Without either record,
+    the tars present are the source.
+    """
+    from braceexpand import braceexpand
+
+    folder = Path(folder)
+    present = sorted(p for p in folder.iterdir() if p.name.lower().endswith(SHARD_SUFFIXES))
+    index = folder / PACK_INDEX
+    meta = _read(index)
+    if meta and meta.get("format") == PACK_FORMAT and isinstance(meta.get("counts"), list):
+        listed = [folder / Path(u).name for u in braceexpand(str(meta.get("pattern", "")))]
+        counts = [int(n) for n in meta["counts"]]
+        if len(listed) != len(counts):
+            raise DataError(
+                f"{index}: lists {len(listed)} shards but {len(counts)} counts; the file was "
+                "edited: re-pack the folder with `modalign data pack`"
+            )
+        missing = [(p, n) for p, n in zip(listed, counts) if not p.is_file()]
+        if missing:
+            lost = sum(n for _, n in missing)
+            raise DataError(
+                f"{folder}: shard {missing[0][0].name} is missing ({len(missing)} of "
+                f"{len(listed)} shards listed in {index.name}, {lost} of {sum(counts)} items); "
+                "restore it or re-pack the folder with `modalign data pack`"
+            )
+        extra = [p for p in present if p not in set(listed)]
+        if extra:
+            raise DataError(
+                f"{folder}: shard {extra[0].name} is not listed in {index.name} (written by "
+                "something else, or left from another pack); move it away or re-pack the folder"
+            )
+        return [str(p) for p in listed]
+    for stats_file in sorted(folder.glob("*_stats.json")):
+        stats = _read(stats_file)
+        stem = stats_file.name[: -len("_stats.json")]
+        has_tar = any(p.name.split(".")[0] == stem for p in present)
+        if stats and isinstance(stats.get("successes"), int) and stats["successes"] and not has_tar:
+            raise DataError(
+                f"{folder}: shard {stem}.tar is missing but {stats_file.name} records "
+                f"{stats['successes']} samples in it; restore it (or remove its stats file to "
+                "accept the loss)"
+            )
+    return [str(p) for p in present]
+
+
+def _img2dataset_count(path: Path) -> tuple[int, Path] | None:
+    stats_file = path.with_name(path.name.split(".")[0] + "_stats.json")
+    stats = _read(stats_file)
+    if not stats or not isinstance(stats.get("successes"), int):
+        return None
+    return int(stats["successes"]), stats_file

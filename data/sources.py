@@ -22,7 +22,13 @@ from modalign.data.cache import ItemCache
 from modalign.data.dataset import PairedDataset, RawSource
 from modalign.data.manifest import Manifest, is_manifest, read_manifest
 from modalign.data.modality import ModalitySpec, check_name
-from modalign.data.shards import SHARD_SUFFIXES, ShardDataset, is_shard_pattern, stable_hash
+from modalign.data.shards import (
+    SHARD_SUFFIXES,
+    ShardDataset,
+    folder_shards,
+    is_shard_pattern,
+    stable_hash,
+)
 from modalign.data.stream import BatchStream, SourceStream
 
 
@@ -214,7 +220,7 @@ def open_source(
 
 def shards_in(folder: Path) -> list[str]:
     """The shard files directly inside ``folder``, sorted; DataError naming it when none."""
-    urls = sorted(str(p) for p in folder.iterdir() if p.name.lower().endswith(SHARD_SUFFIXES))
+    urls = folder_shards(folder)  # checked against index.json / img2dataset stats
     if not urls:
         raise DataError(
             f"{folder}: folder holds no shards ({'/'.join(SHARD_SUFFIXES)}); pass a manifest, "
@@ -284,6 +290,7 @@ def open_stream(
     """
     source = open_source(src, specs, train=True, seed=seed, shuffle=shuffle, rank=rank,
                          world_size=world_size, cache=cache)  # fmt: skip
+    stream: BatchStream | SourceStream
     if isinstance(source, ManifestSource):
         stream = BatchStream(
             source.dataset, batch_size, source.rank, source.world, seed, shuffle, num_workers,

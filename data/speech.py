@@ -43,20 +43,20 @@ import numpy as np
 
 from modalign.core.errors import UserInputError
 from modalign.data.espeak import (
-    _AUDIO_OUTPUT_SYNCHRONOUS,
-    _BUFFER_MS,
-    _CHARS_UTF8,
-    _EE_OK,
-    _INITIALIZE_DONT_EXIT,
-    _PARAM_PITCH,
-    _PARAM_RANGE,
-    _PARAM_RATE,
-    _PITCH_RANGE,
-    _POS_CHARACTER,
-    _RAND_SEED,
-    _RANGE_RANGE,
-    _RATE_RANGE,
-    _SynthCallback,
+    AUDIO_OUTPUT_SYNCHRONOUS,
+    BUFFER_MS,
+    CHARS_UTF8,
+    EE_OK,
+    INITIALIZE_DONT_EXIT,
+    PARAM_PITCH,
+    PARAM_RANGE,
+    PARAM_RATE,
+    PITCH_RANGE,
+    POS_CHARACTER,
+    RAND_SEED,
+    RANGE_RANGE,
+    RATE_RANGE,
+    SynthCallback,
     available_voices,
     declare,
     dlclose,
@@ -109,7 +109,7 @@ class SpeechSynthesizer:
             return 0  # 0 = continue synthesis
 
         # Keep the C thunk referenced for the instance's lifetime: the library calls it.
-        self._callback = _SynthCallback(_collect)
+        self._callback = SynthCallback(_collect)
         # free() of the process allocator, which is the one the library's malloc() uses
         # (Windows DLLs may bring their own C runtime, so there we leave the table alone).
         self._free = None if sys.platform == "win32" else ctypes.CDLL(None).free
@@ -143,7 +143,7 @@ class SpeechSynthesizer:
                     "cannot guarantee a fresh synthesis state"
                 )
             rate = lib.espeak_Initialize(
-                _AUDIO_OUTPUT_SYNCHRONOUS, _BUFFER_MS, self._data_path_c, _INITIALIZE_DONT_EXIT
+                AUDIO_OUTPUT_SYNCHRONOUS, BUFFER_MS, self._data_path_c, INITIALIZE_DONT_EXIT
             )
             if rate <= 0:
                 raise RuntimeError(
@@ -218,9 +218,9 @@ class SpeechSynthesizer:
         if "\x00" in text:
             raise SpeechInputError("text must not contain NUL characters")
         for name, value, (lo, hi) in (
-            ("rate", rate, _RATE_RANGE),
-            ("pitch", pitch, _PITCH_RANGE),
-            ("range_", range_, _RANGE_RANGE),
+            ("rate", rate, RATE_RANGE),
+            ("pitch", pitch, PITCH_RANGE),
+            ("range_", range_, RANGE_RANGE),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise SpeechInputError(f"{name} must be an int, got {value!r}")
@@ -241,19 +241,19 @@ class SpeechSynthesizer:
         self, lib: ctypes.CDLL, encoded: bytes, voice: str, params: tuple[int, int, int]
     ) -> bytes:
         """Set voice and (rate, pitch, range) on a fresh image, synthesise; the 16-bit PCM."""
-        if lib.espeak_SetVoiceByName(voice.encode("utf-8")) != _EE_OK:
+        if lib.espeak_SetVoiceByName(voice.encode("utf-8")) != EE_OK:
             raise SpeechInputError(f"unknown eSpeak voice {voice!r}; see available_voices()")
-        for param, value in zip((_PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE), params, strict=True):
+        for param, value in zip((PARAM_RATE, PARAM_PITCH, PARAM_RANGE), params, strict=True):
             lib.espeak_SetParameter(param, int(value), 0)
         got_rate = lib.espeak_ng_GetSampleRate()
         if got_rate != self.sample_rate:  # e.g. an MBROLA voice; none are shipped
             raise RuntimeError(f"voice {voice!r} produces {got_rate} Hz, not {self.sample_rate} Hz")
-        lib.espeak_ng_SetRandSeed(_RAND_SEED)
+        lib.espeak_ng_SetRandSeed(RAND_SEED)
         self._chunks.clear()
         status = lib.espeak_Synth(
-            encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+            encoded, len(encoded), 0, POS_CHARACTER, 0, CHARS_UTF8, None, None
         )
-        if status != _EE_OK:
+        if status != EE_OK:
             raise RuntimeError(f"espeak_Synth failed with status {status}")
         return b"".join(self._chunks)
 

@@ -21,7 +21,6 @@ from modalign.data.dataset import (
     Batch,
     BatchHook,
     EpochBatchSampler,
-    EpochsBatchSampler,
     PairedDataset,
     RawSource,
     make_loader,
@@ -76,7 +75,7 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Batch]:
         # One loader over every epoch: workers start once and keep their memory caches.
-        sampler = EpochsBatchSampler(
+        sampler = EpochBatchSampler.endless_from(
             len(self.dataset), self.batch_size, self.rank, self.world, self.seed, self.shuffle,
             start=self.position,
         )  # fmt: skip

@@ -1,13 +1,14 @@
 """Classifier bundle I/O: a fusion head plus a reference to its pretrained model bundle.
 
-Files (written with :func:`modalign.core.artifact.atomic_files` under ``lock_dir(out)``)::
+Files (written with :func:`modalign.core.artifact.atomic_files` under ``output_dir(out)``)::
 
     OUT/head.safetensors   head weights
     OUT/finetune.yaml      the fine-tuning config, every strategy's options resolved
     OUT/classifier.json    {"format", "format_version", "class_names", "inputs",
                             "head": {"kind", "options" (resolved), "dims", "provider", "version"},
                             "model": RELATIVE path of the model bundle from OUT,
-                            "model_fingerprint", "results", "files": {name: sha256}}
+                            "model_fingerprint", "results", "files": {name: sha256},
+                            "meta_sha256": sha256 of this JSON itself (format version 3)}
 
 The model is found by its path relative to the classifier folder, so moving both folders
 together keeps the classifier loadable; a model whose fingerprint changed is refused.
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from modalign.core.artifact import (
+    OutputKind,
     atomic_files,
-    lock_dir,
+    check_seal,
+    output_dir,
     read_json_meta,
     remove_stale_temp,
     verify_files,
@@ -38,9 +41,10 @@ from modalign.finetune.heads import HEADS
 from modalign.pretrain.bundle import BundleModel, load_bundle
 
 FORMAT = "modalign.classifier-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: classifier.json sealed (meta_sha256)
 META = "classifier.json"
 _FIX = "create one with `modalign finetune`"
+CLASSIFIER_KIND = OutputKind(FORMAT, "classifier bundle", ((META, FORMAT),))
 
 
 def save_classifier(
@@ -57,9 +61,9 @@ def save_classifier(
     out = Path(out)
     spec = cfg.head
     rel_model = os.path.relpath(Path(model.path).resolve(), out.resolve())
-    with lock_dir(out, "classifier bundle"):
+    with output_dir(out, CLASSIFIER_KIND, "finetune.out"):
         remove_stale_temp(out)
-        with atomic_files(out, META) as (tmp, meta):
+        with atomic_files(out, META, seal=True) as (tmp, meta):
             state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
             (tmp / "head.safetensors").write_bytes(save(state))
             (tmp / "finetune.yaml").write_text(dump_yaml(cfg.resolved()), encoding="utf-8")
@@ -156,9 +160,12 @@ def _read_meta(root: Path) -> dict[str, Any]:
             f"{root / META}: written by modalign 0.1 (absolute model path, head options not "
             "stored); fine-tune again to write a current classifier bundle"
         )
-    return read_json_meta(
+    meta = read_json_meta(
         root / META, "classifier bundle", _FIX, format=FORMAT, max_version=FORMAT_VERSION
     )
+    # from version 3 the metadata is sealed: an edited class list or head is refused
+    check_seal(root / META, meta, "classifier bundle", required=meta["format_version"] >= 3)
+    return meta
 
 
 def _load_model(root: Path, meta: dict[str, Any], device: str) -> BundleModel:

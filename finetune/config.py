@@ -5,7 +5,7 @@ Strategy axes are registry names plus an options mapping typed by the entry:
 * ``head: {kind: lowrank, options: {rank: 8, hidden: 128}}`` (or just ``head: late``), registry
   :data:`modalign.finetune.heads.HEADS`;
 * ``pseudo_label: knn`` + ``pseudo_label_options: {k: 20}``, registry
-  :data:`modalign.finetune.labelers.PSEUDO_LABELERS`;
+  :data:`modalign.finetune.config.PSEUDO_LABELERS`;
 * ``threshold_policy: flexmatch`` + ``threshold_options: {warmup: false}``, registry
   :data:`modalign.finetune.thresholds.THRESHOLDS` (self-training only).
 
@@ -17,10 +17,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from modalign.core.config_io import from_dict, to_dict
+from modalign.core.config_io import (
+    AT_LEAST_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    from_dict,
+    to_dict,
+)
 from modalign.core.errors import ConfigError
+from modalign.core.registry import Registry
+from modalign.finetune.heads import HEADS
+from modalign.finetune.pseudo_label import prompts_for
+from modalign.finetune.thresholds import THRESHOLDS
+
+PSEUDO_LABELERS: Registry[Any] = Registry("pseudo-labeler", "modalign.pseudo_labelers")
+"""Pseudo-labelers named by ``finetune.pseudo_label``; each entry is a
+:class:`modalign.finetune.labelers.Labeler`. The built-ins are registered by
+:mod:`modalign.finetune.labelers` and :mod:`modalign.finetune.autoselect` (``auto``); the registry
+sits beside :class:`FinetuneConfig`, which names its entries, so the config is checked when built
+without importing the labelers."""
 
 
 @dataclass
@@ -31,15 +51,11 @@ class HeadSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from modalign.finetune.heads import HEADS
-
         HEADS.get(self.kind, "finetune.head.kind")
         HEADS.options(self.kind, self.options, "finetune.head.options")  # validate up front
 
     def resolved(self) -> dict[str, Any]:
         """Every option of the head, defaults filled in (what ``classifier.json`` stores)."""
-        from modalign.finetune.heads import HEADS
-
         return to_dict(HEADS.options(self.kind, self.options, "finetune.head.options"))
 
 
@@ -51,35 +67,38 @@ class FinetuneConfig:
     out: str = ""  # classifier bundle dir ("" = <output.dir>/classifier)
     class_names: list[str] = field(default_factory=list)  # "" = sorted distinct labels
     inputs: list[str] = field(default_factory=lambda: ["image", "audio"])  # classifier modalities
-    labels_per_class: int = 5
-    val_per_class: int = 0  # labeled validation rows per class (early stopping); 0 = off
-    label_seed: int = 0
-    pseudo_label: str = "zero_shot"  # none, zero_shot, knn, self_training, or a plugin's name
+    labels_per_class: Annotated[int, AT_LEAST_1] = 5
+    val_per_class: Annotated[int, Range(ge=0, note="0 = off")] = (
+        0  # labeled validation rows per class (early stopping); 0 = off
+    )
+    label_seed: Annotated[int, SEED] = 0
+    # auto (CV over the labels picks none / propagation / zero_shot_mix), none, zero_shot, knn,
+    # propagation, zero_shot_mix, self_training, or a plugin's name
+    pseudo_label: str = "auto"
     pseudo_label_options: dict[str, Any] = field(default_factory=dict)
     # zero-shot class prompts ("{}" = the class name); [] = generic templates per input modality
     prompts: list[str] = field(default_factory=list)
     prompts_by_modality: dict[str, list[str]] = field(default_factory=dict)
-    threshold: float = 0.5  # min pseudo-label confidence kept
+    threshold: Annotated[float, FRACTION] = 0.5  # min pseudo-label confidence kept
     balance: bool = True
-    balance_ratio: float = 1.5  # a class keeps at most ratio x the smallest class's count
-    rounds: int = 1
+    balance_ratio: Annotated[float, Range(ge=1)] = (
+        1.5  # a class keeps at most ratio x the smallest class's count
+    )
+    rounds: Annotated[int, AT_LEAST_1] = 1
     # self_training (FixMatch-style over cached views): confidence policy and its cut
     threshold_policy: str = "fixed"
     threshold_options: dict[str, Any] = field(default_factory=dict)
-    tau: float = 0.95
+    tau: Annotated[float, FRACTION] = 0.95
     head: Any = field(default_factory=HeadSpec)  # HeadSpec, its mapping, or a kind name
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    modality_dropout: float = 0.3
-    pseudo_weight: float = 1.0
-    seed: int = 0
+    epochs: Annotated[int, AT_LEAST_1] = 60
+    batch_size: Annotated[int, AT_LEAST_1] = 128
+    lr: Annotated[float, POSITIVE] = 2e-3
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
+    modality_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.3
+    pseudo_weight: Annotated[float, NON_NEGATIVE] = 1.0
+    seed: Annotated[int, SEED] = 0
 
     def __post_init__(self) -> None:
-        from modalign.finetune.labelers import PSEUDO_LABELERS
-        from modalign.finetune.thresholds import THRESHOLDS
-
         self.head = _head_spec(self.head)
         bad = [p for p in self.prompts if "{}" not in p]
         if bad:
@@ -95,15 +114,10 @@ class FinetuneConfig:
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates: ``prompts``, else generic ones for ``inputs``."""
-        from modalign.finetune.pseudo_label import prompts_for
-
         return list(self.prompts) or prompts_for(self.inputs, self.prompts_by_modality)
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every strategy's options fully resolved (what bundles save)."""
-        from modalign.finetune.labelers import PSEUDO_LABELERS
-        from modalign.finetune.thresholds import THRESHOLDS
-
         pl = PSEUDO_LABELERS.options(self.pseudo_label, self.pseudo_label_options, "")
         th = THRESHOLDS.options(self.threshold_policy, self.threshold_options, "")
         return dataclasses.replace(

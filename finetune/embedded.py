@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def embed_labeled(
             x[m][rows] = torch.from_numpy(emb[m].vectors)
             present[m][rows] = True
     y = torch.tensor(
-        [index[labels[i]] if labels[i] is not None else NO_LABEL for i in ids], dtype=torch.long
+        [index[lab] if (lab := labels[i]) is not None else NO_LABEL for i in ids], dtype=torch.long
     )
     return EmbeddedSet(ids, x, present, y), list(class_names)
 
@@ -127,7 +128,7 @@ def few_label_split(
 def fused_embedding(s: EmbeddedSet) -> torch.Tensor:
     """Mean of the present modalities' (shared-space) embeddings, re-normalised."""
     total = sum(torch.where(s.present[m][:, None], s.x[m], 0.0) for m in s.x)
-    return F.normalize(total, dim=-1)
+    return F.normalize(cast(torch.Tensor, total), dim=-1)  # s.x has >= 1 modality
 
 
 def concat_sets(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from modalign.core.errors import UserInputError
 from modalign.data.batch import Batch
 from modalign.data.dataset import EpochBatchSampler, PairedDataset, make_loader
 from modalign.data.manifest import ManifestRow
@@ -29,6 +30,12 @@ from modalign.finetune.heads import build_head_from_options
 from modalign.finetune.labels import NO_LABEL
 from modalign.pretrain.model import MultimodalEncoder
 from modalign.retrieval.embed import embed_batches
+
+
+def _labeled(label: str | None) -> str:
+    if label is None:
+        raise UserInputError("end-to-end fine-tuning got an unlabeled row; it takes labeled rows")
+    return label
 
 
 def train_end_to_end(
@@ -65,7 +72,7 @@ def train_end_to_end(
             return make_loader(dataset, sampler)
 
         def loss_fn(h: FusionHead, b: Batch) -> torch.Tensor:
-            y = torch.tensor([class_index[lab] for lab in b.labels])
+            y = torch.tensor([class_index[_labeled(lab)] for lab in b.labels])
             present = modality_dropout(dict(b.present), cfg.modality_dropout, gen)
             emb = encoder({m: b.inputs[m] for m in cfg.inputs if m in b.inputs})
             return F.cross_entropy(h(emb, present), y)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from modalign.core.config_io import to_dict
+from modalign.core.config_io import AT_LEAST_1, Range, to_dict
 from modalign.core.errors import UserInputError
 from modalign.core.registry import Registry
 from modalign.finetune.head_base import FusionHead, check_head_args, mlp, modality_dropout
@@ -28,8 +29,8 @@ HEADS: Registry[HeadFactory] = Registry("fusion head", "modalign.heads")
 class HeadOptions:
     """Options every built-in head takes: hidden width and dropout."""
 
-    hidden: int = 256
-    dropout: float = 0.1
+    hidden: Annotated[int, AT_LEAST_1] = 256
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1
 
     def __post_init__(self) -> None:
         if not isinstance(self.hidden, int) or self.hidden < 1:
@@ -45,13 +46,13 @@ class ConcatOptions(HeadOptions):
 
 @dataclass(frozen=True)
 class TransformerOptions(HeadOptions):
-    layers: int = 2
-    heads: int = 4
+    layers: Annotated[int, AT_LEAST_1] = 2
+    heads: Annotated[int, AT_LEAST_1] = 4
 
 
 @dataclass(frozen=True)
 class LowRankOptions(HeadOptions):
-    rank: int = 4
+    rank: Annotated[int, AT_LEAST_1] = 4
 
 
 class ConcatHead(FusionHead):

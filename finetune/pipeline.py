@@ -17,9 +17,14 @@ from typing import Any
 
 import torch
 
-from modalign.core.artifact import lock_dir
+from modalign.core.artifact import lock_dir, output_dir
 from modalign.core.errors import UserInputError
-from modalign.finetune.classifier import Classifier, load_classifier, save_classifier
+from modalign.finetune.classifier import (
+    CLASSIFIER_KIND,
+    Classifier,
+    load_classifier,
+    save_classifier,
+)
 from modalign.finetune.config import FinetuneConfig
 from modalign.finetune.embedded import (
     EmbeddedSet,
@@ -93,15 +98,19 @@ def _check(cfg: FinetuneConfig) -> None:
         )
 
 
-def run_finetune(cfg: FinetuneConfig, out_dir: str | Path) -> FinetuneResult:
+def run_finetune(
+    cfg: FinetuneConfig, out_dir: str | Path, key: str = "finetune.out"
+) -> FinetuneResult:
     """Few labels + pseudo-labels -> fusion head; evaluates on ``cfg.test``; writes a classifier
-    bundle into ``out_dir`` (locked while training and writing).
+    bundle into ``out_dir``, claimed (:func:`~modalign.core.artifact.output_dir`: exit 2 naming
+    ``key`` if it holds other files or another run writes it) from before the model is loaded
+    until the bundle is written.
 
     Deterministic for a given ``finetune.seed``; the process RNG states are left as found.
     """
     _check(cfg)
-    with preserved_rng():
-        return _run(cfg, Path(out_dir))
+    with output_dir(out_dir, CLASSIFIER_KIND, key) as out, preserved_rng():
+        return _run(cfg, out)
 
 
 def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
@@ -124,7 +133,8 @@ def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
         val = data.subset(split.val)
         val_set = val if len(val) else None
         labels_only_head = train_head(labeled, torch.ones(len(labeled)), num_classes, cfg, val_set)
-        head, reports = labels_only_head, []
+        reports: list[dict[str, Any]] = []
+        head = labels_only_head
         if len(pool):
             ctx = _context(model, labeled, pool, class_names, cfg)
             head, reports = _pseudo_label_rounds(ctx, val_set, labels_only_head)
@@ -185,8 +195,7 @@ def _pseudo_label_rounds(
 
     A labeler that trains its own head (``LabelerOutput.head``) ends the rounds there.
     """
-    cfg, pool = ctx.cfg, ctx.pool
-    num_classes = len(ctx.class_names)
+    cfg = ctx.cfg
     reports: list[dict[str, Any]] = []
     head = labels_only
     for round_no in range(max(1, cfg.rounds)):
@@ -194,17 +203,14 @@ def _pseudo_label_rounds(
             first = _run_labeler(ctx)
             if first is None:
                 return labels_only, []
+            head, report = head_from_output(ctx, first, val, labels_only)
             if first.head is not None:
-                selected = first.selected
-                if selected is None:
-                    selected = first.labels.labels != NO_LABEL
-                report = pseudo_label_report(first.labels, selected, pool.y, num_classes)
-                return first.head, [{**report, "round": 1}]
+                return head, [{**report, "round": 1}]
             pl = first.labels
         else:  # later rounds: classic self-training from the previous head
-            probs = predict(head, pool).softmax(1)
+            probs = predict(head, ctx.pool).softmax(1)
             pl = PseudoLabels(probs.argmax(1), probs.max(1).values, "self_training", probs)
-        head, report = _train_on_pseudo(ctx, pl, val)
+            head, report = _train_on_pseudo(ctx, pl, val)
         reports.append({**report, "round": round_no + 1})
         log.info(
             "pseudo-labels round %d (%s): coverage %.3f accuracy %s",
@@ -216,22 +222,79 @@ def _pseudo_label_rounds(
     return head, reports
 
 
-def _train_on_pseudo(
-    ctx: LabelContext, pl: PseudoLabels, val: EmbeddedSet | None
+def head_from_output(
+    ctx: LabelContext,
+    out: LabelerOutput,
+    val: EmbeddedSet | None,
+    labels_only: FusionHead | None = None,
+    *,
+    labels: bool = True,
 ) -> tuple[FusionHead, dict[str, Any]]:
-    """Keep confident (and class-balanced) pseudo-labels, train a head on labels + them."""
+    """The head a labeler's output leads to, and its pseudo-label report.
+
+    A labeler that trained its own head gives it back; one that chose ``weights`` trains on
+    labels + its weighted pseudo-labels (none chosen: ``labels_only``, or a labels-only head);
+    otherwise ``finetune.threshold`` and ``balance`` select (:func:`_train_on_pseudo`).
+    ``labels=False`` trains on the pseudo-labels alone (the auto labeler's reverse check).
+    """
+    num_classes = len(ctx.class_names)
+    info = out.info or {}
+    if out.head is not None:
+        selected = out.selected if out.selected is not None else out.labels.labels != NO_LABEL
+        report = pseudo_label_report(out.labels, selected, ctx.pool.y, num_classes)
+        return out.head, {**report, **info}
+    if out.weights is None:
+        head, report = _train_on_pseudo(ctx, out.labels, val, labels=labels)
+        return head, {**report, **info}
+    weights = out.weights.float()
+    keep = (weights > 0) & (out.labels.labels != NO_LABEL)
+    report = {**pseudo_label_report(out.labels, keep, ctx.pool.y, num_classes), **info}
+    if keep.any():
+        report["mean_weight"] = float(weights[keep].mean())
+    if not keep.any() and labels:
+        if labels_only is None:
+            labels_only = train_head(
+                ctx.labeled, torch.ones(len(ctx.labeled)), num_classes, ctx.cfg, val
+            )
+        return labels_only, report
+    return _train_weighted(ctx, out.labels, keep, weights, val, labels), report
+
+
+def _train_weighted(
+    ctx: LabelContext,
+    pl: PseudoLabels,
+    keep: torch.Tensor,
+    weights: torch.Tensor,
+    val: EmbeddedSet | None,
+    labels: bool = True,
+) -> FusionHead:
+    idx = keep.nonzero().flatten()
+    chosen = ctx.pool.subset(idx)
+    chosen.y = pl.labels[idx]
+    labeled = ctx.labeled
+    if not labels:
+        return train_head(chosen, weights[idx], len(ctx.class_names), ctx.cfg, val)
+    train = concat_sets(labeled, chosen)
+    w = torch.cat([torch.ones(len(labeled)), weights[idx]])
+    return train_head(train, w, len(ctx.class_names), ctx.cfg, val)
+
+
+def _train_on_pseudo(
+    ctx: LabelContext, pl: PseudoLabels, val: EmbeddedSet | None, labels: bool = True
+) -> tuple[FusionHead, dict[str, Any]]:
+    """Keep confident pseudo-labels, class-balanced over the training set they join (labels +
+    pseudo-labels, :func:`balance_classes` with ``labeled_counts``); train a head on them."""
     cfg, pool, labeled = ctx.cfg, ctx.pool, ctx.labeled
     num_classes = len(ctx.class_names)
     keep = (pl.confidence >= cfg.threshold) & (pl.labels != NO_LABEL)
     if cfg.balance:
-        keep = balance_classes(pl, num_classes, ratio=cfg.balance_ratio, eligible=keep)
+        counts = torch.bincount(labeled.y[labeled.y >= 0], minlength=num_classes)
+        keep = balance_classes(
+            pl, num_classes, ratio=cfg.balance_ratio, eligible=keep, labeled_counts=counts
+        )
     report = pseudo_label_report(pl, keep, pool.y, num_classes)
-    idx = keep.nonzero().flatten()
-    chosen = pool.subset(idx)
-    chosen.y = pl.labels[idx]
-    train = concat_sets(labeled, chosen)
-    weights = torch.cat([torch.ones(len(labeled)), torch.full((len(chosen),), cfg.pseudo_weight)])
-    return train_head(train, weights, num_classes, cfg, val), report
+    weights = torch.full((len(pool),), cfg.pseudo_weight)
+    return _train_weighted(ctx, pl, keep, weights, val, labels), report
 
 
 __all__ = [
@@ -242,6 +305,7 @@ __all__ = [
     "evaluate_head",
     "few_label_split",
     "fused_embedding",
+    "head_from_output",
     "load_classifier",
     "new_head",
     "predict",

@@ -56,7 +56,8 @@ def zero_shot(
         raise UserInputError("zero_shot needs at least one modality's embeddings")
     present = present or {}
     text = class_text_embeddings.float()
-    total, count = None, None
+    total: Tensor | None = None
+    count: Tensor | None = None
     for name, x in embeddings.items():
         rows = _rows_present(name, x, present, text.shape[1])
         x = torch.where(
@@ -66,6 +67,8 @@ def zero_shot(
         contribution = torch.where(rows[:, None], probs, torch.zeros_like(probs))
         total = contribution if total is None else total + contribution
         count = rows.long() if count is None else count + rows.long()
+    if total is None or count is None:  # unreachable: embeddings is not empty (checked above)
+        raise UserInputError("zero_shot needs at least one modality's embeddings")
     labeled = count > 0
     probs = total / count.clamp(min=1)[:, None].to(total.dtype)
     uniform = torch.full_like(probs, 1.0 / probs.shape[1])
@@ -166,8 +169,8 @@ def knn_propagate(
     n_lab, total = labeled.shape[0], feats.shape[0]
     neighbours, sims = _knn(feats, min(k, total - 1))
     seeds = _seed_matrix(labels.cpu(), n_lab, total, num_classes)
-    scores = _propagate(neighbours, sims, seeds, alpha, iterations)[n_lab:]
-    scores = torch.from_numpy(np.clip(scores, 0.0, None)).float().to(unlabeled.device)
+    propagated = _propagate(neighbours, sims, seeds, alpha, iterations)[n_lab:]
+    scores = torch.from_numpy(np.clip(propagated, 0.0, None)).float().to(unlabeled.device)
     mass = scores.sum(dim=1, keepdim=True)
     reached = mass.squeeze(1) > 0
     uniform = torch.full_like(scores, 1.0 / num_classes)
@@ -228,12 +231,7 @@ def _seed_matrix(labels: Tensor, n_lab: int, total: int, num_classes: int) -> np
 def _propagate(
     neighbours: np.ndarray, sims: np.ndarray, seeds: np.ndarray, alpha: float, iterations: int
 ) -> np.ndarray:
-    total, k = neighbours.shape
-    rows = np.repeat(np.arange(total), k)
-    weights = np.clip(sims.reshape(-1).astype(np.float64), 0.0, None) ** _GAMMA
-    valid = neighbours.reshape(-1) >= 0  # FAISS pads with -1 when it finds fewer than k
-    rows, cols, weights = rows[valid], neighbours.reshape(-1)[valid], weights[valid]
-    affinity = _sparse_normalised(rows, cols, weights, total)
+    affinity = _affinity(neighbours, sims, neighbours.shape[0])
     scores = seeds.copy()
     for _ in range(iterations):
         scores = alpha * (affinity @ scores) + (1.0 - alpha) * seeds
@@ -276,6 +274,98 @@ class _TorchSparse:
         return torch.sparse.mm(self.matrix, torch.from_numpy(np.asarray(dense))).numpy()
 
 
+# --------------------------------------------------------------------------------------------
+# Label propagation (Zhou et al., NIPS 2004) with class-mass normalisation (Zhu et al. 2003)
+# --------------------------------------------------------------------------------------------
+
+
+def label_propagation(
+    unlabeled: Tensor,
+    labeled: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    k: int = 10,
+    alpha: float = 0.99,
+    iterations: int = 50,
+    class_mass: bool = True,
+    center: bool = True,
+) -> PseudoLabels:
+    """Zhou et al.'s closed form ``F = (I - alpha S)^-1 Y`` on a kNN graph, then class-mass
+    normalisation; labels every unlabeled row connected to a labeled one.
+
+    The graph is the one :func:`knn_propagate` builds (FAISS inner product on L2-normalised rows,
+    affinities ``max(s, 0) ** 3``, symmetric, ``S = D^-1/2 W D^-1/2``). The linear system is
+    solved by conjugate gradient (``iterations`` steps; ``I - alpha S`` is symmetric positive
+    definite), so even ``alpha`` near 1 converges, unlike ``iterations`` rounds of the
+    fixed-point map. Class-mass normalisation rescales each class column so the classes' total
+    scores over the unlabeled rows follow the labeled rows' class proportions, which stops one
+    dense class from swallowing the pool. ``probs`` are the row-normalised scores; confidence is
+    the largest of them (rank rows with it; it is not a calibrated probability). A row cut off
+    from every labeled row gets :data:`NO_LABEL`. ``center`` subtracts the mean of all rows
+    before L2-normalising (SimpleShot's CL2N), so a direction every embedding shares does not
+    make all rows look alike.
+    """
+    _check_propagation_args(unlabeled, labeled, labels, num_classes, k, alpha, iterations)
+    rows = torch.cat([labeled, unlabeled]).float()
+    if center:
+        rows = F.normalize(rows, dim=1)
+        rows = rows - rows.mean(dim=0, keepdim=True)
+    feats = F.normalize(rows, dim=1).cpu().numpy()
+    n_lab, total = labeled.shape[0], feats.shape[0]
+    neighbours, sims = _knn(feats, min(k, total - 1))
+    seeds = _seed_matrix(labels.cpu(), n_lab, total, num_classes)
+    affinity = _affinity(neighbours, sims, total)
+    scores = _conjugate_gradient(affinity, seeds, alpha, iterations)[n_lab:]
+    scores = np.clip(scores, 0.0, None)
+    if class_mass:
+        prior = np.bincount(labels.cpu().numpy(), minlength=num_classes).astype(np.float64)
+        mass = scores.sum(axis=0)
+        scale = np.where(mass > 0, prior / np.maximum(mass, 1e-300), 0.0)
+        scores = scores * scale[None, :]
+    out = torch.from_numpy(scores).float().to(unlabeled.device)
+    row_mass = out.sum(dim=1, keepdim=True)
+    reached = row_mass.squeeze(1) > 0
+    uniform = torch.full_like(out, 1.0 / num_classes)
+    probs = torch.where(reached[:, None], out / row_mass.clamp(min=1e-30), uniform)
+    return from_probs(probs, reached, probs.max(dim=1).values, "label_propagation")
+
+
+def _affinity(neighbours: np.ndarray, sims: np.ndarray, total: int) -> Any:
+    """``S = D^-1/2 W D^-1/2`` of the symmetrised kNN graph, ``W = max(s, 0) ** gamma``."""
+    k = neighbours.shape[1]
+    rows = np.repeat(np.arange(total), k)
+    weights = np.clip(sims.reshape(-1).astype(np.float64), 0.0, None) ** _GAMMA
+    valid = neighbours.reshape(-1) >= 0  # FAISS pads with -1 when it finds fewer than k
+    return _sparse_normalised(rows[valid], neighbours.reshape(-1)[valid], weights[valid], total)
+
+
+def _conjugate_gradient(
+    affinity: Any, rhs: np.ndarray, alpha: float, iterations: int
+) -> np.ndarray:
+    """Solve ``(I - alpha S) X = rhs`` column-wise by conjugate gradient (``iterations`` steps)."""
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        return v - alpha * np.asarray(affinity @ v)
+
+    x = np.zeros_like(rhs)
+    r = rhs.copy()
+    p = r.copy()
+    rs = (r * r).sum(axis=0)
+    for _ in range(iterations):
+        if float(rs.max(initial=0.0)) < 1e-20:
+            break
+        ap = apply(p)
+        denom = (p * ap).sum(axis=0)
+        step = np.where(denom > 0, rs / np.maximum(denom, 1e-300), 0.0)
+        x += step[None, :] * p
+        r -= step[None, :] * ap
+        rs_new = (r * r).sum(axis=0)
+        beta = np.where(rs > 0, rs_new / np.maximum(rs, 1e-300), 0.0)
+        p = r + beta[None, :] * p
+        rs = rs_new
+    return x
+
+
 def _entropy_confidence(probs: Tensor) -> Tensor:
     if probs.shape[1] == 1:
         return torch.ones(probs.shape[0], device=probs.device)
@@ -295,6 +385,7 @@ __all__ = [
     "balance_classes",
     "class_prompt_embeddings",
     "knn_propagate",
+    "label_propagation",
     "prompts_for",
     "pseudo_label_report",
     "self_training_loss",

@@ -18,13 +18,21 @@ def balance_classes(
     max_per_class: int | None = None,
     ratio: float | None = 1.0,
     eligible: Tensor | None = None,
+    labeled_counts: Tensor | None = None,
 ) -> Tensor:
     """Select the most confident rows of each class so no class dominates; returns ``(N,)`` bool.
 
-    Candidates are rows with a label (and ``eligible``, e.g. a threshold mask, when given). Each
-    class keeps at most ``min(max_per_class, floor(ratio * n_min))`` rows, where ``n_min`` is the
-    candidate count of the smallest non-empty class; a ``None`` limit is ignored. Ties in
-    confidence go to the lower row index.
+    Candidates are rows with a label (and ``eligible``, e.g. a threshold mask, when given).
+    Without ``labeled_counts``, each class keeps at most ``min(max_per_class, floor(ratio *
+    n_min))`` rows, where ``n_min`` is the candidate count of the smallest non-empty class; a
+    ``None`` limit is ignored.
+
+    With ``labeled_counts`` ``(C,)`` (the labeled rows per class the pseudo-labels will join),
+    balance is judged over that training set: class ``c`` ends with at most
+    ``cap = floor(ratio * min_c(labeled_c + candidates_c))`` rows in total (labeled plus pseudo),
+    so it keeps ``cap - labeled_c`` pseudo-labels (``max_per_class`` still limits pseudo-labels).
+    Four labels per class plus nineteen pseudo-labels of one class can therefore no longer
+    happen: with ``ratio`` 1.5 that class keeps two. Ties in confidence go to the lower row index.
     """
     if max_per_class is not None and max_per_class < 0:
         raise UserInputError(f"max_per_class must be >= 0, got {max_per_class}")
@@ -35,15 +43,62 @@ def balance_classes(
     if eligible is not None:
         candidates &= eligible.to(torch.bool)
     counts = torch.bincount(labels[candidates], minlength=num_classes)
-    cap = _class_cap(counts, max_per_class, ratio)
+    if labeled_counts is None:
+        caps = [_class_cap(counts, max_per_class, ratio)] * num_classes
+    else:
+        caps = _training_set_caps(counts, labeled_counts, num_classes, max_per_class, ratio)
     selected = torch.zeros_like(candidates)
     for c in range(num_classes):
         rows = torch.nonzero(candidates & (labels == c)).squeeze(1)
-        if rows.numel() == 0 or cap == 0:
+        if rows.numel() == 0 or caps[c] <= 0:
             continue
         order = torch.argsort(conf[rows], descending=True, stable=True)
-        selected[rows[order[:cap]]] = True
+        selected[rows[order[: caps[c]]]] = True
     return selected
+
+
+def _training_set_caps(
+    counts: Tensor,
+    labeled_counts: Tensor,
+    num_classes: int,
+    max_per_class: int | None,
+    ratio: float | None,
+) -> list[int]:
+    """Pseudo-labels each class may add so the training set (labels + them) stays balanced."""
+    lab = labeled_counts.to(torch.long).cpu()
+    if tuple(lab.shape) != (num_classes,) or bool((lab < 0).any()):
+        raise UserInputError(
+            f"labeled_counts must be {num_classes} non-negative counts, got {lab.tolist()}"
+        )
+    totals = lab + counts.cpu()
+    cap_total = int(totals.min())
+    if ratio is not None:
+        cap_total = max(int(lab.max()), math.floor(ratio * cap_total))
+    caps = [max(0, cap_total - int(lab[c])) for c in range(num_classes)]
+    if max_per_class is not None:
+        caps = [min(c, max_per_class) for c in caps]
+    return caps
+
+
+def soft_weights(confidence: Tensor, rows: Tensor) -> Tensor:
+    """SoftMatch-style weights (Chen et al. 2023) for pseudo-labels instead of a hard cut.
+
+    With ``mu`` and ``sigma^2`` the mean and variance of ``confidence`` over the selected
+    ``rows`` (bool mask), a row at or above ``mu`` weighs 1 and one below weighs
+    ``exp(-(c - mu)^2 / (2 sigma^2))``; unselected rows weigh 0. (SoftMatch tracks ``mu`` and
+    ``sigma`` with an EMA over batches; on cached embeddings the whole pool is one batch.)
+    """
+    rows = rows.to(torch.bool)
+    weights = torch.zeros_like(confidence, dtype=torch.float32)
+    if not rows.any():
+        return weights
+    conf = confidence.float()
+    chosen = conf[rows]
+    mu = chosen.mean()
+    var = chosen.var(unbiased=False).clamp(min=1e-12)
+    gauss = torch.exp(-((conf - mu) ** 2) / (2 * var))
+    w = torch.where(conf >= mu, torch.ones_like(conf), gauss)
+    return torch.where(rows, w, weights)
 
 
 def _class_cap(counts: Tensor, max_per_class: int | None, ratio: float | None) -> int:
@@ -105,4 +160,4 @@ def _selected_accuracy(labels: Tensor, chosen: Tensor, true_labels: Tensor | Non
     return float((labels[known] == true_labels[known]).float().mean())
 
 
-__all__ = ["balance_classes", "pseudo_label_report"]
+__all__ = ["balance_classes", "pseudo_label_report", "soft_weights"]

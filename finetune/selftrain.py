@@ -103,7 +103,7 @@ def fixmatch_train(
             view = strong_views[int(torch.randint(0, len(strong_views), (1,), generator=gen))]
             strong_present = modality_dropout(up, cfg.modality_dropout, gen)
             logits = h({m: v[ui] for m, v in view.items()}, strong_present)
-            unsup, _ = self_training_loss(logits, probs, threshold)
+            unsup = self_training_loss(logits, probs, threshold)[0]
             threshold.update(probs, ui)
             return sup + unlabeled_weight * unsup
 

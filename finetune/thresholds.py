@@ -11,11 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modalign.core.config_io import Range
 from modalign.core.errors import UserInputError
 from modalign.core.registry import NoOptions, Registry
 from modalign.finetune.labels import NO_LABEL
@@ -174,7 +176,8 @@ def self_training_loss(
     return loss, mask
 
 
-ThresholdFactory = Callable[[int, int, float, object], ConfidenceThreshold]
+# The last argument is an instance of the options dataclass the policy registered with.
+ThresholdFactory = Callable[[int, int, float, Any], ConfidenceThreshold]
 THRESHOLDS: Registry[ThresholdFactory] = Registry("threshold policy", "modalign.thresholds")
 
 
@@ -185,7 +188,7 @@ class FlexMatchOptions:
 
 @dataclass(frozen=True)
 class FreeMatchOptions:
-    ema: float = 0.999
+    ema: Annotated[float, Range(gt=0, lt=1)] = 0.999
 
 
 @THRESHOLDS.register("fixed", NoOptions)

@@ -9,10 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from modalign.config import load_config
-from modalign.core.artifact import atomic_write_text
+from modalign.core.artifact import LOCK_FILE, OutputKind, atomic_write_text, output_dir
 from modalign.report import classify_table, plot_loss, retrieval_table, table
 
 log = logging.getLogger(__name__)
+
+DEMO_KIND = OutputKind(
+    "modalign.demo",
+    "demo run",
+    (  # a demo folder written before lock files recorded kinds: its report or its model
+        ("report.json", None),
+        ("model/modalign.json", "modalign.model-bundle"),
+        ("model/checkpoints/step-*/state.json", "modalign.checkpoint"),
+    ),
+)
+"""``modalign demo``'s folder: corpus/, model/, classifier/, index/, benchmark/, reports."""
 
 
 def _demo_config(out: Path, steps: int | None) -> Any:
@@ -50,8 +61,15 @@ def run_demo(
     """Run the whole pipeline into ``out``; returns (JSON report, readable report).
 
     Re-running resumes: the corpus is reused and pretraining continues from its latest
-    checkpoint (``--fresh`` starts over).
+    checkpoint (``--fresh`` starts over). ``out`` is claimed for the whole run
+    (:func:`~modalign.core.artifact.output_dir`: a folder holding other files, or a demo already
+    running into it, is refused with exit 2).
     """
+    with output_dir(out, DEMO_KIND, "--out") as held:
+        return _run_demo(held, steps, fresh)
+
+
+def _run_demo(out: Path, steps: int | None, fresh: bool) -> tuple[dict[str, Any], str]:
     import shutil
 
     from modalign.data.demo_corpus import build_demo_corpus
@@ -59,9 +77,10 @@ def run_demo(
     from modalign.training import run_pretrain
 
     started = time.perf_counter()
-    out = Path(out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:  # everything but the lock this run holds
+        for child in out.iterdir():
+            if child.name != LOCK_FILE:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     corpus = out / "corpus"
     timings: dict[str, float] = {}
     t = time.perf_counter()

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from modalign.core.errors import ConfigError
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.distributed import convert_batchnorm
 from modalign.pretrain.engines import adopt_launch_engine, check_engine_options
+from modalign.pretrain.model import ContrastiveTask, MultimodalEncoder
 
 # train.precision -> Accelerate's mixed_precision name.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -90,7 +90,7 @@ def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
     return accelerator
 
 
-def compile_trunks(encoder: nn.Module, compilable: Mapping[str, bool]) -> list[str]:
+def compile_trunks(encoder: MultimodalEncoder, compilable: Mapping[str, bool]) -> list[str]:
     """``torch.compile`` in place each trunk whose tower declared itself compilable.
 
     ``Module.compile`` keeps state-dict keys, so checkpoints and bundles stay interchangeable
@@ -104,7 +104,7 @@ def compile_trunks(encoder: nn.Module, compilable: Mapping[str, bool]) -> list[s
     return done
 
 
-def sync_batchnorm(task: nn.Module, device: torch.device) -> None:
+def sync_batchnorm(task: ContrastiveTask, device: torch.device) -> None:
     """Global batch statistics across processes, so N x B equals 1 x N*B."""
     if device.type == "cuda":
         from timm.layers import convert_sync_batchnorm

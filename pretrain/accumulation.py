@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,12 +45,12 @@ def cached_accumulation_step(
         rng_restore(state)
         with accelerator.autocast():
             f = core(b, features_only=True)
-        used = [m for m in mods if cached[m].grad is not None]  # pairs with no rows: no grad
-        if used:
+        grads = {m: g for m in mods if (g := cached[m].grad) is not None}  # no rows: no grad
+        if grads:
             surrogate = sum(
-                (f[m] * cached[m].grad[offset : offset + n].to(f[m].dtype)).sum() for m in used
+                (f[m] * g[offset : offset + n].to(f[m].dtype)).sum() for m, g in grads.items()
             )
-            surrogate.backward()
+            cast(torch.Tensor, surrogate).backward()  # a sum of >= 1 tensors is a tensor
         offset += n
     average_gradients(core)
     return loss

@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Literal
 
+from modalign.core.config_io import (
+    AT_LEAST_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    check_ranges,
+)
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
-
-
-@dataclass
-class TowerConfig:
-    """One modality's tower. ``kind`` names a registered tower builder (see ``towers.py``);
-    ``options`` are that kind's own typed options (checked against its options dataclass)."""
-
-    kind: str = "timm_image"
-    arch: str = "resnet18"  # timm model name, or sentence-transformers path ("" = bundled MiniLM)
-    weights: str = ""  # local weights file (.safetensors or timm/torch checkpoint); "" = scratch
-    lock: Literal["none", "all", "partial"] = "none"  # "partial": LiT-style, last groups train
-    unlocked_groups: int = 0
-    input_size: int = 0  # image side in pixels; 0 = the tower's pretrained config (timm: 224)
-    in_chans: int = 0  # image tower input channels; 0 = data.image.channels
-    drop_rate: float = 0.0
-    head: Literal["linear", "mlp"] = "linear"
-    grad_checkpointing: bool = False
-    cache_items: int = 100_000  # frozen (lock: all) towers: cached outputs kept; 0 = no cache
-    options: dict[str, Any] = field(default_factory=dict)  # the kind's own options
-
-    def __post_init__(self) -> None:
-        from modalign.pretrain.towers import TOWERS
-
-        _require("lock", self.lock, self.lock in ("none", "all", "partial"), "none|all|partial")
-        if self.kind in TOWERS:  # plugins passed as tower_builders= check their own options
-            TOWERS.options(self.kind, self.options, f"model.towers({self.kind}).options")
+from modalign.pretrain.losses import LossConfig
+from modalign.pretrain.tower_api import TowerConfig
 
 
 def _default_towers() -> dict[str, TowerConfig]:
@@ -47,7 +31,7 @@ def _default_towers() -> dict[str, TowerConfig]:
 @dataclass
 class ModelConfig:
     modalities: list[str] = field(default_factory=lambda: ["image", "audio", "text"])
-    embed_dim: int = 256
+    embed_dim: Annotated[int, AT_LEAST_1] = 256
     towers: dict[str, TowerConfig] = field(default_factory=_default_towers)
 
     def __post_init__(self) -> None:
@@ -59,30 +43,6 @@ class ModelConfig:
             )
 
 
-@dataclass
-class LossConfig:
-    """``kind``: a registered contrastive loss (``modalign.pretrain.losses.LOSSES``: infonce,
-    siglip, plugins), its own options in ``options``; ``pairs``: a registered pair policy
-    (``PAIR_POLICIES``: all, anchor). Names and options are checked when the config is built."""
-
-    kind: str = "infonce"
-    pairs: str = "all"  # "anchor": bind every modality to `anchor` (ImageBind)
-    anchor: str = "image"
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    learn_temperature: bool = True
-    siglip_init_scale: float = 10.0
-    siglip_init_bias: float = -10.0
-    options: dict[str, Any] = field(default_factory=dict)  # the loss kind's own options
-
-    def __post_init__(self) -> None:
-        from modalign.pretrain.losses import LOSSES, PAIR_POLICIES
-
-        LOSSES.get(self.kind, "loss.kind")
-        LOSSES.options(self.kind, self.options, "loss.options")
-        PAIR_POLICIES.get(self.pairs, "loss.pairs")
-
-
 def _require(key: str, value: object, ok: bool, want: str) -> None:
     """Raise (exit 2) naming ``key`` unless ``ok``; checked when the config is loaded."""
     if not ok:
@@ -91,46 +51,51 @@ def _require(key: str, value: object, ok: bool, want: str) -> None:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 100
+    lr: Annotated[float, POSITIVE] = 5e-4
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.1
+    betas: list[Annotated[float, Range(ge=0, lt=1)]] = field(default_factory=lambda: [0.9, 0.98])
+    eps: Annotated[float, POSITIVE] = 1e-6
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 100
     schedule: Literal["cosine", "constant"] = "cosine"
-    decay_steps: int = 0  # cosine horizon in steps (independent of train.steps); 0 = no decay
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    decay_steps: Annotated[int, Range(ge=0, note="0 = no decay")] = (
+        0  # cosine horizon in steps (independent of train.steps); 0 = no decay
+    )
+    min_lr_ratio: Annotated[float, FRACTION] = 0.0
+    grad_clip: Annotated[float, Range(ge=0, note="0 = off")] = 1.0  # max global grad norm; 0 = off
     # One fused AdamW kernel over all parameters (CPU and CUDA; same update as the per-parameter
     # loop up to float rounding, ~5x faster step on CPU). false = PyTorch's per-parameter loop.
     fused: bool = True
+    # Layer-wise lr decay for trainable trunks (BEiT/ELECTRA style): the trunk's last layer group
+    # (timm's coarse groups, transformer layers) learns at lr * layer_decay, each earlier group
+    # at one more factor of it; projection heads and temperatures at lr. 1.0 = off.
+    layer_decay: Annotated[float, Range(gt=0, le=1, note="1 = off")] = 1.0
 
     def __post_init__(self) -> None:
-        _require("optim.lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a number > 0")
-        _require("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
-        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        check_ranges(self, "optim")  # ranges are declared on the fields
+        ok = len(self.betas) == 2
         _require("optim.betas", self.betas, ok, "two numbers in [0, 1), e.g. [0.9, 0.98]")
-        _require("optim.eps", self.eps, self.eps > 0, "> 0")
-        _require("optim.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
-        _require("optim.decay_steps", self.decay_steps, self.decay_steps >= 0, ">= 0 (0 = none)")
-        ok = 0 <= self.min_lr_ratio <= 1
-        _require("optim.min_lr_ratio", self.min_lr_ratio, ok, "in [0, 1]")
-        _require("optim.grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0 = off)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # per process (as in open_clip and Accelerate)
-    accum_steps: int = 1  # exact large-batch contrastive gradient over accum_steps micro-batches
-    seed: int = 0
+    steps: Annotated[int, AT_LEAST_1] = 1000
+    batch_size: Annotated[int, AT_LEAST_1] = 64  # per process (as in open_clip and Accelerate)
+    accum_steps: Annotated[int, AT_LEAST_1] = (
+        1  # exact large-batch contrastive gradient over accum_steps micro-batches
+    )
+    seed: Annotated[int, SEED] = 0
     # auto: the user's Accelerate config (`accelerate config` / launch --mixed_precision), else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    val_every: int = 0  # steps between validation retrieval runs (needs data.val); 0 = off
-    threads: int = 0  # torch intra-op threads; 0 = torch default
+    checkpoint_every: Annotated[int, Range(ge=0, note="0 = off")] = 500
+    keep_checkpoints: Annotated[int, Range(ge=0, note="0 = keep all")] = 2
+    log_every: Annotated[int, AT_LEAST_1] = 10
+    val_every: Annotated[int, Range(ge=0, note="0 = off")] = (
+        0  # steps between validation retrieval runs (needs data.val); 0 = off
+    )
+    threads: Annotated[int, Range(ge=0, note="0 = torch default")] = (
+        0  # torch intra-op threads; 0 = torch default
+    )
     # torch.compile each tensor-input trunk (towers declare ``compilable``). Off by default: on a
     # 2-core CPU, compiling resnet18 (64 px, batch 64) took 21-175 s and its fwd+bwd step was
     # no faster than eager (1.62 s vs 1.39 s CPU, 1 thread); worth measuring for long GPU runs.
@@ -144,14 +109,21 @@ class TrainConfig:
     tensorboard: bool = False  # alias of report_to: [tensorboard]
     # Accelerate trackers (tensorboard, wandb, mlflow, ...; each must be installed)
     report_to: list[str] = field(default_factory=list)
+    # Model selection (modalign.pretrain.best): a QUERY->GALLERY/METRIC validation figure, e.g.
+    # text->image/recall@5; the bundle keeps the weights of its best validation ("" = last step)
+    keep_best: str = ""
+    # stop after this many validations in a row without a better keep_best figure; 0 = off
+    early_stop: Annotated[int, Range(ge=0, note="0 = off")] = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "accum_steps", "log_every"):
-            value = getattr(self, key)
-            _require(f"train.{key}", value, value >= 1, "an integer >= 1")
-        for key in ("checkpoint_every", "keep_checkpoints", "val_every", "threads"):
-            value = getattr(self, key)
-            _require(f"train.{key}", value, value >= 0, "an integer >= 0 (0 = off/default)")
+        # ranges are declared on the fields; checked here too for configs built in Python
+        check_ranges(self, "train")
+        if self.keep_best:
+            from modalign.pretrain.best import parse_metric
+
+            parse_metric(self.keep_best)
+        ok = self.early_stop == 0 or bool(self.keep_best)
+        _require("train.early_stop", self.early_stop, ok, "0 unless train.keep_best names a figure")
 
 
 @dataclass
@@ -167,3 +139,12 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        mods = list(self.model.modalities)
+        if len(set(mods)) < 2 or len(set(mods)) != len(mods):
+            raise ConfigError(
+                f"model.modalities={mods!r}: contrastive pretraining aligns two or more distinct "
+                "modalities (one modality has nothing to be aligned with); list at least two, "
+                "e.g. --set model.modalities=[image,audio]"
+            )

@@ -12,6 +12,8 @@ mismatched shapes.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 
@@ -49,13 +51,13 @@ def _all_gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         ctx.lo = rank_offset(sizes)
         ctx.hi = ctx.lo + x.shape[0]
         return _all_gather_padded(x, sizes)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         # Every process used all rows; a row's gradient is the sum over processes. all_reduce
         # works on every backend (gloo has no reduce_scatter).
         grad = grad.contiguous().clone()
@@ -112,13 +114,13 @@ def all_reduce_min(value: int, device: torch.device | str = "cpu") -> int:
 
 class _AllReduceSumWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         # y = sum_p x_p is used by every process's loss, so dL/dx_r = sum_p dL_p/dy.
         grad = grad.clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
@@ -167,6 +169,12 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _update_running_stats(
         self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
     ) -> None:
+        if (
+            self.num_batches_tracked is None
+            or self.running_mean is None
+            or self.running_var is None
+        ):
+            raise RuntimeError("GlobalBatchNorm: running statistics need track_running_stats=True")
         self.num_batches_tracked += 1
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         unbiased = var * count / (count - 1).clamp(min=1)  # nn.BatchNorm stores unbiased var
@@ -176,9 +184,9 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         # timm BatchNormAct2d: normalise, then drop, then act (same order as its forward).
         if hasattr(self, "drop"):
-            y = self.drop(y)
+            y = cast(torch.nn.Module, self.drop)(y)
         if hasattr(self, "act"):
-            y = self.act(y)
+            y = cast(torch.nn.Module, self.act)(y)
         return y
 
 

@@ -24,7 +24,7 @@ def next_micro_batches(
     accum_steps: int,
     device: torch.device,
     bad: BadItemLog,
-    source: str,
+    source: str | Mapping[str, float],  # data.train: SRC or a {SRC: weight} mix
 ) -> list[Batch]:
     """The next ``accum_steps`` micro-batches, on the device, every modality filled in.
 

@@ -23,20 +23,43 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.core.config_io import POSITIVE, Range
 from modalign.core.registry import NoOptions, Registry
-from modalign.pretrain.config import LossConfig
 from modalign.pretrain.distributed import (
     all_sizes,
     gather_no_grad,
     gather_with_grad,
     rank_offset,
 )
+
+
+@dataclass
+class LossConfig:
+    """``kind``: a registered contrastive loss (``modalign.pretrain.losses.LOSSES``: infonce,
+    siglip, plugins), its own options in ``options``; ``pairs``: a registered pair policy
+    (``PAIR_POLICIES``: all, anchor). Names and options are checked when the config is built."""
+
+    kind: str = "infonce"
+    pairs: str = "all"  # "anchor": bind every modality to `anchor` (ImageBind)
+    anchor: str = "image"
+    init_temperature: Annotated[float, POSITIVE] = 0.07
+    max_logit_scale: Annotated[float, POSITIVE] = 100.0
+    learn_temperature: bool = True
+    siglip_init_scale: Annotated[float, POSITIVE] = 10.0
+    siglip_init_bias: Annotated[float, Range()] = -10.0
+    options: dict[str, Any] = field(default_factory=dict)  # the loss kind's own options
+
+    def __post_init__(self) -> None:
+        LOSSES.get(self.kind, "loss.kind")
+        LOSSES.options(self.kind, self.options, "loss.options")
+        PAIR_POLICIES.get(self.pairs, "loss.pairs")
+
 
 PairPolicy = Callable[[Sequence[str], str], list[tuple[str, str]]]
 PAIR_POLICIES: Registry[PairPolicy] = Registry("pair policy", "modalign.pair_policies")

@@ -51,6 +51,9 @@ class MultimodalEncoder(nn.Module):
         self.traits: dict[str, TowerTraits] = dict(traits or {})
         self.preprocessors = nn.ModuleDict({m: p.preprocessor for m, p in parts.items()})
         self.trunks = nn.ModuleDict({m: p.trunk for m, p in parts.items()})
+        # Each trunk's ordered layer groups as its tower declares them (callables over the
+        # trunks' own parameters, not modules): what ``optim.layer_decay`` scales.
+        self._layer_groups = {m: p.groups for m, p in parts.items()}
         self.heads = nn.ModuleDict(
             {
                 m: projection_head(p.out_dim, embed_dim, head_kinds.get(m, "linear"))
@@ -61,6 +64,10 @@ class MultimodalEncoder(nn.Module):
     @property
     def modalities(self) -> list[str]:
         return list(self.trunks.keys())
+
+    def layer_groups(self, modality: str) -> list[list[nn.Parameter]]:
+        """``modality``'s trunk parameters in ordered groups (first = closest to the input)."""
+        return self._layer_groups[modality]()
 
     def train(self, mode: bool = True) -> MultimodalEncoder:
         super().train(mode)

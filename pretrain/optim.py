@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from modalign.core.errors import ConfigError
 from modalign.pretrain.config import OptimConfig
+from modalign.pretrain.model import ContrastiveTask, MultimodalEncoder
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,12 +33,66 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def layer_lr_scales(encoder: MultimodalEncoder, decay: float) -> dict[int, float]:
+    """``id(parameter) -> lr multiplier`` for layer-wise decay over every trainable trunk.
+
+    A trunk of ``N`` layer groups (:meth:`MultimodalEncoder.layer_groups`, input first) gets
+    ``decay ** (N - i)`` on group ``i``: its last group learns at ``lr * decay`` and its first
+    at ``lr * decay ** N``; a trunk parameter outside every group is treated as part of the
+    first one. Parameters not listed (projection heads, temperatures) keep multiplier 1.
+    """
+    scales: dict[int, float] = {}
+    for m in encoder.modalities:
+        trunk = encoder.trunks[m]
+        if not any(p.requires_grad for p in trunk.parameters()):
+            continue
+        groups = encoder.layer_groups(m)
+        n = len(groups)
+        for p in trunk.parameters():
+            scales[id(p)] = decay**n
+        for i, group in enumerate(groups):
+            for p in group:
+                scales[id(p)] = decay ** (n - i)
+    return scales
+
+
+def _encoder_of(model: nn.Module) -> MultimodalEncoder:
+    if isinstance(model, MultimodalEncoder):
+        return model
+    if isinstance(model, ContrastiveTask):
+        return model.encoder
+    raise ConfigError(
+        f"optim.layer_decay needs a modalign encoder or contrastive task, got "
+        f"{type(model).__name__}; set optim.layer_decay=1"
+    )
+
+
+def layered_param_groups(model: nn.Module, weight_decay: float, decay: float) -> list[dict]:
+    """:func:`param_groups` split further by layer-wise lr multiplier (``lr_scale`` per group,
+    applied to ``lr``); ``decay == 1`` gives exactly :func:`param_groups`."""
+    if decay == 1.0:
+        return param_groups(model, weight_decay)
+    scales = layer_lr_scales(_encoder_of(model), decay)
+    out: list[dict] = []
+    for base in param_groups(model, weight_decay):
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for p in base["params"]:
+            by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+        for scale in sorted(by_scale, reverse=True):
+            out.append({**base, "params": by_scale[scale], "lr_scale": scale})
+    return out
+
+
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`; ``optim.fused`` picks PyTorch's fused kernel."""
+    """AdamW over :func:`layered_param_groups`; ``optim.fused`` picks PyTorch's fused kernel."""
+    groups = layered_param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for g in groups:
+        if "lr_scale" in g:
+            g["lr"] = cfg.lr * g["lr_scale"]
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
-        betas=tuple(cfg.betas),
+        betas=(cfg.betas[0], cfg.betas[1]),  # OptimConfig checks: two numbers
         eps=cfg.eps,
         fused=cfg.fused or None,
     )

@@ -13,7 +13,7 @@ restores it on exit:
   from an empty state (as in a fresh process, so it may pick its own precision and device), and
   the caller's state is put back afterwards. ``PartialState`` (process group, device) is kept:
   it describes the launch, not the run;
-* float32 matmul precision and the TF32 flags;
+* float32 matmul precision and the TF32 flags; whether oneDNN (``torch.backends.mkldnn``) is on;
 * environment variables (libraries set e.g. ``KMP_INIT_AT_FORK`` or ``HF_HUB_OFFLINE``).
 """
 
@@ -51,6 +51,7 @@ class ProcessState:
     autocast_cache: bool
     matmul: tuple[str, bool, bool]  # float32 matmul precision, cuda matmul / cudnn allow_tf32
     environ: dict[str, str]
+    mkldnn: bool = True
 
     @classmethod
     def capture(cls) -> ProcessState:
@@ -76,6 +77,7 @@ class ProcessState:
                 torch.backends.cudnn.allow_tf32,
             ),
             environ=dict(os.environ),
+            mkldnn=torch.backends.mkldnn.enabled,  # type: ignore[arg-type]  # a bool (ContextProp)
         )
 
     def restore(self) -> None:
@@ -105,11 +107,14 @@ class ProcessState:
             torch.backends.cuda.matmul.allow_tf32 = self.matmul[1]
             torch.backends.cudnn.allow_tf32 = self.matmul[2]
         _restore_environ(self.environ)
+        if torch.backends.mkldnn.enabled != self.mkldnn:
+            torch.backends.mkldnn.enabled = self.mkldnn  # type: ignore[assignment]  # torch types the flag as its ContextProp; it is a bool
 
     def differences(self, other: ProcessState) -> list[str]:
         """Names of the settings that differ from ``other`` (for tests and diagnostics)."""
         out = []
-        for name in ("threads", "default_dtype", "grad", "deterministic", "autocast", "matmul"):
+        for name in ("threads", "default_dtype", "grad", "deterministic", "autocast", "matmul",
+                     "mkldnn"):  # fmt: skip
             if getattr(self, name) != getattr(other, name):
                 out.append(name)
         if self.autocast_cache != other.autocast_cache:

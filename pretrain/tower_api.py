@@ -12,14 +12,51 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from torch import nn
 
 from modalign.core.artifact import sha256_file
+from modalign.core.config_io import NON_NEGATIVE, Range
+from modalign.core.errors import ConfigError
+from modalign.core.registry import Registry
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
-from modalign.pretrain.config import TowerConfig
+
+
+@dataclass
+class TowerConfig:
+    """One modality's tower. ``kind`` names a registered tower builder (see ``towers.py``);
+    ``options`` are that kind's own typed options (checked against its options dataclass)."""
+
+    kind: str = "timm_image"
+    arch: str = "resnet18"  # timm model name, or sentence-transformers path ("" = bundled MiniLM)
+    weights: str = ""  # local weights file (.safetensors or timm/torch checkpoint); "" = scratch
+    lock: Literal["none", "all", "partial"] = "none"  # "partial": LiT-style, last groups train
+    unlocked_groups: Annotated[int, NON_NEGATIVE] = 0
+    input_size: Annotated[int, Range(ge=0, note="0 = the tower's own")] = (
+        0  # image side in pixels; 0 = the tower's pretrained config (timm: 224)
+    )
+    in_chans: Annotated[int, Range(ge=0, note="0 = data.image.channels")] = (
+        0  # image tower input channels; 0 = data.image.channels
+    )
+    drop_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    head: Literal["linear", "mlp"] = "linear"
+    grad_checkpointing: bool = False
+    cache_items: Annotated[int, Range(ge=0, note="0 = no cache")] = (
+        100_000  # frozen (lock: all) towers: cached outputs kept; 0 = no cache
+    )
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's own options
+
+    def __post_init__(self) -> None:
+        if self.lock not in ("none", "all", "partial"):
+            raise ConfigError(
+                f"lock={self.lock!r} is not valid: must be none|all|partial "
+                "(--set model.towers.<m>.lock=...)"
+            )
+        if self.kind in TOWERS:  # plugins passed as tower_builders= check their own options
+            TOWERS.options(self.kind, self.options, f"model.towers({self.kind}).options")
+
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -131,3 +168,6 @@ class TowerTraits:
 
 
 TowerBuilder = Callable[[TowerConfig, DataConfig], TowerParts]
+
+TOWERS: Registry[TowerBuilder] = Registry("tower kind", "modalign.towers")
+"""Tower kinds: the built-ins (registered by :mod:`modalign.pretrain.towers`) and plugins."""

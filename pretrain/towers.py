@@ -16,12 +16,12 @@ from collections.abc import Mapping
 from torch import nn
 
 from modalign.core.errors import ConfigError
-from modalign.core.registry import Registry
 from modalign.data.config import DataConfig
-from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.tower_api import (
+    TOWERS,
     ExternalWeights,
     TowerBuilder,
+    TowerConfig,
     TowerParts,
     TowerTraits,
     external_weights,
@@ -41,7 +41,6 @@ from modalign.pretrain.towers_timm import (
     timm_layer_groups,
 )
 
-TOWERS: Registry[TowerBuilder] = Registry("tower kind", "modalign.towers")
 TOWERS.add("timm_image", build_timm_image, TimmOptions)
 TOWERS.add("timm_audio", build_timm_audio, TimmOptions)
 TOWERS.add("sentence_transformer", build_sentence_transformer)

@@ -16,7 +16,7 @@ import hashlib
 import torch
 from torch import nn
 
-from modalign.pretrain.config import TowerConfig
+from modalign.pretrain.tower_api import TowerConfig
 
 
 def _row_key(row: torch.Tensor) -> bytes:

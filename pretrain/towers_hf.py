@@ -15,18 +15,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import gcd
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from modalign.core.config_io import from_dict
+from modalign.core.config_io import AT_LEAST_1, from_dict
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
-from modalign.pretrain.config import TowerConfig
-from modalign.pretrain.tower_api import TowerParts, external_weights
+from modalign.pretrain.tower_api import TowerConfig, TowerParts, external_weights
 from modalign.pretrain.towers_cache import maybe_cached
 from modalign.pretrain.towers_load import local_path
 from modalign.pretrain.towers_strings import StringTrunk, device_of
@@ -41,7 +40,7 @@ class HFOptions:
     """``model.towers.<m>.options`` of the ``hf_*`` kinds (``arch`` is the model directory)."""
 
     pooling: str = ""  # cls | mean | masked_mean | pooler; "" = kind default
-    max_length: int = 128  # hf_text: tokenizer truncation length
+    max_length: Annotated[int, AT_LEAST_1] = 128  # hf_text: tokenizer truncation length
 
 
 def hf_options(cfg: TowerConfig, default_pooling: str) -> HFOptions:
@@ -105,7 +104,8 @@ def pool(out: Any, pooling: str, mask: torch.Tensor | None = None) -> torch.Tens
 
 def out_width(model: nn.Module) -> int:
     """Hidden size declared by the model's config."""
-    return int(model.config.hidden_size)
+    config: Any = model.config  # a transformers PretrainedConfig
+    return int(config.hidden_size)
 
 
 class HFVisionTrunk(nn.Module):

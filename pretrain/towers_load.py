@@ -55,7 +55,7 @@ def read_state_dict(path: str | Path, key: str = "weights") -> dict[str, torch.T
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(p))
+            state: object = load_file(str(p))  # torch.load below: anything
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a checkpoint: name the file

@@ -25,8 +25,7 @@ from modalign.core.config_io import from_dict
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
-from modalign.pretrain.config import TowerConfig
-from modalign.pretrain.tower_api import ExternalWeights, TowerParts, external_weights
+from modalign.pretrain.tower_api import ExternalWeights, TowerConfig, TowerParts, external_weights
 from modalign.pretrain.towers_cache import maybe_cached
 from modalign.pretrain.towers_hf import indexed_layer_groups
 from modalign.pretrain.towers_load import check_keys, local_path, read_state_dict
@@ -61,8 +60,11 @@ def model_name(arch: str, key: str) -> str:
     return arch
 
 
-def load_open_clip(cfg: TowerConfig) -> tuple[nn.Module, Any, str]:
-    """(model, eval preprocess, model name) with the checkpoint loaded strictly."""
+def load_open_clip(cfg: TowerConfig) -> tuple[Any, Any, str]:
+    """(model, eval preprocess, model name) with the checkpoint loaded strictly.
+
+    The model is an ``open_clip.CLIP`` (an ``nn.Module``; open_clip ships no type information).
+    """
     import open_clip
 
     key = f"model.towers({cfg.kind})"
@@ -117,7 +119,7 @@ class OpenClipImageTrunk(nn.Module):
 class OpenClipTextTrunk(StringTrunk):
     """list[str] -> open_clip tokenizer -> ``encode_text`` (cached per string while frozen)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, cache_items: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, cache_items: int) -> None:  # open_clip.CLIP
         super().__init__(cache_items)
         model.visual = None  # the text half only: image weights are not part of this tower
         self.clip, self.tokenizer = model, tokenizer

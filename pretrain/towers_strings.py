@@ -9,7 +9,15 @@ from torch import nn
 
 
 class StringTrunk(nn.Module):
-    """list[str] -> embeddings; while frozen, outputs are cached per string (pure function)."""
+    """list[str] -> embeddings; while frozen, outputs are cached per string (pure function).
+
+    A string missing from the cache is embedded *alone*: embedded among others it is padded to
+    the longest of them and goes through differently shaped matrix products, which changes its
+    last bits with the company it first came in. Alone, its cached output is the same whether it
+    was first seen in epoch 1 of a straight run or right after a resume (empty cache) or a cache
+    clear, so resuming stays bit-exact (issue 21 item 3). Each distinct string costs one small
+    forward pass per process, once.
+    """
 
     def __init__(self, cache_items: int = 200_000) -> None:
         super().__init__()
@@ -29,8 +37,8 @@ class StringTrunk(nn.Module):
             return self.embed(texts)
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if missing:
-            with torch.no_grad():
-                emb = self.embed(missing).detach()
+            with torch.no_grad():  # one at a time: see the class docstring
+                emb = torch.cat([self.embed([t]).detach() for t in missing])
             if len(self._cache) + len(missing) > self.cache_items:
                 self._cache.clear()
             self._cache.update(zip(missing, emb))

@@ -11,8 +11,12 @@ from torch import nn
 
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
-from modalign.pretrain.config import TowerConfig
-from modalign.pretrain.tower_api import TowerParts, external_weights, numbered_layer_groups
+from modalign.pretrain.tower_api import (
+    TowerConfig,
+    TowerParts,
+    external_weights,
+    numbered_layer_groups,
+)
 from modalign.pretrain.towers_load import local_path
 from modalign.pretrain.towers_strings import StringTrunk
 
@@ -57,6 +61,7 @@ class SentenceTransformerTrunk(StringTrunk):
     def __init__(self, path: str, cache_size: int = 200_000) -> None:
         super().__init__(cache_items=cache_size)
         local_path(path, "model.towers(sentence_transformer).arch", "sentence-transformers dir")
+        self._path = path
         with hub_offline():  # never reach for a hub: weights come from a local path only
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
@@ -68,7 +73,13 @@ class SentenceTransformerTrunk(StringTrunk):
 
     @property
     def out_dim(self) -> int:
-        return int(self.st.get_embedding_dimension())
+        dim = self.st.get_embedding_dimension()
+        if dim is None:
+            raise ConfigError(
+                f"model.towers(sentence_transformer).arch={self._path!r}: the model declares no "
+                "embedding dimension; give a sentence-transformers model dir with a pooling layer"
+            )
+        return int(dim)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         device = next(self.st.parameters()).device

@@ -13,21 +13,37 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Protocol, cast
 
 import torch
 from torch import nn
 
+from modalign.core.config_io import POSITIVE, Range
 from modalign.core.errors import ConfigError
 from modalign.data.audio import LogMel, SpecAugment
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
-from modalign.pretrain.config import TowerConfig
-from modalign.pretrain.tower_api import TowerParts, external_weights
+from modalign.pretrain.tower_api import TowerConfig, TowerParts, external_weights
 from modalign.pretrain.towers_cache import CachedTrunk, maybe_cached
 from modalign.pretrain.towers_load import check_keys, load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
+
+
+class _TimmModel(Protocol):
+    """What modalign uses of a timm model beyond ``nn.Module`` (timm types models as that)."""
+
+    pretrained_cfg: dict[str, Any] | None
+    num_features: int
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]: ...
+
+
+def _timm(model: nn.Module) -> _TimmModel:
+    """``model`` (made by ``timm.create_model``) seen through its timm attributes."""
+    return cast(_TimmModel, model)
 
 
 @dataclass(frozen=True)
@@ -45,11 +61,11 @@ class TimmOptions:
                    state-dict keys and values; false keeps PyTorch's default layout.
     """
 
-    img_size: int = 0
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
+    img_size: Annotated[int, Range(ge=0, note="0 = not passed")] = 0
+    mean: list[Annotated[float, Range()]] = field(default_factory=list)
+    std: list[Annotated[float, POSITIVE]] = field(default_factory=list)
     interpolation: str = ""
-    crop_pct: float = 0.0
+    crop_pct: Annotated[float, Range(ge=0, le=1, note="0 = timm's")] = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
 
@@ -85,7 +101,7 @@ def _pretrained_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict[str, A
     import timm
 
     probe = timm.create_model(arch, pretrained=False)
-    dc = dict(probe.pretrained_cfg or {})
+    dc = dict(_timm(probe).pretrained_cfg or {})
     overlay: dict[str, Any] = {"state_dict": state, "file": None, "url": "", "hf_hub_id": None}
     conv = f"{dc.get('first_conv', '')}.weight"
     size = tuple(dc.get("input_size") or (3, 224, 224))
@@ -123,10 +139,10 @@ def timm_trunk(cfg: TowerConfig, in_chans: int, key: str = "model.towers.weights
             check_keys(own.state_dict(), state, cfg.weights, key)
             raise ConfigError(f"{key}: weights file {cfg.weights!r}: {exc}") from None
         if pk["num_classes"]:
-            trunk.reset_classifier(0)
+            _timm(trunk).reset_classifier(0)
         log.info("loaded %s through timm's pretrained path (%s)", cfg.weights, cfg.arch)
     if cfg.grad_checkpointing:
-        trunk.set_grad_checkpointing(True)
+        _timm(trunk).set_grad_checkpointing(True)
     if opts.channels_last:
         use_channels_last(trunk)
     return trunk
@@ -150,7 +166,7 @@ def timm_layer_groups(trunk: nn.Module) -> list[list[nn.Parameter]]:
     """timm's coarse layer groups (stem, stages..., head), in input-to-output order."""
     from timm.models import group_parameters
 
-    names = group_parameters(trunk, trunk.group_matcher(coarse=True))
+    names = group_parameters(trunk, _timm(trunk).group_matcher(coarse=True))
     params = dict(trunk.named_parameters())
     return [[params[n] for n in group] for group in names.values()]
 
@@ -163,7 +179,7 @@ def load_local_weights(module: nn.Module, path: str) -> None:
 def timm_preset(trunk: nn.Module, cfg: TowerConfig) -> ImagePreset:
     """timm's pretrained data config as the tower's input preset (config/options override)."""
     opts = _options(cfg)
-    dc = dict(trunk.pretrained_cfg or {})
+    dc = dict(_timm(trunk).pretrained_cfg or {})
     size = cfg.input_size or int((dc.get("input_size") or (3, 224, 224))[-1])
     crop = opts.crop_pct or (1.0 if size < 64 else float(dc.get("crop_pct", 0.875)))
     return ImagePreset(
@@ -193,7 +209,7 @@ def build_timm_image(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     return TowerParts(
         nn.Identity(),
         wrapped,
-        trunk.num_features,
+        _timm(trunk).num_features,
         input_preset=timm_preset(trunk, cfg),
         external=external_weights(cfg.weights) if cfg.weights else None,
         cache_outputs=cfg.lock == "all",
@@ -226,7 +242,7 @@ def build_timm_audio(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     return TowerParts(
         AudioFrontEnd(data_cfg),
         wrapped,  # hits only without SpecAugment (data.audio.spec_augment)
-        trunk.num_features,
+        _timm(trunk).num_features,
         external=external_weights(cfg.weights) if cfg.weights else None,
         cache_outputs=cfg.lock == "all",
         compilable=not isinstance(wrapped, CachedTrunk),  # cache lookups are not compiled

@@ -27,9 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalign.core.artifact import atomic_write_text, lock_dir, remove_stale_temp
+from modalign.core.artifact import (
+    OutputKind,
+    atomic_write_text,
+    check_output_dir,
+    output_dir,
+    output_path,
+    remove_stale_temp,
+)
 from modalign.core.config_io import dump_yaml
-from modalign.core.errors import DataError
+from modalign.core.errors import ConfigError, DataError
 from modalign.core.world import world
 from modalign.data.cache import open_cache
 from modalign.data.dataset import BadItemLog, Batch
@@ -44,8 +51,11 @@ from modalign.pretrain.accelerate_setup import (
     sync_batchnorm,
 )
 from modalign.pretrain.accumulation import cached_accumulation_step
+from modalign.pretrain.best import BEST_DIR, BestSoFar
+from modalign.pretrain.bundle import FORMAT as BUNDLE_FORMAT
 from modalign.pretrain.bundle import save_bundle
 from modalign.pretrain.config import PretrainConfig
+from modalign.pretrain.cpu_precision import bf16_step_route
 from modalign.pretrain.distributed import all_reduce_mean
 from modalign.pretrain.engines import check_shardable, full_model_state
 from modalign.pretrain.feed import next_micro_batches
@@ -93,10 +103,20 @@ class _Run:
     passed_specs: Mapping[str, ModalitySpec] | None = (
         None  # specs given to pretrain(), not registered
     )
+    best: BestSoFar | None = None  # train.keep_best (modalign.pretrain.best)
+    stopped_at: int = 0  # the step train.early_stop ended the run at (0 = ran to train.steps)
 
     @property
     def state(self) -> train_state.TrainState:
         return train_state.TrainState(self.core, self.optimizer, self.scheduler, self.accelerator)
+
+
+RUN_KIND = OutputKind(
+    BUNDLE_FORMAT,
+    "pretraining run (model bundle + checkpoints)",
+    (("modalign.json", BUNDLE_FORMAT), ("checkpoints/step-*/state.json", ckpt.FORMAT)),
+)
+"""A pretraining output folder: the bundle, or checkpoints of a run not finished yet."""
 
 
 def pretrain(
@@ -121,6 +141,11 @@ def pretrain(
     """
     started = time.perf_counter()
     _check_inputs(cfg, resume)
+    if cfg.train.keep_best and (evaluate is None or cfg.train.val_every <= 0):
+        raise ConfigError(
+            f"train.keep_best={cfg.train.keep_best!r} selects on validation: set data.val and "
+            "train.val_every > 0 (or pass evaluate=)"
+        )
     if evaluate is None and cfg.train.val_every > 0:
         log.warning(
             "train.val_every=%d but no evaluate callback: no validation this run (pass "
@@ -136,11 +161,12 @@ def pretrain(
             torch.use_deterministic_algorithms(True, warn_only=True)
         run = _setup(cfg, resume, tower_builders, modalities, held)
         run.evaluate = evaluate
+        run.best = BestSoFar.open(cfg.train, run.out_dir, fresh=run.last_ckpt is None)
         loss_value, history, bad = _train_loop(run)
         _finish(run, loss_value, bad)
     return PretrainResult(
         run.out_dir,
-        cfg.train.steps,
+        run.stopped_at or cfg.train.steps,
         loss_value,
         history,
         bad.to_dict(),
@@ -155,6 +181,8 @@ def _check_inputs(cfg: PretrainConfig, resume: str | None) -> None:
             "data.train is empty; set it to a manifest or shard pattern (--set data.train=PATH)"
         )
     check_precision(cfg)
+    # an empty output.dir would mean the current folder; a folder of the user's is refused
+    check_output_dir(output_path(cfg.output.dir, "output.dir"), RUN_KIND, "output.dir")
     resume_dir = ckpt.resolve_resume(Path(cfg.output.dir), resume) if resume else None
     if resume_dir is not None:
         train_state.check_resume_config(resume_dir, cfg)
@@ -188,7 +216,7 @@ def _setup(
     rank, _ = world()
     out_dir = Path(cfg.output.dir)
     if held is not None and accelerator.is_main_process:
-        held.enter_context(lock_dir(out_dir))
+        held.enter_context(output_dir(cfg.output.dir, RUN_KIND, "output.dir"))
     built, specs, task = _build_task(cfg, tower_builders, modalities, accelerator)
     optimizer = make_optimizer(task, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
@@ -293,6 +321,10 @@ def _steps(run: _Run, stream: Any, batches: Iterator[Batch], bad: BadItemLog,
         bar.update(1)
         if run.evaluate is not None and cfg.train.val_every > 0 and done % cfg.train.val_every == 0:
             _validate(run, done, metrics, history)
+            if run.best is not None and run.best.exhausted(done):
+                run.stopped_at = done
+                log.info("early stop at step %d: best %s", done, run.best.record())
+                break
         if cfg.train.checkpoint_every > 0 and (
             done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
         ):
@@ -332,48 +364,74 @@ def _validate(
     run: _Run, step: int, metrics: run_log.MetricsWriter, history: list[dict[str, Any]]
 ) -> None:
     """The ``evaluate`` callback on the main process (RNG untouched so resume stays exact)."""
-    if run.accelerator.is_main_process:
+    if run.accelerator.is_main_process and run.evaluate is not None:
         view = EncoderView(run.core.encoder, run.specs, run.accelerator.device)
         val = run_validation(run.evaluate, view, step)
         record = {"step": step, "val": val}
         history.append(record)
         metrics.write(record)
         log.info("validation at step %d: %s", step, val)
+    if run.best is not None:
+        _keep_best(run, val if run.accelerator.is_main_process else None, step)
     run.accelerator.wait_for_everyone()
+
+
+def _keep_best(run: _Run, val: dict[str, Any] | None, step: int) -> None:
+    """Offer a validation to ``train.keep_best``; a better one writes ``best/`` (every process
+    takes part: the weights gather is a collective under sharded engines)."""
+    assert run.best is not None
+    value = train_state.from_main(run.best.score(val) if val is not None else None)
+    if not run.best.offer(value, step):
+        return
+    weights = full_model_state(run.accelerator, run.task, prefix="encoder.")
+    if run.accelerator.is_main_process:
+        save_bundle(
+            run.out_dir / BEST_DIR, run.core.encoder, run.cfg, run.built.image_preset,
+            extra={"step": step, "selected": run.best.record()},
+            modalities=run.passed_specs, state=weights,
+        )  # fmt: skip
+        log.info("best so far: %s", run.best.record())
 
 
 def _train_step(
     task: nn.Module, core: ContrastiveTask, micro: list[Batch], accelerator, cfg: PretrainConfig
 ) -> LossOutput:
-    if len(micro) == 1:
-        with accelerator.autocast():
-            out = task(micro[0])
-        accelerator.backward(out.loss.loss)
-        return out.loss
-    return cached_accumulation_step(core, micro, accelerator)
+    # bf16 on a CPU with native bf16: PyTorch's own kernels, not oneDNN's (see cpu_precision)
+    with bf16_step_route(accelerator.device, str(accelerator.mixed_precision)):
+        if len(micro) == 1:
+            with accelerator.autocast():
+                out = task(micro[0])
+            accelerator.backward(out.loss.loss)
+            return out.loss
+        return cached_accumulation_step(core, micro, accelerator)
 
 
 def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
     """Bundle first; ``run_config.yaml`` and ``metrics.jsonl`` only once it is written."""
     accelerator, cfg = run.accelerator, run.cfg
+    final = run.stopped_at or cfg.train.steps
     accelerator.wait_for_everyone()
-    check_finite_weights(run, cfg.train.steps)
+    check_finite_weights(run, final)
     # Full weights on the main process (a gather on every process when they are sharded).
     weights = full_model_state(accelerator, run.task, prefix="encoder.")
+    extra: dict[str, Any] = {"step": final}
+    best_file = run.best.weights_path(run.out_dir) if run.best is not None else None
     if accelerator.is_main_process:
+        if best_file is not None and run.best is not None:  # train.keep_best: the best weights
+            from safetensors.torch import load_file
+
+            weights, extra["selected"] = load_file(str(best_file)), run.best.record()
         save_bundle(
             run.out_dir,
             run.core.encoder,
             cfg,
             run.built.image_preset,
-            extra={"step": cfg.train.steps},
+            extra=extra,
             modalities=run.passed_specs,
             state=weights,
         )
         atomic_write_text(run.out_dir / "run_config.yaml", dump_yaml(cfg))
-        run_log.publish_metrics(
-            run.out_dir, {"step": cfg.train.steps, "loss": loss_value, **bad.to_dict()}
-        )
+        run_log.publish_metrics(run.out_dir, {"step": final, "loss": loss_value, **bad.to_dict()})
         if bad.total:
             log.warning(bad.summary())
     accelerator.wait_for_everyone()

@@ -2,12 +2,20 @@
 
 Directory layout::
 
-    DIR/index.json      {"format": "modalign.corpus-index", "fingerprint", "model", "modalities", "dim"}
+    DIR/index.json      {"format": "modalign.corpus-index", "format_version", "fingerprint",
+                         "model", "modalities", "dim", "files", "media_roots"}
     DIR/items.jsonl     {"id", "modality", "value" (path or text), "label"} per indexed vector
     DIR/<modality>/     a saved :class:`~modalign.retrieval.index.VectorIndex`
 
+``files`` holds the sha256 of ``items.jsonl`` and of every ``<modality>/index.json`` (which in
+turn hashes that modality's FAISS file and id list), keyed by path: every file the index reads
+is verified on open, and a modality folder copied over another one is refused (its
+``index.json`` is not the one recorded under that modality's name). ``media_roots`` lists, per
+modality, the folders that held its indexed files at build time: :meth:`CorpusIndex.media_path`
+(what the server serves and decodes) answers only for files under them.
+
 The whole directory is written next to the target and swapped in
-(:func:`modalign.core.artifact.atomic_dir`) under :func:`~modalign.core.artifact.lock_dir`, so a
+(:func:`modalign.core.artifact.atomic_dir`) under :func:`~modalign.core.artifact.output_dir`, so a
 half-written index never replaces a good one and two writers never interleave. ``modalities``
 in ``index.json`` name folders: each must be a plain folder name inside ``DIR`` (a hand-edited
 ``../../x`` or ``/etc`` is refused before anything is read).
@@ -16,14 +24,21 @@ in ``index.json`` name folders: each must be a plain folder name inside ``DIR`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modalign.core.artifact import LOCK_FILE, atomic_dir, lock_dir, read_json_meta
+from modalign.core.artifact import (
+    OutputKind,
+    atomic_dir,
+    output_dir,
+    read_json_meta,
+    sha256_file,
+    verify_files,
+)
 from modalign.core.errors import UserInputError
 from modalign.retrieval.embed import Embeddings
 from modalign.retrieval.index import VectorIndex
@@ -31,8 +46,11 @@ from modalign.retrieval.index import VectorIndex
 __all__ = ["CorpusIndex", "Hit", "Query", "build_corpus_index"]
 
 FORMAT = "modalign.corpus-index"
+FORMAT_VERSION = 2  # 2: files (sha256 of items.jsonl and each <modality>/index.json), media_roots
 META_FILE = "index.json"
 ITEMS_FILE = "items.jsonl"
+INDEX_KIND = OutputKind(FORMAT, "index", ((META_FILE, FORMAT),))
+_REBUILD = "rebuild it with `modalign index build`"
 
 
 @dataclass
@@ -79,12 +97,10 @@ def build_corpus_index(
     """
     if not emb:
         raise UserInputError("nothing to index: no embeddings were given")
-    out = Path(out_dir)
-    _check_replaceable(out)
-    with lock_dir(out, "index directory"):
+    with output_dir(out_dir, INDEX_KIND, "--out") as out:
         indexes, items = {}, {}
         for m, e in sorted(emb.items()):
-            _check_folder_name(m, out / META_FILE, "modalities")
+            check_folder_name(m, out / META_FILE, "modalities")
             indexes[m] = VectorIndex.build(
                 e.vectors,
                 [f"{m}:{i}" for i in e.ids],
@@ -98,6 +114,7 @@ def build_corpus_index(
         dim = next(iter(emb.values())).vectors.shape[1]
         meta = {
             "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
             "model": model_path,
             "modalities": sorted(emb),
@@ -115,7 +132,7 @@ def _item_records(e: Embeddings) -> dict[tuple[str, str], dict]:
     }
 
 
-def _check_folder_name(name: Any, meta_file: Path, key: str) -> str:
+def check_folder_name(name: Any, meta_file: Path, key: str) -> str:
     """``name`` if it is a plain folder name inside ``meta_file``'s directory, else exit 2."""
     root = meta_file.parent
     plain = (
@@ -137,16 +154,38 @@ def _check_folder_name(name: Any, meta_file: Path, key: str) -> str:
     return name
 
 
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace a non-empty directory that is not a corpus index."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"{out} exists and is not a directory; choose another --out")
-    stray = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
-    if stray and not (out / META_FILE).is_file():
-        raise UserInputError(
-            f"{out} is a non-empty directory without {META_FILE}; refusing to overwrite "
-            "something that is not an index: choose an empty or new directory"
-        )
+class MediaRoots:
+    """The folders holding a modality's indexed files: each file's resolved parent, minus those
+    inside another one."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, set[Path]] = {}
+
+    def add(self, modality: str, value: str) -> None:
+        """Note ``value``'s folder if it names an existing file (inline text names none)."""
+        try:
+            path = Path(value).resolve()
+            if path.is_file():
+                self._dirs.setdefault(modality, set()).add(path.parent)
+        except (OSError, ValueError):
+            return
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """``{modality: [folder, ...]}`` with no folder inside another, sorted."""
+        out: dict[str, list[str]] = {}
+        for m, dirs in sorted(self._dirs.items()):
+            kept: list[Path] = []
+            for d in sorted(dirs, key=lambda p: (len(p.parts), str(p))):
+                if not any(d.is_relative_to(k) for k in kept):
+                    kept.append(d)
+            out[m] = sorted(str(k) for k in kept)
+        return out
+
+
+def seal_files(directory: Path, modalities: Iterable[str]) -> dict[str, str]:
+    """``{path: sha256}`` of ``items.jsonl`` and each modality's ``index.json`` in ``directory``."""
+    names = [ITEMS_FILE, *(f"{m}/{META_FILE}" for m in sorted(modalities))]
+    return {n: sha256_file(directory / n) for n in names}
 
 
 class CorpusIndex:
@@ -170,7 +209,15 @@ class CorpusIndex:
         ``mmap=True`` maps each FAISS index read-only instead of reading it into RAM."""
         root = Path(directory)
         meta_file = root / META_FILE
-        meta = read_json_meta(meta_file, "modalign index", "build one with `modalign index build`")
+        meta = read_json_meta(
+            meta_file, "modalign index", "build one with `modalign index build`", format=FORMAT
+        )
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserInputError(
+                f"{meta_file}: index format version {meta.get('format_version')!r}; this modalign "
+                f"reads version {FORMAT_VERSION} (every file hashed, media roots recorded): "
+                f"{_REBUILD}"
+            )
         modalities = meta.get("modalities")
         if not isinstance(modalities, list) or not modalities:
             raise UserInputError(
@@ -178,7 +225,8 @@ class CorpusIndex:
                 "rebuild the index with `modalign index build`"
             )
         for m in modalities:
-            _check_folder_name(m, meta_file, "modalities")
+            check_folder_name(m, meta_file, "modalities")
+        _verify(root, meta, modalities)
         indexes = {
             m: VectorIndex.load(root / m, expected_fingerprint=meta.get("fingerprint"), mmap=mmap)
             for m in modalities
@@ -205,6 +253,25 @@ class CorpusIndex:
         """The item record (``id``, ``modality``, ``value``, ``label``) or None."""
         return self.items.get((modality, item_id))
 
+    def media_path(self, modality: str, item_id: str) -> Path | None:
+        """The indexed item's file, resolved, if it lies under a folder this modality's files were
+        in at build time (``media_roots``) and exists; else None (never another path)."""
+        record = self.items.get((modality, item_id))
+        if record is None:
+            return None
+        return self.allowed_file(modality, str(record["value"]))
+
+    def allowed_file(self, modality: str, value: str) -> Path | None:
+        """``value`` resolved if it is an existing file under ``modality``'s media roots."""
+        try:
+            path = Path(value).resolve()
+        except (OSError, ValueError):
+            return None
+        roots = [Path(r) for r in (self.meta.get("media_roots") or {}).get(modality, [])]
+        if not any(path.is_relative_to(r) for r in roots) or not path.is_file():
+            return None
+        return path
+
     def add(self, emb: Mapping[str, Embeddings], fingerprint: str) -> dict[str, int]:
         """Append items without retraining (IVF/PQ keep their trained quantisers)."""
         if fingerprint != self.meta["fingerprint"]:
@@ -215,7 +282,7 @@ class CorpusIndex:
         added = {}
         for m, e in emb.items():
             if m not in self.indexes:
-                _check_folder_name(m, self.root / META_FILE, "modalities")
+                check_folder_name(m, self.root / META_FILE, "modalities")
                 self.indexes[m] = VectorIndex.build(
                     e.vectors, [f"{m}:{i}" for i in e.ids], fingerprint=fingerprint
                 )
@@ -226,20 +293,26 @@ class CorpusIndex:
             added[m] = len(e)
         return added
 
-    def save(self, directory: str | Path) -> None:
-        """Write every modality's index, the item map and metadata; swapped in atomically."""
-        out = Path(directory)
-        _check_replaceable(out)
+    def save(self, directory: str | Path, key: str = "--out") -> None:
+        """Write every modality's index, the item map and metadata; swapped in atomically.
+
+        ``key`` names the flag that gave ``directory`` in errors (``--out``, ``--index``)."""
         self.meta["build"] = {
             m: {"items": len(ix), "factory": ix.factory, **ix.stats.__dict__}
             for m, ix in sorted(self.indexes.items())
         }
-        with lock_dir(out, "index directory"), atomic_dir(out) as tmp:
+        roots = MediaRoots()
+        for r in self.items.values():
+            roots.add(r["modality"], r["value"])
+        with output_dir(directory, INDEX_KIND, key) as out, atomic_dir(out) as tmp:
             for m, ix in self.indexes.items():
                 ix.save(tmp / m)
             (tmp / ITEMS_FILE).write_text(
                 "".join(json.dumps(r) + "\n" for r in self.items.values()), encoding="utf-8"
             )
+            self.meta["format_version"] = FORMAT_VERSION
+            self.meta["media_roots"] = roots.to_dict()
+            self.meta["files"] = seal_files(tmp, self.indexes)
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
         self.root = out
 
@@ -294,6 +367,23 @@ class CorpusIndex:
         item_id = full_id.split(":", 1)[1]
         r = self.items[(modality, item_id)]
         return Hit(item_id, float(score), modality, r["value"], r.get("label"))
+
+
+def _verify(root: Path, meta: dict[str, Any], modalities: Sequence[str]) -> None:
+    """Every file the index reads is listed in ``files`` with a matching sha256 (exit 2)."""
+    files = meta.get("files")
+    needed = [ITEMS_FILE, *(f"{m}/{META_FILE}" for m in modalities)]
+    if not isinstance(files, dict) or any(n not in files for n in needed):
+        missing = [n for n in needed if not isinstance(files, dict) or n not in files]
+        raise UserInputError(
+            f"{root / META_FILE}: records no checksum for {', '.join(missing)}; the file was "
+            f"edited or the index is incomplete: {_REBUILD}"
+        )
+    if not isinstance(meta.get("media_roots"), dict):
+        raise UserInputError(
+            f"{root / META_FILE}: key 'media_roots' missing or corrupt; {_REBUILD}"
+        )
+    verify_files(root, {"files": {n: files[n] for n in needed}}, "index")
 
 
 def _read_items(path: Path) -> dict[tuple[str, str], dict]:

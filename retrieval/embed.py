@@ -145,7 +145,7 @@ def embed_source(
     augmentation); ``max_items`` stops after that many items. Bad items are skipped and counted.
     """
     specs = wanted_specs(model, modalities)
-    source = _open(src, specs, train)
+    source = open_embed_source(src, specs, train)
     bad = BadItemLog()
     bad.add_counts(source.skipped, source.skipped_examples)
     chunks: dict[str, list[Embeddings]] = {m: [] for m in specs}
@@ -161,17 +161,10 @@ def embed_source(
     return embedded, bad
 
 
-def _open(src: str | Path, specs: dict[str, ModalitySpec], train: bool) -> RawSource:
+def open_embed_source(src: str | Path, specs: dict[str, ModalitySpec], train: bool) -> RawSource:
+    """One pass over ``src`` in file order, on one process (train transforms when ``train``)."""
     if train:
         from modalign.data.sources import open_source
 
         return open_source(src, specs, train=True, shuffle=False, rank=0, world_size=1)
     return open_eval_source(src, specs, rank=0, world_size=1)
-
-
-def __getattr__(name: str) -> Any:  # shard writer/reader moved to embed_shards
-    if name in ("write_embedding_shards", "read_embedding_shards", "FORMAT"):
-        from modalign.retrieval import embed_shards
-
-        return getattr(embed_shards, name)
-    raise AttributeError(name)

@@ -19,13 +19,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from modalign.core.artifact import (
+    LOCK_FILE,
+    OutputKind,
     atomic_files,
+    check_output_dir,
     lock_dir,
+    output_dir,
     read_json_meta,
     remove_stale_temp,
     verify_files,
@@ -38,9 +42,9 @@ from modalign.data.shards import SHARD_SUFFIXES, expand_shards
 from modalign.retrieval.embed import (
     Embeddings,
     EncoderModel,
-    _open,
     concat,
     embed_batches,
+    open_embed_source,
     value_reader,
     wanted_specs,
 )
@@ -48,6 +52,24 @@ from modalign.retrieval.embed import (
 FORMAT = "modalign.embeddings"
 FORMAT_VERSION = 2
 META = "embeddings.json"
+EMBEDDINGS_KIND = OutputKind(
+    FORMAT,
+    "embeddings dir",
+    ((META, FORMAT), (f".ranks/*/{LOCK_FILE}", FORMAT), ("part-*.done.json", f"{FORMAT}.shard")),
+    scratch=(".ranks",),
+)
+"""Rank 0 claims the folder; every other rank checks it, then locks its slot in ``.ranks/``
+(recording this kind, so rank 0 accepts what the other ranks wrote before its claim)."""
+
+
+class NamedEncoderModel(EncoderModel, Protocol):
+    """An :class:`EncoderModel` that names its weights (a loaded bundle); shards record both."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def path(self) -> str | Path: ...
 
 
 def source_identity(src: str | Path) -> list[dict[str, Any]]:
@@ -92,7 +114,7 @@ def _check_key(out: Path, key: dict[str, Any]) -> None:
 
 
 def write_embedding_shards(
-    model: EncoderModel,
+    model: NamedEncoderModel,
     src: str | Path,
     out_dir: str | Path,
     shard_rows: int = 10_000,
@@ -114,13 +136,19 @@ def write_embedding_shards(
         "shard_rows": shard_rows,
     }
     # Rank 0 locks the dir (no second run); other ranks lock their own slot inside it.
-    held = out if rank == 0 else out / ".ranks" / str(rank)
-    with lock_dir(held, "embeddings dir"):
+    if rank != 0:
+        check_output_dir(out, EMBEDDINGS_KIND, "--out")
+    claim = (
+        output_dir(out, EMBEDDINGS_KIND, "--out")
+        if rank == 0
+        else lock_dir(out / ".ranks" / str(rank), "embeddings dir", FORMAT)
+    )
+    with claim:
         _check_key(out, key)
         if world_size == 1:  # temp files of a killed run; with several ranks, others' are live
             for d in [out, *(out / m for m in specs)]:
                 remove_stale_temp(d)
-        source = _open(src, specs, train=False)
+        source = open_embed_source(src, specs, train=False)
         n_items = sum(source.counts(1))
         n_shards = (n_items + shard_rows - 1) // shard_rows
         if rank == 0:
@@ -163,7 +191,8 @@ def _embed_range(
 ) -> None:
     """One ordered pass from the first unfinished shard; each finished shard is flushed."""
     source.skip = [todo[0] * shard_rows]  # records before it are passed over, not decoded
-    wanted, pending = set(todo), {s: [] for s in todo}
+    wanted = set(todo)
+    pending: dict[int, list[Embeddings]] = {s: [] for s in todo}
     batches = source.batches(batch_size, 0)
     for part in embed_batches(model, batches, list(specs), value_reader(source, src), bad):
         for e in part.values():

@@ -149,13 +149,13 @@ class VectorIndex:
             ef_construction: HNSW build-time beam width (FAISS default 40); lower builds
                 faster at some recall cost, which tuning of efSearch then makes up for.
         """
-        x = _as_vectors(embeddings, "embeddings")
+        x = as_vectors(embeddings, "embeddings")
         tq = (
             None
             if tuning_queries is None
-            else _as_vectors(tuning_queries, "tuning_queries", x.shape[1])
+            else as_vectors(tuning_queries, "tuning_queries", x.shape[1])
         )
-        id_list = _check_ids(ids, len(x), existing=())
+        id_list = check_ids(ids, len(x), existing=())
         metric = metric_name(metric)
         if not 0.0 < target_recall <= 1.0:
             raise UserInputError(f"target_recall must be in (0, 1], got {target_recall}")
@@ -211,8 +211,8 @@ class VectorIndex:
         ``new=True``: the caller has checked that ``ids`` are unique and not yet in the index
         (a chunked build checks all ids once instead of once per chunk).
         """
-        x = _as_vectors(embeddings, "embeddings", self.dim)
-        new_ids = _check_ids(ids, len(x), existing=() if new else self._ids)
+        x = as_vectors(embeddings, "embeddings", self.dim)
+        new_ids = check_ids(ids, len(x), existing=() if new else self._ids)
         self._index.add(x)
         self._ids.extend(new_ids)
 
@@ -223,11 +223,13 @@ class VectorIndex:
         has checked the ids as for ``add(..., new=True)``. A chunked build uses this to size
         the inverted lists exactly before filling them.
         """
-        x = _as_vectors(embeddings, "embeddings", self.dim)
-        new_ids = _check_ids(ids, len(x), existing=())
+        x = as_vectors(embeddings, "embeddings", self.dim)
+        new_ids = check_ids(ids, len(x), existing=())
         assign = np.ascontiguousarray(lists, dtype=np.int64)
         if assign.shape != (len(x),):
             raise UserInputError(f"got {len(x)} vectors but {assign.shape} list assignments")
+        if not isinstance(self._index, faiss.IndexIVF):
+            raise UserInputError(f"list assignments need a CPU IVF index, not {self.factory!r}")
         self._index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
         self._ids.extend(new_ids)
 
@@ -237,7 +239,7 @@ class VectorIndex:
         Each query row is searched independently: a batch of queries gives, row by row, the
         same results as searching them one at a time.
         """
-        q = _as_vectors(queries, "queries", self.dim, allow_single=True)
+        q = as_vectors(queries, "queries", self.dim, allow_single=True)
         if k < 1:
             raise UserInputError(f"k must be >= 1, got {k}")
         k = min(k, len(self._ids))
@@ -359,9 +361,13 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _as_vectors(
+def as_vectors(
     x: np.ndarray, name: str, dim: int | None = None, allow_single: bool = False
 ) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ``(n, dim)`` array, or UserInputError naming ``name``.
+
+    Refuses empty input, a wrong ``dim`` and non-finite values; ``allow_single`` takes one vector.
+    """
     arr = np.asarray(x)
     if allow_single and arr.ndim == 1:
         arr = arr[None, :]
@@ -380,7 +386,8 @@ def _as_vectors(
     return arr
 
 
-def _check_ids(ids: Sequence[str], n: int, existing: Sequence[str]) -> list[str]:
+def check_ids(ids: Sequence[str], n: int, existing: Sequence[str]) -> list[str]:
+    """``ids`` as strings: one per vector, non-empty, single-line, unique, none in ``existing``."""
     out = [str(i) for i in ids]
     if len(out) != n:
         raise UserInputError(f"got {n} vectors but {len(out)} ids")

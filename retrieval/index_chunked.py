@@ -21,8 +21,8 @@ from modalign.core.errors import UserInputError
 from modalign.retrieval.index import (
     BuildStats,
     VectorIndex,
-    _as_vectors,
-    _check_ids,
+    as_vectors,
+    check_ids,
     train_rows,
 )
 from modalign.retrieval.index_factory import (
@@ -105,11 +105,11 @@ def build_chunked(
     n, dim = vectors.n, vectors.dim
     if n == 0:
         raise UserInputError("embeddings are empty: got 0 vectors")
-    id_list = _check_ids(ids, n, existing=())
+    id_list = check_ids(ids, n, existing=())
     metric = metric_name(metric)
     if not 0.0 < target_recall <= 1.0:
         raise UserInputError(f"target_recall must be in (0, 1], got {target_recall}")
-    tq = None if tuning_queries is None else _as_vectors(tuning_queries, "tuning_queries", dim)
+    tq = None if tuning_queries is None else as_vectors(tuning_queries, "tuning_queries", dim)
     if factory == "auto":
         factory = choose_factory(n, dim, memory_budget_bytes, device)
     start = time.perf_counter()
@@ -145,14 +145,14 @@ def add_chunks(built: VectorIndex, vectors: ShardVectors, ids: list[str]) -> Non
     (the coarse assignment ``add`` would do anyway, 8 bytes per row), then each list is
     reserved at its final size and the rows are added with those assignments.
     """
-    ivf = _array_ivf(built)
-    if ivf is None:
+    found = _array_ivf(built)
+    if found is None:
         for first, x in vectors.chunks():
             built.add(x, ids[first : first + len(x)], new=True)
         return
+    ivf, invlists = found
     lists = [ivf.quantizer.assign(x, 1).ravel() for _, x in vectors.chunks()]
     sizes = np.bincount(np.concatenate(lists), minlength=ivf.nlist)
-    invlists = faiss.downcast_InvertedLists(ivf.invlists)
     for list_no in np.flatnonzero(sizes):
         invlists.resize(int(list_no), int(sizes[list_no]))  # allocate once ...
         invlists.resize(int(list_no), 0)  # ... and keep the capacity
@@ -160,15 +160,15 @@ def add_chunks(built: VectorIndex, vectors: ShardVectors, ids: list[str]) -> Non
         built.add_assigned(x, ids[first : first + len(x)], assign)
 
 
-def _array_ivf(built: VectorIndex) -> faiss.IndexIVF | None:
-    """The index itself if it is an empty CPU IVF index over array inverted lists."""
+def _array_ivf(built: VectorIndex) -> tuple[faiss.IndexIVF, faiss.ArrayInvertedLists] | None:
+    """The index itself and its lists if it is an empty CPU IVF index over array lists."""
     if built.device != "cpu" or len(built) > 0:
         return None
     index = faiss.downcast_index(built._cpu_index())
-    if not isinstance(index, faiss.IndexIVF) or index.ntotal > 0:
+    if not isinstance(index, faiss.IndexIVF) or index.ntotal > 0 or index.invlists is None:
         return None
     lists = faiss.downcast_InvertedLists(index.invlists)
-    return index if isinstance(lists, faiss.ArrayInvertedLists) else None
+    return (index, lists) if isinstance(lists, faiss.ArrayInvertedLists) else None
 
 
 def chunked_tuning_set(

@@ -149,4 +149,4 @@ def _disable_polysemous_training(index: faiss.Index) -> None:
     except RuntimeError:
         inner = faiss.downcast_index(index)
     if isinstance(inner, (faiss.IndexPQ, faiss.IndexIVFPQ)):
-        inner.do_polysemous_training = False
+        inner.do_polysemous_training = False  # type: ignore[union-attr]  # faiss .pyi omits it

@@ -14,14 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from modalign.core.artifact import atomic_dir, lock_dir, read_json_meta, verify_files
+from modalign.core.artifact import atomic_dir, output_dir, read_json_meta, verify_files
 from modalign.core.errors import UserInputError
 from modalign.retrieval.corpus_index import (
     FORMAT,
+    FORMAT_VERSION,
+    INDEX_KIND,
     ITEMS_FILE,
     META_FILE,
-    _check_folder_name,
-    _check_replaceable,
+    MediaRoots,
+    check_folder_name,
+    seal_files,
 )
 from modalign.retrieval.embed_shards import FORMAT as EMB_FORMAT
 from modalign.retrieval.embed_shards import META as EMB_META
@@ -55,13 +58,14 @@ def _ids(parts: list[Path], modality: str) -> list[str]:
     return ids
 
 
-def _write_items(parts: list[Path], modality: str, fh: Any) -> None:
+def _write_items(parts: list[Path], modality: str, fh: Any, roots: MediaRoots) -> None:
     for _, info in _infos(parts):
         labels = info.get("labels") or [None] * len(info["ids"])
         values = info.get("values") or [""] * len(info["ids"])
         for i, v, lab in zip(info["ids"], values, labels):
             rec = {"id": str(i), "modality": modality, "value": v, "label": lab}
             fh.write(json.dumps(rec) + "\n")
+            roots.add(modality, v)
 
 
 def build_corpus_index_from_shards(
@@ -82,11 +86,11 @@ def build_corpus_index_from_shards(
     plan = {m: p for m, p in sorted(plan.items()) if p}
     if not plan:
         raise UserInputError(f"{root}: no finished embedding shard; run `modalign embed` first")
-    _check_replaceable(out)
     build: dict[str, Any] = {}
-    with lock_dir(out, "index directory"), atomic_dir(out) as tmp:
+    roots = MediaRoots()
+    with output_dir(out, INDEX_KIND, "--out"), atomic_dir(out) as tmp:
         for m, parts in plan.items():
-            _check_folder_name(m, out / META_FILE, "modalities")
+            check_folder_name(m, out / META_FILE, "modalities")
             vectors = ShardVectors.open([p.with_suffix(".npy") for p in parts])
             ix = build_chunked(
                 vectors, _ids(parts, m), factory=factory, device=device,
@@ -98,10 +102,11 @@ def build_corpus_index_from_shards(
             del ix
         with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
             for m, parts in plan.items():
-                _write_items(parts, m, fh)
+                _write_items(parts, m, fh, roots)
         meta = {
-            "format": FORMAT, "fingerprint": emb["fingerprint"], "model": emb.get("model", ""),
-            "modalities": sorted(plan), "dim": int(emb["dim"]), "build": build,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": emb["fingerprint"],
+            "model": emb.get("model", ""), "modalities": sorted(plan), "dim": int(emb["dim"]),
+            "build": build, "media_roots": roots.to_dict(), "files": seal_files(tmp, plan),
         }  # fmt: skip
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return build, emb["fingerprint"]

@@ -24,17 +24,19 @@ from typing import Any
 
 import faiss
 
-from modalign.core.artifact import atomic_dir, sha256_file
+from modalign.core.artifact import OutputKind, atomic_dir, check_output_dir, sha256_file
 from modalign.core.errors import UserInputError
 
 __all__ = ["IndexFileError", "IndexFingerprintError", "read_index_dir", "save_index_dir"]
 
 log = logging.getLogger(__name__)
 
+FORMAT = "modalign.vector-index"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
 META_FILE = "index.json"
+VECTOR_INDEX_KIND = OutputKind(FORMAT, "vector index", ((META_FILE, FORMAT),))
 
 
 class IndexFileError(UserInputError):
@@ -50,7 +52,9 @@ def save_index_dir(
 ) -> Path:
     """Write ``cpu_index``, ``ids`` and ``meta`` (+ format version, checksums) as one directory."""
     target = Path(target)
-    check_replaceable(target)
+    # Checked, not locked: one atomic swap with no long work before it. Commands lock the
+    # folder above (a corpus index), whose writer owns this one.
+    check_output_dir(target, VECTOR_INDEX_KIND, "index directory")
     with atomic_dir(target) as tmp:
         write_files(tmp, cpu_index, ids, meta)
     _clear_previous(target)
@@ -67,7 +71,7 @@ def write_files(
     index_path = directory / INDEX_FILE
     faiss.write_index(cpu_index, str(index_path))
     files = {INDEX_FILE: file_digest(index_path), IDS_FILE: _write_ids(directory / IDS_FILE, ids)}
-    full = {"format_version": FORMAT_VERSION, **meta, "files": files}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
     _write_bytes(directory / META_FILE, json.dumps(full, indent=2).encode("utf-8"))
 
 
@@ -117,17 +121,6 @@ def _previous(target: Path) -> list[Path]:
 def _clear_previous(target: Path) -> None:
     for old in _previous(target):
         shutil.rmtree(old, ignore_errors=True)
-
-
-def check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but an empty directory or a previous index."""
-    if target.exists() and not target.is_dir():
-        raise UserInputError(f"{target} exists and is not a directory; choose another --out")
-    if target.is_dir() and any(target.iterdir()) and not (target / META_FILE).exists():
-        raise UserInputError(
-            f"{target} is a non-empty directory without {META_FILE}; refusing to overwrite "
-            "something that is not an index: choose an empty or new directory"
-        )
 
 
 def resolve_dir(path: Path) -> Path:

@@ -16,8 +16,8 @@ from torch import nn
 
 from modalign.data.batch import Batch
 from modalign.data.config import DataConfig
+from modalign.pretrain import LossConfig, TowerConfig
 from modalign.pretrain.accumulation import cached_accumulation_step
-from modalign.pretrain.config import LossConfig, TowerConfig
 from modalign.pretrain.losses import ContrastiveLoss
 from modalign.pretrain.model import ContrastiveTask, MultimodalEncoder
 from modalign.pretrain.towers import AudioFrontEnd, TowerParts

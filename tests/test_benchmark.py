@@ -200,8 +200,10 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded() -> None:
     assert a.value == pytest.approx(v.mean())
     c = bootstrap(lambda idx: float(v[idx].mean()), 50, seed=1, resamples=400)
     assert c.ci_low == pytest.approx(a.ci_low, abs=0.05)
-    const = bootstrap_mean(np.ones(10))
-    assert const.ci_low == const.value == const.ci_high == 1.0
+    const = bootstrap_mean(np.ones(10))  # a proportion at the edge: Wilson, not [1, 1]
+    assert const.value == const.ci_high == 1.0 and const.ci_low == pytest.approx(0.7225, abs=1e-4)
+    spread = bootstrap_mean(np.linspace(0, 2, 40), seed=1)  # not 0/1: the bootstrap
+    assert spread.method == "bootstrap" and spread == bootstrap_mean(np.linspace(0, 2, 40), seed=1)
 
 
 def test_expected_calibration_error() -> None:

@@ -21,7 +21,7 @@ from modalign.core.errors import UserInputError
 from modalign.core.registry import PluginMissing
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
-from modalign.pretrain.config import TowerConfig
+from modalign.pretrain import TowerConfig
 from modalign.pretrain.towers import TOWERS, TowerParts, external_weights
 from modalign.pretrain.trainer import pretrain
 

@@ -451,22 +451,21 @@ def test_embed_out_of_another_corpus_is_refused(
     assert "shard_rows" in capsys.readouterr().err
 
 
-def test_embed_ids_with_line_separators_read_back(
-    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+@pytest.mark.parametrize("item_id", ["a\nb", "c\rd", "e\u2028f", "g\u2029h", "i\u0085j"])
+def test_embed_refuses_ids_with_line_separators_naming_the_line(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path, item_id: str
 ) -> None:
-    from modalign.retrieval.embed_shards import read_embedding_shards
-
+    """Issue 21 item 16: such an id is refused where the row is read (before any embedding)."""
     _, out = trained
     manifest = write_tiny_corpus(tmp_path / "c", n=6)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    seps = ["a\nb", "c\rd", "e\u2028f", "g\u2029h", "i\u0085j", "plain"]
-    for row, item_id in zip(rows, seps):
-        row["id"] = item_id
+    rows[2]["id"] = item_id
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     emb = tmp_path / "emb"
-    run_json(capsys, ["embed", "--model", str(out), "--data", str(manifest), "--out", str(emb)])
-    loaded, _ = read_embedding_shards(emb)
-    assert loaded["image"].ids == seps and loaded["text"].ids == seps
+    argv = ["embed", "--model", str(out), "--data", str(manifest), "--out", str(emb)]
+    assert main(argv) == 2
+    assert f"{manifest}:3: id" in capsys.readouterr().err
+    assert not list(emb.glob("**/*.npy"))  # nothing embedded
 
 
 def test_shard_patterns_for_every_corpus_command(

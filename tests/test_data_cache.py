@@ -278,7 +278,7 @@ def test_cache_config_is_checked_up_front(tmp_path: Path) -> None:
         cache_spec("ram")
     with pytest.raises(ConfigError, match="data.cache.options.folder"):
         cache_spec({"kind": "disk", "options": {"folder": "x"}})
-    with pytest.raises(ConfigError, match="max_bytes must be positive"):
+    with pytest.raises(ConfigError, match=r"data.cache.options.max_bytes=0 is out of range"):
         cache_spec({"kind": "memory", "options": {"max_bytes": 0}})
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -258,6 +258,18 @@ def test_short_and_broken_audio_keep_their_reasons() -> None:
     assert info.value.reason == "unreadable_audio"
 
 
+def test_bad_parquet_byte_cell_is_named_by_size_not_by_its_bytes(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["a"], "image": [b"not an image"], "text": ["x"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    rows = read_manifest(tmp_path / "m.parquet", ["image", "text"]).rows
+    (bad,) = PairedDataset(rows, small_specs(), source="m.parquet")[0].bad
+    assert bad.reason == "corrupt_image" and bad.detail.startswith("<12-byte cell>: ")
+    assert "not an image" not in bad.detail  # the media bytes stay out of reports
+
+
 def test_data_pack_takes_parquet_bytes_cells(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

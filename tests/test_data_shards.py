@@ -155,3 +155,40 @@ def test_manifest_source_covers_rows_once_per_epoch(tmp_path: Path, text_specs) 
     got = ids(src) + ids(other)
     assert sorted(got) == sorted(f"row{i}" for i in range(11))
     assert torch.tensor(src.counts(3)).sum() == 5
+
+
+def test_a_pack_folder_missing_a_listed_shard_is_an_error(tmp_path: Path, capsys) -> None:
+    """Issue 21 item 4: index.json lists 3 shards / 50 items; with one tar gone, reading the
+    folder (inspect, embed, training) stops naming the missing shard instead of reading 30."""
+    from modalign.cli import main
+    from modalign.data.pack import pack_shards
+    from modalign.data.preflight import check_source
+
+    out = tmp_path / "packed"
+    result = pack_shards(text_manifest(tmp_path, 50), out, shard_size=20)
+    assert (result["shards"], result["written"]) == (3, 50)
+    assert main(["-q", "data", "inspect", str(out)]) == 0
+    (out / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"shard-000001.tar is missing \(1 of 3 .* 20 of 50"):
+        open_source(out, {})
+    with pytest.raises(DataError, match="shard-000001.tar is missing"):
+        check_source(str(out), ["text"], "data.train")
+    capsys.readouterr()
+    assert main(["-q", "data", "inspect", str(out)]) == 2
+    assert "shard-000001.tar is missing" in capsys.readouterr().err
+    write_shard(out / "shard-000001.tar", [{"__key__": "x", "txt": "t"}])
+    write_shard(out / "shard-000009.tar", [{"__key__": "y", "txt": "t"}])  # not listed
+    with pytest.raises(DataError, match="shard-000009.tar is not listed in index.json"):
+        open_source(out, {})
+
+
+def test_an_img2dataset_folder_missing_a_recorded_shard_is_an_error(tmp_path: Path) -> None:
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    for n in ("00000", "00001"):
+        write_shard(folder / f"{n}.tar", [{"__key__": f"{n}-0", "txt": "t"}])
+        (folder / f"{n}_stats.json").write_text('{"successes": 1}')
+    assert len(open_source(folder, {}).urls) == 2
+    (folder / "00001.tar").unlink()
+    with pytest.raises(DataError, match="00001.tar is missing but 00001_stats.json records 1"):
+        open_source(folder, {})

@@ -84,7 +84,7 @@ def test_inspect_counts_every_bad_input_by_reason(tmp_path: Path) -> None:
 def test_pack_then_inspect_shards(tmp_path: Path) -> None:
     manifest = broken_corpus(tmp_path / "c")
     out = tmp_path / "shards"
-    (out).mkdir()
+    pack_shards(manifest, out, shard_size=1)  # an earlier pack: the folder is a shard folder
     (out / "shard-000007.tar").write_bytes(b"stale")  # from an earlier, larger pack
     result = pack_shards(manifest, out, shard_size=1)
     # rows "good" and "rate" keep everything; "missing" keeps its text

@@ -7,13 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from modalign.core.errors import UserInputError
-from modalign.finetune.metrics import (
-    classification_metrics,
-    fgsm,
-    pgd,
-    robustness_auc,
-    save_confusion_png,
-)
+from modalign.finetune.metrics import classification_metrics, save_confusion_png
+from modalign.finetune.robustness import fgsm, pgd, robustness_auc
 
 Y_TRUE = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
 Y_PRED = [0, 1, 0, 1, 2, 2, 2, 0, 2, 1]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from modalign.config import load_config
+from modalign.core.artifact import seal_meta
 from modalign.core.errors import ConfigError, UserInputError
 from modalign.finetune.classifier import load_classifier
 from modalign.finetune.head_base import FusionHead
@@ -166,7 +167,8 @@ def test_plugin_head_missing_names_package(setup, tmp_path: Path) -> None:
     meta_path = tmp_path / "clf" / "classifier.json"
     meta = json.loads(meta_path.read_text())
     meta["head"].update(kind="fancy_head", provider="modalign-fancy")
-    meta_path.write_text(json.dumps(meta))
+    # as written where the plugin is installed: a sealed classifier.json naming the plugin
+    meta_path.write_text(json.dumps(seal_meta(meta)))
     yaml_path = tmp_path / "clf" / "finetune.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("kind: late", "kind: fancy_head"))
     assert "fancy_head" in yaml_path.read_text()
@@ -257,6 +259,24 @@ def test_pseudo_labeler_and_threshold_are_one_registration(setup, tmp_path: Path
         make_threshold("flexmatch", 3, 10, 0.95, {"ema": 0.9})
 
 
+def test_end_to_end_refuses_an_unlabeled_row(setup) -> None:
+    import dataclasses
+
+    from modalign.data.manifest import read_manifest
+    from modalign.finetune.end_to_end import train_end_to_end
+    from modalign.pretrain.bundle import load_bundle
+
+    manifest, model_dir = setup
+    model = load_bundle(model_dir)
+    specs = model.modality_specs()
+    rows = read_manifest(manifest, specs).rows[:4]
+    rows[1] = dataclasses.replace(rows[1], label=None)
+    cfg = dataclasses.replace(_cfg(manifest, model_dir), batch_size=4)
+    index = {w: i for i, w in enumerate(WORDS)}
+    with pytest.raises(UserInputError, match="unlabeled row"):
+        train_end_to_end(model.encoder, rows, specs, index, cfg, epochs=1)
+
+
 def test_end_to_end_path_uses_the_shared_loop(setup) -> None:
     import dataclasses
 
@@ -319,3 +339,22 @@ def test_classifier_and_robustness_read_shards(setup, tmp_path: Path) -> None:
     curve_s = noise_curve(clf, packed["pattern"], "audio", levels=(0.0, 1.0))
     assert curve_s["items"] == curve_m["items"] > 0
     assert curve_s["accuracy"] == pytest.approx(curve_m["accuracy"], abs=1e-6)  # same noise draws
+
+
+def test_default_auto_records_its_decision_in_classifier_json(setup, tmp_path: Path) -> None:
+    """The default ``auto`` labeler cross-validates none / propagation / zero_shot_mix on the
+    labels (text tower present) and ``classifier.json`` keeps the scores and the choice."""
+    import json
+
+    manifest, model = setup
+    cfg = _cfg(manifest, model, "finetune.pseudo_label=auto")
+    res = run_finetune(cfg, tmp_path / "clf")
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    decision = meta["results"]["pseudo"][0]["auto"]
+    assert decision == res.pseudo[0]["auto"]
+    assert decision["criterion"] == "cross_validation" and decision["folds"] == 2
+    assert set(decision["cv_accuracy"]) == {"none", "propagation", "zero_shot_mix"}
+    assert decision["chosen"] in decision["cv_accuracy"] and not decision["skipped"]
+    best = max(decision["cv_accuracy"].values())
+    if decision["chosen"] != "none":
+        assert decision["cv_accuracy"][decision["chosen"]] == best > decision["cv_accuracy"]["none"]

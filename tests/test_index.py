@@ -146,6 +146,13 @@ def test_add_then_search_finds_new_items(data) -> None:
         index.add(new[:1], ["item-0"])
 
 
+def test_list_assignments_need_an_ivf_index(flat: VectorIndex) -> None:
+    x = clustered(2, seed=3)
+    with pytest.raises(UserInputError, match="need a CPU IVF index, not 'Flat'"):
+        flat.add_assigned(x, make_ids(2, start=50_000), np.zeros(2, dtype=np.int64))
+    assert len(flat) == 3000  # nothing added
+
+
 def test_k_larger_than_count_is_clipped() -> None:
     x = clustered(5)
     index = VectorIndex.build(x, make_ids(5))

@@ -7,6 +7,7 @@ imports inside functions, must name a layer at or below the module's own.
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,15 @@ def test_core_imports_nothing_else_of_modalign() -> None:
         names = [n for _, n in _imports(ast.parse(f.read_text(encoding="utf-8")))]
         bad = [n for n in names if n.startswith("modalign.") and not n.startswith("modalign.core")]
         assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
+def test_app_folder_links_each_layer_for_static_tools() -> None:
+    """``modalign/<layer> -> ../<layer>``: mypy and IDEs resolve ``modalign.data`` to files.
+
+    setup.cfg's package_dir installs the layer folders; static tools cannot read it. The
+    links are relative (a clone anywhere works) and point at the layer folders themselves.
+    """
+    for layer in [d for d in LAYERS if d != "modalign"]:
+        link = ROOT / "modalign" / layer
+        assert link.is_symlink(), f"{link} is missing: ln -s ../{layer} modalign/{layer}"
+        assert os.readlink(link) == f"../{layer}" and link.resolve() == (ROOT / layer).resolve()

@@ -12,7 +12,7 @@ import torch
 
 from modalign.config import load_config
 from modalign.data.cache import MemoryCache
-from modalign.data.dataset import EpochBatchSampler, EpochsBatchSampler
+from modalign.data.dataset import EpochBatchSampler
 from modalign.data.modality import ModalitySpec
 from modalign.data.sources import open_stream
 from modalign.pretrain.trainer import pretrain
@@ -27,7 +27,7 @@ def test_endless_sampler_is_the_epoch_samplers_back_to_back() -> None:
     ]
     flat = [b for epoch in per_epoch for b in epoch]
     for start in (0, 1, 2, 5):
-        it = iter(EpochsBatchSampler(10, 3, rank=1, world_size=2, seed=4, start=start))
+        it = iter(EpochBatchSampler.endless_from(10, 3, rank=1, world_size=2, seed=4, start=start))
         assert [next(it) for _ in range(len(flat) - start)] == flat[start:]
 
 

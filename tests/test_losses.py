@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modalign.pretrain.config import LossConfig
+from modalign.pretrain import LossConfig
 from modalign.pretrain.losses import ContrastiveLoss, pair_key, select_pairs
 
 MODS = ["audio", "image", "text"]

@@ -12,8 +12,8 @@ from torch import nn
 
 from modalign.config import load_config
 from modalign.data.config import DataConfig
+from modalign.pretrain import TowerConfig
 from modalign.pretrain import checkpoint as ckpt
-from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.towers import AudioFrontEnd, TowerParts
 from modalign.pretrain.trainer import TrainingDiverged, pretrain
 

@@ -16,8 +16,8 @@ from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.data.decode import BadItem
 from modalign.data.modality import ModalitySpec
+from modalign.pretrain import TowerConfig
 from modalign.pretrain.bundle import load_bundle
-from modalign.pretrain.config import TowerConfig
 from modalign.pretrain.towers import TowerParts
 from modalign.pretrain.trainer import pretrain
 

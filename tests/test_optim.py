@@ -13,7 +13,8 @@ from torch import nn
 
 from modalign.config import load_config
 from modalign.core.errors import ConfigError
-from modalign.pretrain.config import LossConfig, OptimConfig
+from modalign.pretrain import LossConfig
+from modalign.pretrain.config import OptimConfig
 from modalign.pretrain.losses import ContrastiveLoss
 from modalign.pretrain.optim import lr_factor, make_optimizer, param_groups
 from modalign.pretrain.trainer import pretrain

@@ -108,3 +108,81 @@ def test_pipe_sources_refused_in_configs_a_run_wrote(tmp_path: Path) -> None:
         cfg = load_config(str(bundle / "config.yaml").replace("config.yaml", "../mine.yaml"))
         assert cfg.data.train == "pipe:cat x.tar"
         (bundle / marker).unlink()
+
+
+@pytest.mark.parametrize("bad_id", ["a\nb", "tab\there", "nul\x00", "line\u2028sep", "\ud800"])
+def test_an_id_with_a_control_character_is_refused_where_the_row_is_read(
+    tmp_path: Path, bad_id: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 21 item 16: ``data inspect`` names the file and line, instead of ``index build``
+    failing after embedding everything (ids are stored one per line)."""
+    from modalign.cli import main
+
+    manifest = _manifest(tmp_path / "m.jsonl", ["ok0", "ok1", bad_id])
+    with pytest.raises(DataError, match=r"m.jsonl:3: id .* contains the character U\+"):
+        inspect_source(manifest)
+    assert main(["-q", "data", "inspect", str(manifest)]) == 2
+    assert f"{manifest}:3: id" in capsys.readouterr().err
+    csv = tmp_path / "m.csv"
+    csv.write_text('id,text\nok,t\n"two\nlines",t\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"m.csv:\d+: id 'two\\nlines'"):
+        inspect_source(csv)
+
+
+def test_a_shard_id_with_a_newline_is_a_counted_bad_record(tmp_path: Path) -> None:
+    from modalign.data.sources import open_source
+
+    from data_fixtures import write_shard
+
+    shard = write_shard(
+        tmp_path / "s-000000.tar",
+        [
+            {"__key__": "k0", "txt": "fine", "json": json.dumps({"id": "good"}).encode()},
+            {"__key__": "k1", "txt": "fine", "json": json.dumps({"id": "a\nb"}).encode()},
+        ],
+    )
+    samples = list(open_source(str(shard), {}))
+    assert [s.id for s in samples] == ["good", "k1"]  # the key stands in for the bad id
+    assert sum(b.reason == "bad_id" for s in samples for b in s.bad) == 1
+
+
+def _cut_wav(path: Path) -> Path:
+    """A WAV whose header declares 11,756 data bytes, of which 16 are present."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    wave = (0.5 * np.sin(np.arange(5878) / 10)).astype(np.float32)
+    sf.write(buf, wave, 8000, format="WAV", subtype="PCM_16")
+    path.write_bytes(buf.getvalue()[: 44 + 16])
+    return path
+
+
+def test_a_truncated_wav_is_corrupt_in_a_manifest(tmp_path: Path) -> None:
+    """Issue 21 item 17: libsndfile decodes the 16 bytes left; the header says otherwise."""
+    from modalign.data.decode import BadItem, read_audio
+
+    cut = _cut_wav(tmp_path / "cut.wav")
+    with pytest.raises(BadItem, match="declares 11756 bytes in chunk 'data', 16 are present"):
+        read_audio(cut)
+    corpus = write_tiny_corpus(tmp_path / "c", n=4)
+    rows = [json.loads(x) for x in corpus.read_text().splitlines()]
+    rows[1]["audio"] = str(cut)
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = inspect_source(corpus)
+    assert report["bad_by_reason"].get("truncated_audio") == 1, report
+
+
+def test_a_truncated_wav_query_is_refused(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from serve_fixtures import tiny_index_once
+
+    from modalign.cli import main
+
+    tiny = tiny_index_once(tmp_path_factory.getbasetemp())
+    cut = _cut_wav(tmp_path / "cut.wav")
+    assert main(["-q", "search", "--index", str(tiny.index), "--audio", str(cut)]) == 2
+    assert "truncated_audio" in capsys.readouterr().err

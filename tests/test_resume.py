@@ -157,7 +157,7 @@ def test_resume_with_a_changed_config_refuses_what_cannot_be_resumed(
     pretrain(load_config(None, _overrides(corpus, out, steps=1)))
     for change, key in (
         ("model.embed_dim=32", "model.embed_dim"),
-        ("model.modalities=[image]", "model.modalities"),
+        ("model.modalities=[audio,image]", "model.modalities"),
         ("model.towers.audio.arch=resnet18", "model.towers.audio.arch"),
     ):
         cfg = load_config(None, [*_overrides(corpus, out, steps=2), change])
@@ -186,3 +186,63 @@ def test_resume_from_every_checkpoint_equals_uninterrupted(
         shutil.copytree(full / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}")
         pretrain(load_config(None, _overrides(corpus, out, steps=4)), resume="latest")
         _assert_same(_weights(out), straight)
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny corpus with captions of many lengths: batched, they pad differently."""
+    root = tmp_path_factory.mktemp("captioned")
+    manifest = write_tiny_corpus(root, n=24)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["text"] = " ".join(["a spoken digit"] * (1 + i % 6) + [row["text"]])
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.mark.slow
+def test_finish_then_extend_equals_straight_with_a_frozen_text_tower(
+    captioned: Path, tmp_path: Path
+) -> None:
+    """Issue 21 item 3: finish at N, extend to M by --resume == straight to M, bit for bit.
+
+    The frozen text tower caches each caption's embedding; the straight run fills the cache in
+    epoch 1, the extended run refills it after the resume. A caption embedded among others
+    (padded to their length) differs in its last bits from one embedded alone, so the cache
+    must not depend on the company a caption first came in.
+    """
+
+    def cfg(out: Path, steps: int):
+        return load_config(
+            None,
+            [
+                *_overrides(captioned, out, steps=steps),
+                "model.modalities=[image,audio,text]",
+                "train.frozen_towers=step",  # the text cache lives in this process, all epochs
+            ],
+        )
+
+    straight = tmp_path / "straight"
+    pretrain(cfg(straight, 8))  # 3 epochs: captions repeat after step 3
+    extended = tmp_path / "extended"
+    pretrain(cfg(extended, 4))  # finished normally at 4 ...
+    pretrain(cfg(extended, 8), resume="latest")  # ... then extended to 8
+    got, want = _weights(extended), _weights(straight)
+    assert set(got) == set(want)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]  # bit for bit
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_a_frozen_string_cache_does_not_depend_on_the_first_batch() -> None:
+    """The cached output of a string is what embedding it alone gives, whatever batch it first
+    came in (an empty cache after a resume then refills with the same values)."""
+    from modalign.pretrain.towers_strings import StringTrunk
+
+    class PaddedTrunk(StringTrunk):
+        def embed(self, texts):  # like a padded transformer: output depends on the batch
+            longest = max(len(t) for t in texts)
+            return torch.tensor([[len(t) + 1e-3 * longest] for t in texts])
+
+    warm, cold = PaddedTrunk(), PaddedTrunk()
+    warm(["a", "a much longer caption"])
+    assert torch.equal(warm(["a"]), cold(["a"]))

@@ -139,8 +139,7 @@ def test_knn_service_is_clip_retrieval_compatible(
     expected = library_search(engine, "text", "the sound one", 3, ["image"])
     assert [r["item_id"] for r in results] == [e["id"] for e in expected]
     assert [r["similarity"] for r in results] == [e["score"] for e in expected]
-    ids = engine.index.indexes["image"].ids
-    assert all(ids[r["id"]] == f"image:{r['item_id']}" for r in results)  # id = index row
+    assert len({r["id"] for r in results}) == 3  # ids number items (see test_server_clip_front)
     assert all(r["url"].startswith("http://127.0.0.1:") for r in results)
     assert client.get(results[0]["url"]).content == Path(expected[0]["path"]).read_bytes()
     assert all(r["caption"].startswith("the sound ") for r in results)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig, ImageConfig
-from modalign.pretrain.config import TowerConfig
+from modalign.pretrain import TowerConfig
 from modalign.pretrain.towers import (
     build_tower,
     default_tower_builders,
@@ -117,6 +117,15 @@ def test_text_tower_declares_external_weights_and_leaves_the_env_alone(monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     build_tower("text", TowerConfig(kind="sentence_transformer", arch="", lock="all"), DATA)
     assert os.environ["HF_HUB_OFFLINE"] == "0"  # a user's own setting is restored
+
+
+def test_text_model_without_an_embedding_width_is_a_config_error(monkeypatch) -> None:
+    from modalign.pretrain.towers_text import SentenceTransformerTrunk, bundled_text_model_path
+
+    trunk = SentenceTransformerTrunk(bundled_text_model_path())
+    monkeypatch.setattr(trunk.st, "get_embedding_dimension", lambda: None)
+    with pytest.raises(ConfigError, match="declares no embedding dimension"):
+        _ = trunk.out_dim
 
 
 def test_registered_tower_kind_is_found_without_passing_builders() -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from modalign.core.errors import ConfigError, UserInputError
 from modalign.data.config import AudioConfig, DataConfig, ImageConfig
-from modalign.pretrain.config import TowerConfig
+from modalign.pretrain import TowerConfig
 from modalign.pretrain.towers import build_tower
 
 from conftest import tiny_overrides, write_tiny_corpus

@@ -22,18 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from modalign.benchmark.context import TaskContext
+from modalign.benchmark.render import REPORT_FORMAT, REPORT_VERSION, report_markdown
 from modalign.benchmark.suite import Suite
 from modalign.benchmark.tasks import TASKS
-from modalign.core.artifact import lock_dir, write_meta
+from modalign.core.artifact import OutputKind, output_dir, write_meta
 from modalign.core.config_io import to_dict
 from modalign.core.version import __version__
 
 log = logging.getLogger(__name__)
 
-REPORT_FORMAT = "modalign.benchmark_report"
-REPORT_VERSION = 1
+REPORT_KIND = OutputKind(REPORT_FORMAT, "benchmark report", (("report.json", REPORT_FORMAT),))
 
-__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "model_names", "run_benchmark"]
+__all__ = ["model_names", "run_benchmark"]
 
 
 def model_names(paths: Sequence[str | Path]) -> list[str]:
@@ -49,6 +49,14 @@ def model_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def _run_cell(ctx: TaskContext, plots_dir: Path, plots: list[str]) -> dict[str, Any]:
+    missing = [m for m in ctx.corpus.inputs if m not in ctx.model.modalities]
+    if missing:  # scoring the model on other inputs than the suite states would mislead
+        reason = (
+            f"not scored: the model has no {', '.join(missing)} tower, and the suite scores "
+            f"{ctx.corpus_name} on inputs {list(ctx.corpus.inputs)}"
+        )
+        log.warning("%s / %s: %s", ctx.model_name, ctx.corpus_name, reason)
+        return {"score": None, "headline": {}, "tasks": {}, "not_scored": reason}
     tasks: dict[str, Any] = {}
     headline: dict[str, float] = {}
     scored: list[float] = []
@@ -88,12 +96,11 @@ def run_benchmark(
     from modalign.pretrain.bundle import load_bundle, read_bundle_meta
     from modalign.pretrain.process_state import process_state_guard
 
-    suite.check_inputs()
-    for m in models:
-        read_bundle_meta(m)  # not a bundle -> exit 2 before any work
-    out = Path(out)
     started = time.perf_counter()
-    with lock_dir(out, "benchmark report"), process_state_guard():
+    with output_dir(out, REPORT_KIND, "--out") as out, process_state_guard():
+        suite.check_inputs()
+        for m in models:
+            read_bundle_meta(m)  # not a bundle -> exit 2 before any work
         plots_dir = out / "plots"
         plots: list[str] = []
         report: dict[str, Any] = {
@@ -119,7 +126,6 @@ def run_benchmark(
             }
         report["plots"] = plots
         report["wall_s"] = round(time.perf_counter() - started, 2)
-        from modalign.benchmark.render import report_markdown
         from modalign.core.artifact import atomic_write_text
 
         write_meta(out / "report.json", REPORT_FORMAT, REPORT_VERSION, report)

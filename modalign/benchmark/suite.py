@@ -22,9 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from modalign.core.config_io import apply_override, from_dict, parse_yaml_mapping
+from modalign.core.config_io import (
+    AT_LEAST_1,
+    SEED,
+    Range,
+    apply_override,
+    from_dict,
+    parse_yaml_mapping,
+)
 from modalign.core.errors import ConfigError, UserInputError
 
 __all__ = ["CorpusSpec", "Suite", "TaskSpec", "builtin_suites", "load_suite"]
@@ -38,7 +45,9 @@ class CorpusSpec:
     test: str = ""
     class_names: list[str] = field(default_factory=list)  # [] = sorted labels of train
     inputs: list[str] = field(default_factory=lambda: ["image", "audio"])  # classifier inputs
-    max_items: int = 0  # 0 = all test items (retrieval, robustness)
+    max_items: Annotated[int, Range(ge=0, note="0 = all")] = (
+        0  # 0 = all test items (retrieval, robustness)
+    )
 
 
 @dataclass
@@ -65,8 +74,8 @@ class TaskSpec:
 @dataclass
 class Suite:
     name: str = "suite"
-    seed: int = 0
-    resamples: int = 1000
+    seed: Annotated[int, SEED] = 0
+    resamples: Annotated[int, AT_LEAST_1] = 1000
     corpora: dict[str, CorpusSpec] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     tasks: list[TaskSpec] = field(default_factory=list)
@@ -90,6 +99,24 @@ class Suite:
                     )
 
 
+def _check_modalities(suite: Suite) -> None:
+    """Every corpus input names a modality modalign knows (built-in or a plugin's): a task
+    that cannot be scored as the suite states is an error, not a silently narrower score."""
+    import modalign.data.builtin_modalities  # noqa: F401  (registers image/audio/text)
+    from modalign.data.modality import MODALITIES
+
+    for name, corpus in suite.corpora.items():
+        unknown = [m for m in corpus.inputs if m not in MODALITIES]
+        if unknown:
+            raise ConfigError(
+                f"corpora.{name}.inputs: {unknown[0]!r} is not a known modality (known: "
+                f"{', '.join(MODALITIES.names())}); install the plugin that provides it or "
+                "remove it from the suite"
+            )
+        if not corpus.inputs:
+            raise ConfigError(f"corpora.{name}.inputs is empty; list the classifier inputs")
+
+
 def builtin_suites() -> list[str]:
     root = resources.files("modalign.configs").joinpath("suites")
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
@@ -102,7 +129,7 @@ def _read(name_or_path: str) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"suite file {name_or_path!r} not found")
         text, where = path.read_text(encoding="utf-8"), str(path)
     elif name_or_path in builtin_suites():
-        res = resources.files("modalign.configs").joinpath("suites", f"{name_or_path}.yaml")
+        res = resources.files("modalign.configs") / "suites" / f"{name_or_path}.yaml"
         text, where = res.read_text(encoding="utf-8"), f"built-in suite {name_or_path!r}"
     else:
         raise ConfigError(
@@ -119,6 +146,7 @@ def load_suite(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         apply_override(tree, assignment)
     suite = from_dict(Suite, tree, "")
+    _check_modalities(suite)
     from modalign.finetune.config import FinetuneConfig
 
     from_dict(FinetuneConfig, dict(suite.finetune), "finetune")  # bad keys fail now

@@ -4,13 +4,14 @@ missing-modality robustness and calibration of the fused classifier."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
 from modalign.benchmark.figures import bootstrap, mean_of_seeds
 from modalign.benchmark.task_registry import TASKS, Task, fmt_figure
+from modalign.core.config_io import AT_LEAST_1, POSITIVE
 from modalign.core.errors import UserInputError
 from modalign.finetune.calibration import expected_calibration_error, reliability_bins
 from modalign.finetune.evaluate import predict, subsets
@@ -29,17 +30,41 @@ def _test_correct(ctx: Any, head: Any, drop: tuple[str, ...] = ()) -> np.ndarray
 
 @dataclass(frozen=True)
 class FewLabelOptions:
-    shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    shots: list[Annotated[int, AT_LEAST_1]] = field(default_factory=lambda: [1, 5, 10])
     heads: list[str] = field(default_factory=list)  # [] = every registered head
+    # registered pseudo-labelers; "default" = the suite's finetune.pseudo_label (or
+    # FinetuneConfig's default), reported as "NAME (default)"; a repeated labeler runs once
     pseudo_labels: list[str] = field(default_factory=lambda: ["none", "zero_shot"])
-    seeds: int = 3  # training seeds (label draw + init); figures average over them
+    seeds: Annotated[int, AT_LEAST_1] = (
+        3  # training seeds (label draw + init); figures average over them
+    )
+
+    def __post_init__(self) -> None:
+        from modalign.finetune.labelers import PSEUDO_LABELERS
+
+        for name in self.pseudo_labels:
+            if name != "default":
+                PSEUDO_LABELERS.get(name, "few_label.pseudo_labels")
+
+
+def _pseudo_labelers(ctx: Any, names: list[str]) -> list[tuple[str, str]]:
+    """``(labeler, row label)`` in order: ``default`` resolved, repeats dropped."""
+    default = ctx.finetune_cfg().pseudo_label
+    out: dict[str, str] = {}
+    for name in names:
+        used = default if name == "default" else name
+        if name == "default" or (used == default and "default" in names):
+            out[used] = f"{used} (default)"
+        else:
+            out.setdefault(used, used)
+    return list(out.items())
 
 
 def run_few_label(ctx: Any, opts: FewLabelOptions) -> dict[str, Any]:
     heads = list(opts.heads) or HEADS.names()
     rows = []
     for head in heads:
-        for pl in opts.pseudo_labels:
+        for pl, shown in _pseudo_labelers(ctx, list(opts.pseudo_labels)):
             for k in opts.shots:
                 per_seed = []
                 for s in range(opts.seeds):
@@ -50,7 +75,7 @@ def run_few_label(ctx: Any, opts: FewLabelOptions) -> dict[str, Any]:
                     per_seed.append(_test_correct(ctx, ctx.train_few_label(cfg)))
                 fig = mean_of_seeds(per_seed, ctx.seed).to_dict()
                 fig["seeds"] = [float(p.mean()) for p in per_seed]
-                rows.append({"head": head, "pseudo_label": pl, "shots": k, "accuracy": fig})
+                rows.append({"head": head, "pseudo_label": shown, "shots": k, "accuracy": fig})
     return {"rows": rows}
 
 
@@ -94,10 +119,10 @@ TASKS.add(
 
 @dataclass(frozen=True)
 class ScratchOptions:
-    shots: list[int] = field(default_factory=lambda: [5])
-    epochs: int = 20
-    lr: float = 1e-3
-    seeds: int = 1
+    shots: list[Annotated[int, AT_LEAST_1]] = field(default_factory=lambda: [5])
+    epochs: Annotated[int, AT_LEAST_1] = 20
+    lr: Annotated[float, POSITIVE] = 1e-3
+    seeds: Annotated[int, AT_LEAST_1] = 1
 
 
 def _manifest_rows(src: str, specs: Any) -> dict[str, Any]:
@@ -207,7 +232,7 @@ TASKS.add("missing_modality", Task(run_missing, _missing_md, _missing_headline),
 
 @dataclass(frozen=True)
 class CalibrationOptions:
-    bins: int = 15
+    bins: Annotated[int, AT_LEAST_1] = 15
 
 
 def run_calibration(ctx: Any, opts: CalibrationOptions) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
 from modalign.benchmark.figures import bootstrap_mean
 from modalign.benchmark.task_registry import TASKS, Task, fmt_figure
+from modalign.core.config_io import AT_LEAST_1
 from modalign.finetune.embedded import fused_embedding
 from modalign.finetune.pseudo_label import class_prompt_embeddings
 from modalign.report import table
@@ -22,7 +23,7 @@ __all__ = ["RetrievalOptions", "ZeroShotOptions", "per_query_metrics"]
 @dataclass(frozen=True)
 class RetrievalOptions:
     level: str = "auto"  # auto | class | instance (as `evaluate retrieval --level`)
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ks: list[Annotated[int, AT_LEAST_1]] = field(default_factory=lambda: [1, 5, 10])
 
 
 def per_query_metrics(

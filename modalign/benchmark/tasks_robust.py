@@ -8,10 +8,11 @@ its count of correct items, so the figure is rebuilt exactly from accuracy and n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from modalign.benchmark.figures import accuracy_figure
 from modalign.benchmark.task_registry import TASKS, Task, fmt_figure
+from modalign.core.config_io import AT_LEAST_1, NON_NEGATIVE
 from modalign.report import table
 
 __all__ = ["AdversarialOptions", "NoiseOptions"]
@@ -19,8 +20,10 @@ __all__ = ["AdversarialOptions", "NoiseOptions"]
 
 @dataclass(frozen=True)
 class NoiseOptions:
-    levels: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
-    max_items: int = 500
+    levels: list[Annotated[float, NON_NEGATIVE]] = field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0]
+    )
+    max_items: Annotated[int, AT_LEAST_1] = 500
 
 
 def run_noise(ctx: Any, opts: NoiseOptions) -> dict[str, Any]:
@@ -82,9 +85,11 @@ TASKS.add(
 @dataclass(frozen=True)
 class AdversarialOptions:
     attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])
-    eps: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1])
-    max_items: int = 128
-    steps: int = 10
+    eps: list[Annotated[float, NON_NEGATIVE]] = field(
+        default_factory=lambda: [0.0, 0.01, 0.03, 0.1]
+    )
+    max_items: Annotated[int, AT_LEAST_1] = 128
+    steps: Annotated[int, AT_LEAST_1] = 10
 
 
 def run_adversarial(ctx: Any, opts: AdversarialOptions) -> dict[str, Any]:

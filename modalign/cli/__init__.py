@@ -12,8 +12,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from modalign.cli.bench_cmds import add_benchmark
+from modalign.cli.common import emit_error
 from modalign.cli.corpus_cmds import add_embed, add_index_group
 from modalign.cli.data_cmds import add_data_group, add_demo
 from modalign.cli.eval_cmds import add_evaluate_group, add_predict
@@ -26,9 +28,20 @@ from modalign.server.command import add_serve_command
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (its sub-command parsers too) that remembers its last usage error, so
+    ``--json`` can report it as the one JSON object on stdout."""
+
+    last_error: str | None = None
+
+    def error(self, message: str) -> NoReturn:
+        _Parser.last_error = f"{self.prog}: {message}"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``modalign`` parser, assembled from the command-group modules."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modalign", description="Multimodal self-/semi-supervised representation learning."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -56,22 +69,33 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 user error, 1 other, 130 interrupt)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    _Parser.last_error = None
+    try:
+        args = parser.parse_args(words)
+    except SystemExit as exc:  # usage error (2) or --help (0): argparse already wrote stderr
+        if exc.code not in (0, None) and "--json" in words:
+            emit_error(_Parser.last_error or "invalid arguments", 2)
+        raise
     _setup_logging(args.quiet)
+    as_json = bool(getattr(args, "json", False))
     try:
         args.func(args)
     except UserInputError as exc:
-        print(f"modalign: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"{exc}", 2, as_json)
     except KeyboardInterrupt:
-        print("modalign: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, as_json)
     except (ModalignError, Exception) as exc:
         if args.debug:
             raise
-        print(
-            f"modalign: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        message = f"{type(exc).__name__}: {exc}"
+        return _fail(message, 1, as_json, " (run with --debug for the traceback)")
     return 0
+
+
+def _fail(message: str, code: int, as_json: bool, hint: str = "") -> int:
+    """Report an error: on stderr always, and with ``--json`` as the one object on stdout."""
+    print(f"modalign: {'error: ' if code != 130 else ''}{message}{hint}", file=sys.stderr)
+    if as_json:
+        emit_error(message, code)
+    return code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -12,13 +13,37 @@ from modalign.core.errors import UserInputError
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
-    """``--json``: exactly one JSON object on stdout; else ``text`` (or pretty JSON)."""
+    """``--json``: exactly one JSON object on stdout; else ``text`` (or pretty JSON).
+
+    The JSON is strict (RFC 8259): a float that is not finite (a loss never computed, a
+    metric of nothing) is written as ``null``, never as ``NaN``/``Infinity``."""
     if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.write(json_text(result) + "\n")
     elif text is not None:
         print(text)
     else:
-        print(json.dumps(result, indent=2, default=str))
+        print(json_text(result, indent=2))
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: non-finite floats become ``null``; other objects ``str()``."""
+    return json.dumps(_finite(obj), default=str, indent=indent, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def emit_error(message: str, exit_code: int) -> None:
+    """``--json`` on failure: the one JSON object on stdout is ``{"error", "exit_code"}``."""
+    sys.stdout.write(json_text({"error": message, "exit_code": exit_code}) + "\n")
+    sys.stdout.flush()
 
 
 def launch_world() -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +16,29 @@ log = logging.getLogger("modalign")
 
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.core.artifact import output_dir
     from modalign.pretrain.bundle import load_bundle
-    from modalign.retrieval.embed_shards import rank_device, write_embedding_shards
+    from modalign.retrieval.embed_shards import (
+        EMBEDDINGS_KIND,
+        rank_device,
+        write_embedding_shards,
+    )
 
     rank, size = launch_world()
     device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    model = load_bundle(args.model, device=device)
-    result = write_embedding_shards(
-        model,
-        args.data,
-        args.out,
-        shard_rows=args.shard_rows,
-        batch_size=args.batch_size,
-        rank=rank,
-        world_size=size,
-    )
+    # rank 0 claims --out before the model is loaded (the writer below re-enters the claim)
+    claim = output_dir(args.out, EMBEDDINGS_KIND, "--out") if rank == 0 else nullcontext()
+    with claim:
+        model = load_bundle(args.model, device=device)
+        result = write_embedding_shards(
+            model,
+            args.data,
+            args.out,
+            shard_rows=args.shard_rows,
+            batch_size=args.batch_size,
+            rank=rank,
+            world_size=size,
+        )
     emit(args, result)
     return result
 
@@ -57,6 +66,15 @@ def _embeddings(args: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.core.artifact import output_dir
+    from modalign.retrieval.corpus_index import INDEX_KIND
+
+    # --out is claimed (checked, locked) before anything is embedded, until the index is in place
+    with output_dir(args.out, INDEX_KIND, "--out"):
+        return _index_build(args)
+
+
+def _index_build(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.retrieval.corpus_index import build_corpus_index
     from modalign.retrieval.index_from_shards import build_corpus_index_from_shards
 
@@ -85,12 +103,15 @@ def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_index_add(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.retrieval.corpus_index import CorpusIndex
+    from modalign.core.artifact import output_dir
+    from modalign.retrieval.corpus_index import INDEX_KIND, CorpusIndex
 
-    emb, fingerprint, _ = _embeddings(args)
-    index = CorpusIndex.open(args.index)
-    added = index.add(emb, fingerprint)
-    index.save(args.index)
+    # held from before the index is read until the grown one is in place: no lost update
+    with output_dir(args.index, INDEX_KIND, "--index"):
+        index = CorpusIndex.open(args.index)  # a broken index: refused before any embedding
+        emb, fingerprint, _ = _embeddings(args)
+        added = index.add(emb, fingerprint)
+        index.save(args.index, key="--index")
     total = {m: len(ix) for m, ix in index.indexes.items()}
     result = {"index": args.index, "added": added, "total": total}
     emit(args, result)

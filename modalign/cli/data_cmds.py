@@ -1,4 +1,4 @@
-"""``modalign demo`` and ``modalign data build-demo|avmnist|inspect|pack``."""
+"""``modalign demo`` and ``modalign data build-demo|avmnist|icons|inspect|pack``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,36 @@ def cmd_avmnist(args: argparse.Namespace) -> dict[str, Any]:
         images_per_recording=args.images_per_recording,
     )
     emit(args, result)
+    return result
+
+
+def cmd_icons(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.core.errors import UserInputError
+    from modalign.data.icons import GET_PACKAGE, build_icons
+
+    if not args.package:
+        raise UserInputError(
+            f"modalign data icons needs --package PATH: the @tabler/icons package; {GET_PACKAGE}"
+        )
+    result = build_icons(
+        args.package,
+        args.out,
+        seed=args.seed,
+        size=args.size,
+        min_category_items=args.min_category_items,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        audio=args.audio,
+        workers=args.workers,
+    )
+    items = result["items"]
+    text = (
+        f"wrote {items['train']} train + {items['test']} test icons in "
+        f"{len(result['categories'])} categories to {result['out']} "
+        f"({result['package']['name']} {result['package']['version']}, "
+        f"{result['package']['license']}; {result['wall_s']:.1f}s)"
+    )
+    emit(args, result, text)
     return result
 
 
@@ -99,6 +129,27 @@ def add_data_group(sub: Any) -> None:
                    help="MNIST images paired with each recording")  # fmt: skip
     add_common(p)
     p.set_defaults(func=cmd_avmnist)
+    p = data.add_parser(
+        "icons",
+        help="instance-level image + caption (+ speech) corpus from the npm package @tabler/icons",
+        description="Render @tabler/icons (npm pack @tabler/icons, or npm install "
+        "@tabler/icons) into images, captions (name + tags) and spoken names; label = category "
+        "(categories with >= --min-category-items icons); split by item family, seeded.",
+    )
+    p.add_argument("--package", help="package folder or its npm pack .tgz")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="PNG side in pixels")
+    p.add_argument("--min-category-items", type=int, default=20,
+                   help="drop categories with fewer icons")  # fmt: skip
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="also write val.jsonl, carved out of train (model selection)")  # fmt: skip
+    p.add_argument("--no-audio", dest="audio", action="store_false",
+                   help="skip the spoken names (no eSpeak needed)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="speech synthesis processes")
+    add_common(p)
+    p.set_defaults(func=cmd_icons)
     p = data.add_parser("inspect", help="counts per modality, bad items and why")
     p.add_argument("src", metavar="SRC")
     add_common(p)

@@ -31,14 +31,18 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.core.artifact import output_path
     from modalign.finetune.pipeline import run_finetune
     from modalign.report import classify_table
     from modalign.run_checks import check_finetune_inputs
 
     cfg = load_cli_config(args)
     check_finetune_inputs(cfg)  # the bundle and every manifest, before any work
-    out = Path(cfg.finetune.out or Path(cfg.output.dir) / "classifier")
-    res = run_finetune(cfg.finetune, out)
+    if cfg.finetune.out:
+        out, key = Path(cfg.finetune.out), "finetune.out"
+    else:  # an empty output.dir would put the classifier under the current folder
+        out, key = output_path(cfg.output.dir, "output.dir") / "classifier", "output.dir"
+    res = run_finetune(cfg.finetune, out, key=key)
     result = {
         "out": str(out),
         "fused": res.fused,

@@ -50,6 +50,13 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None) -> A
     app.state.modalign = state
     app.include_router(build_router(state))
     _add_error_handlers(app)
+
+    @app.middleware("http")
+    async def nosniff(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)  # every answer is the type it says it is
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -1,8 +1,9 @@
 """clip-retrieval's back-end protocol, so clip-front (or ClipClient) can point at this server:
 ``POST /knn-service``, ``POST /metadata``, ``GET /indices-list``.
 
-A result's ``id`` is its row in the searched modality's index (as in clip-back); ``/metadata``
-maps rows back to records. The query runs through the same decode + micro-batching path as
+A result's ``id`` numbers its *item* (one number per item of the corpus, whatever modality was
+searched), so ``/metadata`` with only ``{ids, indice_name}`` (what clip-front sends) returns the
+record of that same item: its image (``url``) and its caption, as clip-back's metadata does. The query runs through the same decode + micro-batching path as
 ``/search``.
 """
 
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from modalign.retrieval.corpus_index import Hit
 from modalign.server.errors import RequestError
 from modalign.server.handling import ServerState, answer, json_body
-from modalign.server.queries import parse_knn, parse_metadata
+from modalign.server.queries import knn_default_target, parse_knn, parse_metadata
 
 __all__ = ["add_clip_routes"]
 
@@ -31,23 +32,27 @@ def add_clip_routes(router: APIRouter, state: ServerState) -> None:
         hits = await answer(state, q)
         base = str(request.base_url).rstrip("/")
         full = [knn_record(state, h, base) for h in hits[: q.shown]]
-        rest = [
-            {"id": state.rows[(h.modality, h.id)], "similarity": h.score} for h in hits[q.shown :]
-        ]
+        rest = [{"id": state.numbers[h.id], "similarity": h.score} for h in hits[q.shown :]]
         return JSONResponse(full + rest)
 
     @router.post("/metadata")
     async def metadata(request: Request) -> JSONResponse:
         modality, ids = parse_metadata(await json_body(request), engine, limits)
-        rows = state.row_ids[modality]
-        bad = [i for i in ids if not 0 <= i < len(rows)]
+        items = state.item_ids
+        bad = [i for i in ids if not 0 <= i < len(items)]
         if bad:
-            raise RequestError(400, "ids", f"{bad[0]} is not a row of the {modality} index")
+            raise RequestError(400, "ids", f"{bad[0]} is not an id this index returned")
         base = str(request.base_url).rstrip("/")
         out = []
         for i in ids:
-            record = engine.item(modality, rows[i])
-            hit = Hit(rows[i], 0.0, modality, str(record["value"]), record.get("label"))
+            item = items[i]
+            shown = modality or _shown_modality(state, item)
+            if item not in state.has[shown]:
+                raise RequestError(400, "ids", f"{i} (item {item!r}) has no {shown} vector")
+            record = engine.item(shown, item)
+            if record is None:  # has[shown] holds it, so the index lists it: cannot happen
+                raise RequestError(400, "ids", f"{i} (item {item!r}) has no {shown} record")
+            hit = Hit(item, 0.0, shown, str(record["value"]), record.get("label"))
             meta = knn_record(state, hit, base)
             meta.pop("similarity")
             meta.pop("id")
@@ -59,12 +64,21 @@ def add_clip_routes(router: APIRouter, state: ServerState) -> None:
         return [engine.index.root.name]
 
 
+def _shown_modality(state: ServerState, item: str) -> str:
+    """The modality whose record ``/metadata`` shows for an item when the request names none:
+    clip-back's default (image, else the index's first) if the item has it, else its first."""
+    preferred = knn_default_target(state.engine)
+    if item in state.has[preferred]:
+        return preferred
+    return next(m for m in state.engine.target_modalities if item in state.has[m])
+
+
 def knn_record(state: ServerState, hit: Hit, base: str) -> dict[str, Any]:
-    """One clip-retrieval result: ``id`` (row in its modality's index), ``similarity``,
+    """One clip-retrieval result: ``id`` (the item's number, see module doc), ``similarity``,
     ``caption``, ``url`` (of the media), plus modalign's ``item_id``/``modality``/``label``."""
     rec = state.engine.hit_record(hit, base)
     out: dict[str, Any] = {
-        "id": state.rows[(hit.modality, hit.id)],
+        "id": state.numbers[hit.id],
         "similarity": hit.score,
         "caption": rec["caption"],
         "item_id": hit.id,

@@ -11,7 +11,6 @@ the index lists, and serves only those (:meth:`media`).
 from __future__ import annotations
 
 import logging
-import mimetypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from modalign.core.errors import UserInputError
 from modalign.data.decode import BadItem
+from modalign.data.media import SNIFF_BYTES
 from modalign.data.modality import ModalitySpec
 from modalign.pretrain.bundle import BundleModel, load_bundle
 from modalign.retrieval.corpus_index import CorpusIndex, Hit, Query
@@ -38,7 +38,8 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class MediaFile:
-    """A file the index lists, with the content type guessed from its suffix."""
+    """A file the index lists, with the content type its bytes show (one its modality
+    declares, :attr:`~modalign.data.modality.ModalitySpec.sniff`; never from its name)."""
 
     path: Path
     media_type: str
@@ -52,7 +53,7 @@ class SearchEngine:
         self.model, self.index = model, index
         self.specs: dict[str, ModalitySpec] = dict(model.modality_specs())
         self._media = {
-            media_key(m, item_id): Path(r["value"])
+            media_key(m, item_id): (m, item_id)
             for (m, item_id), r in index.items.items()
             if m in self.specs and not self.specs[m].inline
         }
@@ -95,13 +96,35 @@ class SearchEngine:
 
     # -- decode / encode / search ----------------------------------------------------------
     def decode(self, modality: str, value: bytes | str) -> Any:
-        """One query value -> model input, exactly as ``BundleModel.encode`` prepares it."""
+        """One query value -> model input, exactly as ``BundleModel.encode`` prepares it.
+
+        A file modality's value given as a path (a query by indexed id) is read only if it is
+        under the folders the index recorded for that modality at build time."""
+        if isinstance(value, str) and not self.specs[modality].inline:
+            allowed = self.index.allowed_file(modality, value)
+            if allowed is None:
+                raise DecodeError(
+                    f"{value}: not a file under the corpus folders this index was built from"
+                )
+            value = str(allowed)
         try:
             return self.specs[modality].load(value, False, np.random.default_rng(0))
         except BadItem as exc:
             raise DecodeError(str(exc)) from None
         except (OSError, ValueError, RuntimeError, TypeError) as exc:
             raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+
+    def decode_cost(self, modality: str, data: bytes) -> int:
+        """Peak bytes decoding an uploaded ``data`` takes, from its header (the modality's
+        ``decode_bytes``; a modality without one: the upload's own size). DecodeError when the
+        header cannot be read."""
+        estimate = self.specs[modality].decode_bytes
+        if estimate is None:
+            return len(data)
+        try:
+            return int(estimate(data))
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
 
     def encode(self, modality: str, prepared: Sequence[Any]) -> np.ndarray:
         """L2-normalised ``(n, dim)`` float32 vectors of decoded values, one forward pass."""
@@ -131,12 +154,29 @@ class SearchEngine:
         return self.index.item(modality, item_id)
 
     def media(self, key: str) -> MediaFile | None:
-        """The listed file for a media key (``modality:id``), or None: never a request path."""
-        path = self._media.get(key)
-        if path is None or not path.is_file():
+        """The listed file for a media key (``modality:id``), or None: never a request path, and
+        never a file outside the corpus folders recorded at build time (a symlink swapped in)."""
+        listed = self._media.get(key)
+        if listed is None:
             return None
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return MediaFile(path, media_type)
+        path = self.index.media_path(*listed)
+        if path is None:
+            return None
+        media_type = self._sniff(listed[0], path)
+        return MediaFile(path, media_type) if media_type is not None else None
+
+    def _sniff(self, modality: str, path: Path) -> str | None:
+        """The media type ``path``'s first bytes show, if its modality declares it; else None
+        (a modality without a sniffer declares none, so its files are not served)."""
+        sniff = self.specs[modality].sniff
+        if sniff is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError:
+            return None
+        return sniff(head)
 
     def hit_record(self, hit: Hit, base_url: str = "") -> dict[str, Any]:
         """``search --json``'s record plus ``caption``, ``media_url`` and ``media_type``."""
@@ -145,9 +185,9 @@ class SearchEngine:
         listed = key in self._media
         out["caption"] = self._caption(hit)
         out["media_url"] = f"{base_url}/media/{quote(key, safe='')}" if listed else None
-        out["media_type"] = (
-            (mimetypes.guess_type(hit.value)[0] or "application/octet-stream") if listed else None
-        )
+        found = self.media(key) if listed else None  # what /media would serve, sniffed
+        out["media_url"] = out["media_url"] if found is not None else None
+        out["media_type"] = found.media_type if found is not None else None
         return out
 
     def _caption(self, hit: Hit) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,20 +63,42 @@ class ParsedQuery:
         return {self.field: f"<{self.field} upload, {len(self.value or b'')} bytes>"}
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)  # ASCII digits only ("²".isdigit() is True)
+
+
 def _bad(field: str, message: str) -> RequestError:
     return RequestError(400, field, message)
 
 
-def parse_k(raw: Any, limits: ServeLimits, field: str = "k", default: int = 10) -> int:
-    """An integer in 1..max_k (a string of digits is accepted, as multipart sends it)."""
+def parse_k(
+    raw: Any,
+    limits: ServeLimits,
+    field: str = "k",
+    default: int = 10,
+    most: int | None = None,
+    flag: str = "--max-k",
+) -> int:
+    """An integer in 1..``most`` (default ``max_k``; a string of ASCII digits is accepted, as
+    multipart sends it). Above the limit, the 400 names the serve ``flag`` that raises it."""
+    most = limits.max_k if most is None else most
     if raw is None:
-        return min(default, limits.max_k)
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        return min(default, most)
+    if isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
+        digits = raw.strip().lstrip("+-").lstrip("0")
+        if len(digits) > 18:  # far beyond any limit; int() of 5,000 digits is refused anyway
+            raise _bad(field, f"must be between 1 and {most}, got {len(digits)} digits")
         raw = int(raw)
     if isinstance(raw, bool) or not isinstance(raw, int):
-        raise _bad(field, f"must be an integer, got {raw!r}")
-    if not 1 <= raw <= limits.max_k:
-        raise _bad(field, f"must be between 1 and {limits.max_k}, got {raw}")
+        shown = raw if not isinstance(raw, str) or len(raw) <= 40 else f"{raw[:40]}..."
+        raise _bad(field, f"must be an integer, got {shown!a}")
+    if raw.bit_length() > 63:
+        raise _bad(field, f"must be between 1 and {most}, got a {raw.bit_length()}-bit number")
+    if raw < 1:
+        raise _bad(field, f"must be between 1 and {most}, got {raw}")
+    if raw > most:
+        raise _bad(
+            field, f"must be at most {most} on this server, got {raw} (start it with {flag} {raw})"
+        )
     return raw
 
 
@@ -153,7 +176,7 @@ def _by_id(body: Mapping[str, Any], engine: SearchEngine, limits: ServeLimits) -
     if modality is not None and not isinstance(modality, str):
         raise _bad("modality", f"must be a modality name, got {modality!r}")
     record = engine.item(modality, item_id) if modality else None
-    if record is None:
+    if record is None or not modality:
         raise RequestError(
             404, "id", f"no indexed item {item_id!r}" + (f" in {modality}" if modality else "")
         )
@@ -189,7 +212,7 @@ def parse_multipart_fields(
             "body", f"give exactly one query field: one of {', '.join(engine.query_modalities)}"
         )
     name = given[0]
-    k = parse_k((fields.get("k") or [None])[0], limits)
+    k = parse_k(fields["k"][0] if fields.get("k") else None, limits)
     targets = parse_targets(fields.get("target"), engine, name)
     if name in files:
         if engine.is_inline(name):
@@ -217,6 +240,11 @@ def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQue
     if not isinstance(body, dict):
         raise _bad("body", 'must be a JSON object like {"text": "a dog", "num_images": 10}')
     body = {k: v for k, v in body.items() if v is not None}
+    asked = [m for m in engine.query_modalities if m in body] + (
+        ["embedding_input"] if "embedding_input" in body else []
+    )
+    if len(asked) > 1:  # clip-front sends text "" beside an image: an empty text is no query
+        body = {k: v for k, v in body.items() if not (k in asked and v == "")}
     if "image_url" in body:
         raise _bad("image_url", "this server fetches no URLs; send the image base64 in 'image'")
     allowed = KNN_IGNORED | {"modality", "num_images", "num_result_ids", "embedding_input"}
@@ -229,7 +257,13 @@ def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQue
         raise _bad("body", "give exactly one of text, image (base64) and embedding_input")
     targets = parse_targets(body.get("modality", knn_default_target(engine)), engine, None)
     shown = parse_k(body.get("num_images"), limits, field="num_images", default=40)
-    k = parse_k(body.get("num_result_ids", shown), limits, field="num_result_ids")
+    k = parse_k(
+        body.get("num_result_ids", shown),
+        limits,
+        field="num_result_ids",
+        most=limits.max_result_ids,
+        flag="--max-result-ids",
+    )
     if k < shown:
         raise _bad("num_result_ids", f"must be >= num_images ({shown}), got {k}")
     key = query_keys[0]
@@ -247,12 +281,16 @@ def knn_default_target(engine: SearchEngine) -> str:
     return "image" if "image" in engine.target_modalities else engine.target_modalities[0]
 
 
-def parse_metadata(body: Any, engine: SearchEngine, limits: ServeLimits) -> tuple[str, list[int]]:
-    """clip-retrieval's ``/metadata`` request: ``{"ids": [row, ...], "modality"?}``."""
+def parse_metadata(
+    body: Any, engine: SearchEngine, limits: ServeLimits
+) -> tuple[str | None, list[int]]:
+    """clip-retrieval's ``/metadata`` request: ``{"ids": [id, ...], "modality"?}`` (ids as
+    ``/knn-service`` returned them; ``modality``: whose record to show, default the item's
+    image, else its first)."""
     if not isinstance(body, dict):
         raise _bad("body", 'must be a JSON object like {"ids": [3, 14]}')
-    modality = body.get("modality") or knn_default_target(engine)
-    if modality not in engine.target_modalities:
+    modality = body.get("modality") or None
+    if modality is not None and modality not in engine.target_modalities:
         raise _bad("modality", f"the index has no {modality!r} vectors")
     ids = body.get("ids")
     if not isinstance(ids, list) or not all(

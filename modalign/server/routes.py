@@ -18,6 +18,14 @@ from modalign.server.queries import parse_json, parse_multipart_fields
 __all__ = ["ServerState", "build_router", "render_page"]
 
 
+# A media file is shown as what its bytes are, never as a page: no type guessing by the
+# browser, and nothing in it may run or load anything (sandboxed, no sources at all).
+MEDIA_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
+
+
 def build_router(state: ServerState) -> APIRouter:
     """All routes, closed over ``state``."""
     router = APIRouter()
@@ -44,8 +52,13 @@ def build_router(state: ServerState) -> APIRouter:
     async def media(key: str) -> Response:
         found = engine.media(key)
         if found is None:
-            raise RequestError(404, "key", f"{key!r} is not a media item of this index")
-        return FileResponse(found.path, media_type=found.media_type)
+            raise RequestError(
+                404,
+                "key",
+                f"{key!r} is not a media item of this index (or its bytes are not a media type "
+                "its modality declares)",
+            )
+        return FileResponse(found.path, media_type=found.media_type, headers=MEDIA_HEADERS)
 
     @router.get("/healthz")
     async def healthz() -> dict[str, str]:

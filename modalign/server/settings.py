@@ -13,7 +13,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+from modalign.core.config_io import AT_LEAST_1, POSITIVE, check_ranges
 from modalign.core.errors import UserInputError
 
 __all__ = ["ServeLimits", "ServeSettings", "check_bind", "is_loopback", "read_token"]
@@ -27,27 +29,35 @@ class ServeLimits:
 
     Attributes:
         max_body_bytes: largest request body (an upload plus its multipart framing).
-        max_k: largest ``k`` / ``num_images``.
+        max_k: largest ``k`` / ``num_images`` (results with their records).
+        max_result_ids: largest ``num_result_ids`` of ``/knn-service`` (ids and scores only;
+            clip-front asks for 3000, its download button for 10000).
         max_query_chars: longest inline (text) query.
         decode_timeout_s: longest time decoding one uploaded file may take.
+        max_decode_bytes: most memory decoding one upload may take (estimated from its header:
+            pixels x bytes per pixel at each step, audio frames x channels).
+        max_decode_total_bytes: most memory all uploads being decoded at once may take; past
+            it a new upload gets 429 (retry) before anything is decoded.
         max_batch: most queries encoded in one forward pass.
         max_pending: most queries waiting for the encoder before new ones get 503.
     """
 
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_k: int = 100
-    max_query_chars: int = 1000
-    decode_timeout_s: float = 10.0
-    max_batch: int = 32
-    max_pending: int = 256
+    max_body_bytes: Annotated[int, AT_LEAST_1] = 10 * 1024 * 1024
+    max_k: Annotated[int, AT_LEAST_1] = 100
+    max_result_ids: Annotated[int, AT_LEAST_1] = 10_000
+    max_query_chars: Annotated[int, AT_LEAST_1] = 1000
+    decode_timeout_s: Annotated[float, POSITIVE] = 10.0
+    max_decode_bytes: Annotated[int, AT_LEAST_1] = 512 * 1024 * 1024
+    max_decode_total_bytes: Annotated[int, AT_LEAST_1] = 1024 * 1024 * 1024
+    max_batch: Annotated[int, AT_LEAST_1] = 32
+    max_pending: Annotated[int, AT_LEAST_1] = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_k", "max_query_chars", "max_batch", "max_pending"):
-            if int(getattr(self, name)) < 1:
-                raise UserInputError(f"serve limit {name} must be >= 1, got {getattr(self, name)}")
-        if self.decode_timeout_s <= 0:
+        check_ranges(self, "serve limit")  # ranges declared on the fields; NaN/inf refused
+        if self.max_decode_total_bytes < self.max_decode_bytes:
             raise UserInputError(
-                f"serve limit decode_timeout_s must be > 0, got {self.decode_timeout_s}"
+                "serve limit max_decode_total_bytes must be >= max_decode_bytes "
+                "(--max-decode-total-mb >= --max-decode-mb)"
             )
 
 

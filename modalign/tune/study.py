@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modalign.core.artifact import lock_dir
+from modalign.core.artifact import OutputKind, output_dir
 from modalign.core.errors import UserInputError
 from modalign.tune.budget import Budget
 
@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 __all__ = ["STAGES", "TuneResult", "make_sampler", "run_tune"]
 
 STAGES = ("finetune", "pretrain")
+STUDY_KIND = OutputKind("modalign.tune-study", "tuning study", (("study.db", None),))
+"""A study folder: ``study.db`` (SQLite, Optuna) plus best.yaml, trials.csv, trial runs."""
 
 
 @dataclass
@@ -79,11 +81,11 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
     cfg = load_config(config, overrides).finetune
     data = load_finetune_data(cfg, val_per_class)
     labelers = usable_labelers(list(FinetuneSpace().pseudo_labels), cfg, data.model)
-    space = FinetuneSpace(
+    finetune_space = FinetuneSpace(
         pseudo_labels=labelers,
         labeler_options={cfg.pseudo_label: dict(cfg.pseudo_label_options)},
     )
-    return FinetuneObjective(tree, data, space, metric)
+    return FinetuneObjective(tree, data, finetune_space, metric)
 
 
 def _check_metric(stage: str, metric: str | None) -> str:
@@ -100,20 +102,79 @@ def _check_metric(stage: str, metric: str | None) -> str:
 def _open_study(
     stage: str, study_dir: Path, sampler: str, pruner: str, seed: int, metric: str
 ) -> Any:
-    """Create or load the study in ``study_dir/study.db``; checked before any long work."""
+    """Create or load the study in ``study_dir/study.db``; checked before any long work.
+
+    A ``study.db`` that is not an SQLite file is refused naming it (exit 2). Trials still
+    RUNNING in a study nobody runs (the folder lock is ours: their process was killed) are
+    marked FAIL, so the study and ``trials.csv`` say what happened to them."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=stage,
-        storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
-        load_if_exists=True,
-        direction="maximize",
-        sampler=make_sampler(sampler, seed),
-        pruner=_pruner(pruner),
-    )
+    db = study_dir / "study.db"
+    check_study_db(db)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+        study = optuna.create_study(
+            study_name=stage,
+            storage=storage,
+            load_if_exists=True,
+            direction="maximize",
+            sampler=make_sampler(sampler, seed),
+            pruner=_pruner(pruner),
+        )
+    except UserInputError:
+        raise
+    except Exception as exc:  # SQLAlchemy / sqlite3 errors of a damaged database
+        raise _unreadable_db(db, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    fail_interrupted_trials(study, storage)
     _same_metric(study, metric, _check_metric(stage, None), study_dir)
     return study
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_study_db(db: Path) -> None:
+    """Refuse (exit 2, naming the file) a ``study.db`` that is not a regular SQLite file."""
+    if not db.exists() and not db.is_symlink():
+        return
+    if not db.is_file():
+        raise UserInputError(
+            f"{db} is not a file (a folder or a broken link?); move it out of the study folder "
+            "to start a new study, or pass another --study folder"
+        )
+    with open(db, "rb") as f:
+        head = f.read(len(SQLITE_HEADER))
+    if head and head != SQLITE_HEADER:
+        raise _unreadable_db(db, "it is not an SQLite database")
+
+
+def _unreadable_db(db: Path, why: str) -> UserInputError:
+    return UserInputError(
+        f"{db}: the study database cannot be read ({why}); restore it from a backup, or move "
+        "it away (the trials in it are then lost) to start a new study in this folder, or "
+        "pass another --study folder"
+    )
+
+
+INTERRUPTED = "interrupted: its process ended while it ran; marked FAIL when the study resumed"
+
+
+def fail_interrupted_trials(study: Any, storage: Any) -> list[int]:
+    """Mark FAIL (with ``user_attrs['fail_reason']``) every trial left RUNNING; returns their
+    numbers. Only safe while the study folder's lock is held, as :func:`run_tune` does."""
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        failed.append(t.number)
+    if failed:
+        log.warning("trials %s of %s were %s", failed, study.study_name, INTERRUPTED)
+    return failed
 
 
 def _same_metric(study: Any, metric: str, default: str, study_dir: Path) -> None:
@@ -156,7 +217,7 @@ def run_tune(
     metric = _check_metric(stage, metric)
     study_dir = Path(study_dir)
     # the whole study (loading the model draws weight init from the default RNG) and each trial
-    with lock_dir(study_dir, "tuning study"), process_state_guard():
+    with output_dir(study_dir, STUDY_KIND, "--study"), process_state_guard():
         study = _open_study(stage, study_dir, sampler, pruner, seed, metric)
         objective = _objective(stage, config, list(overrides), study_dir, val_per_class, metric)
         done = len([t for t in study.trials if t.state.is_finished()])

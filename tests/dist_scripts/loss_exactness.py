@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from modalign.pretrain.config import LossConfig
+from modalign.pretrain import LossConfig
 from modalign.pretrain.distributed import all_reduce_mean, convert_batchnorm, world
 from modalign.pretrain.losses import ContrastiveLoss
 

@@ -134,7 +134,7 @@ class Batch:
     keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     counts: DecodeCounts = field(default_factory=DecodeCounts)  # what decoding the batch cost
     # Outputs a loader-side batch hook already computed for some modalities (e.g. a frozen
-    # tower's trunk features, see modalign.pretrain.loader_towers): modality -> (B, ...) tensor.
+    # tower's trunk features, see modalign.pretrain.towers.in_loader): modality -> (B, ...) tensor.
     encoded: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -12,15 +12,15 @@ threshold policies; plugins add theirs through the ``modalign.pseudo_labelers``,
 
 from __future__ import annotations
 
-from modalign.finetune.autoselect import AutoOptions
 from modalign.finetune.classifier import Classifier, load_classifier
 from modalign.finetune.config import PSEUDO_LABELERS, FinetuneConfig, HeadSpec
 from modalign.finetune.head_base import FusionHead
 from modalign.finetune.heads import HEADS
-from modalign.finetune.labelers import LabelContext, Labeler, LabelerOutput
-from modalign.finetune.labels import PseudoLabels
 from modalign.finetune.pipeline import FinetuneResult, run_finetune
-from modalign.finetune.thresholds import THRESHOLDS
+from modalign.finetune.pseudo.auto import AutoOptions
+from modalign.finetune.pseudo.labelers import LabelContext, Labeler, LabelerOutput
+from modalign.finetune.pseudo.labels import PseudoLabels
+from modalign.finetune.pseudo.thresholds import THRESHOLDS
 
 __all__ = [
     "HEADS",

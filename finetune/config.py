@@ -7,7 +7,7 @@ Strategy axes are registry names plus an options mapping typed by the entry:
 * ``pseudo_label: knn`` + ``pseudo_label_options: {k: 20}``, registry
   :data:`modalign.finetune.config.PSEUDO_LABELERS`;
 * ``threshold_policy: flexmatch`` + ``threshold_options: {warmup: false}``, registry
-  :data:`modalign.finetune.thresholds.THRESHOLDS` (self-training only).
+  :data:`modalign.finetune.pseudo.thresholds.THRESHOLDS` (self-training only).
 
 Options are checked against the entry's dataclass when the config is built (ConfigError naming
 the key, before any work); ``classifier.json`` stores the head's fully resolved options.
@@ -32,13 +32,13 @@ from modalign.core.config_io import (
 from modalign.core.errors import ConfigError
 from modalign.core.registry import Registry
 from modalign.finetune.heads import HEADS
-from modalign.finetune.pseudo_label import prompts_for
-from modalign.finetune.thresholds import THRESHOLDS
+from modalign.finetune.pseudo.algorithms import prompts_for
+from modalign.finetune.pseudo.thresholds import THRESHOLDS
 
 PSEUDO_LABELERS: Registry[Any] = Registry("pseudo-labeler", "modalign.pseudo_labelers")
 """Pseudo-labelers named by ``finetune.pseudo_label``; each entry is a
-:class:`modalign.finetune.labelers.Labeler`. The built-ins are registered by
-:mod:`modalign.finetune.labelers` and :mod:`modalign.finetune.autoselect` (``auto``); the registry
+:class:`modalign.finetune.pseudo.labelers.Labeler`. The built-ins are registered by
+:mod:`modalign.finetune.pseudo.labelers` and :mod:`modalign.finetune.pseudo.auto` (``auto``); the registry
 sits beside :class:`FinetuneConfig`, which names its entries, so the config is checked when built
 without importing the labelers."""
 

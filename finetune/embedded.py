@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from modalign.core.errors import UserInputError
-from modalign.finetune.labels import NO_LABEL
+from modalign.finetune.pseudo.labels import NO_LABEL
 from modalign.pretrain.bundle import BundleModel
 from modalign.retrieval.embed import embed_source
 

@@ -27,7 +27,7 @@ from modalign.finetune.embedded import EmbeddedSet
 from modalign.finetune.fit import fit_head, local_rng
 from modalign.finetune.head_base import FusionHead, modality_dropout
 from modalign.finetune.heads import build_head_from_options
-from modalign.finetune.labels import NO_LABEL
+from modalign.finetune.pseudo.labels import NO_LABEL
 from modalign.pretrain.model import MultimodalEncoder
 from modalign.retrieval.embed import embed_batches
 

@@ -11,8 +11,8 @@ import torch
 from modalign.core.errors import UserInputError
 from modalign.finetune.embedded import EmbeddedSet
 from modalign.finetune.head_base import FusionHead
-from modalign.finetune.labels import NO_LABEL
 from modalign.finetune.metrics import classification_metrics
+from modalign.finetune.pseudo.labels import NO_LABEL
 
 
 @torch.no_grad()

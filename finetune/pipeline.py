@@ -37,9 +37,9 @@ from modalign.finetune.evaluate import evaluate_head, predict, subsets
 from modalign.finetune.fit import local_rng, preserved_rng, train_cached
 from modalign.finetune.head_base import FusionHead
 from modalign.finetune.heads import build_head_from_options
-from modalign.finetune.labelers import PSEUDO_LABELERS, LabelContext, LabelerOutput
-from modalign.finetune.labels import NO_LABEL, PseudoLabels
-from modalign.finetune.selection import balance_classes, pseudo_label_report
+from modalign.finetune.pseudo.labelers import PSEUDO_LABELERS, LabelContext, LabelerOutput
+from modalign.finetune.pseudo.labels import NO_LABEL, PseudoLabels
+from modalign.finetune.pseudo.selection import balance_classes, pseudo_label_report
 from modalign.pretrain.bundle import BundleModel, load_bundle
 
 log = logging.getLogger(__name__)

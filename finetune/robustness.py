@@ -27,7 +27,7 @@ from modalign.core.errors import UserInputError
 from modalign.data.batch import Batch
 from modalign.data.sources import open_eval_source
 from modalign.finetune.pipeline import Classifier
-from modalign.finetune.pseudo_label import NO_LABEL
+from modalign.finetune.pseudo.algorithms import NO_LABEL
 
 
 def _batches(

@@ -44,9 +44,9 @@ def _demo_config(out: Path, steps: int | None) -> Any:
 
 def _index_and_evaluate(cfg: Any, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from modalign.pretrain.bundle import load_bundle
-    from modalign.retrieval.corpus_index import CorpusIndex, build_corpus_index
     from modalign.retrieval.embed import embed_source
     from modalign.retrieval.evaluate import evaluate_pairs
+    from modalign.retrieval.index.corpus import CorpusIndex, build_corpus_index
 
     model = load_bundle(cfg.output.dir)
     emb, _ = embed_source(model, out / "corpus" / "test.jsonl", batch_size=128)
@@ -72,7 +72,7 @@ def run_demo(
 def _run_demo(out: Path, steps: int | None, fresh: bool) -> tuple[dict[str, Any], str]:
     import shutil
 
-    from modalign.data.demo_corpus import build_demo_corpus
+    from modalign.data.corpora.demo import build_demo_corpus
     from modalign.finetune.pipeline import run_finetune
     from modalign.training import run_pretrain
 

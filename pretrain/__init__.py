@@ -15,8 +15,8 @@ from __future__ import annotations
 from modalign.pretrain.bundle import BundleModel, load_bundle, save_bundle
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.losses import LOSSES, PAIR_POLICIES, LossConfig
-from modalign.pretrain.tower_api import TOWERS, TowerBuilder, TowerConfig, TowerParts
 from modalign.pretrain.towers import build_tower
+from modalign.pretrain.towers.api import TOWERS, TowerBuilder, TowerConfig, TowerParts
 from modalign.pretrain.trainer import PretrainResult, pretrain
 
 __all__ = [

@@ -17,7 +17,7 @@ from modalign.core.config_io import (
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.pretrain.losses import LossConfig
-from modalign.pretrain.tower_api import TowerConfig
+from modalign.pretrain.towers.api import TowerConfig
 
 
 def _default_towers() -> dict[str, TowerConfig]:
@@ -102,7 +102,7 @@ class TrainConfig:
     compile: bool = False
     # Where frozen towers (lock: all) run: in the loader workers, overlapped with the step
     # (loader), in the step (step), or auto: loader on CPU/fp32 with workers and cores to spare
-    # (modalign.pretrain.loader_towers says exactly when).
+    # (modalign.pretrain.towers.in_loader says exactly when).
     frozen_towers: Literal["auto", "loader", "step"] = "auto"
     deterministic: bool = False
     progress: bool = True

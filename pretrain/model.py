@@ -16,7 +16,6 @@ from modalign.data.item_keys import item_keys
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import ModelConfig
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
-from modalign.pretrain.tower_api import ExternalWeights, TowerTraits
 from modalign.pretrain.towers import (
     TowerBuilder,
     apply_lock,
@@ -24,6 +23,7 @@ from modalign.pretrain.towers import (
     resolve_builder,
     tower_traits,
 )
+from modalign.pretrain.towers.api import ExternalWeights, TowerTraits
 
 
 def projection_head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
@@ -86,7 +86,7 @@ class MultimodalEncoder(nn.Module):
         """One modality through preprocessor -> trunk -> head (-> L2 normalisation).
 
         ``trunk_out``: the trunk's output, already computed (a frozen tower run in the loader,
-        see :mod:`modalign.pretrain.loader_towers`); then only the head runs."""
+        see :mod:`modalign.pretrain.towers.in_loader`); then only the head runs."""
         if trunk_out is None:
             x = self.trunks[modality](self.preprocessors[modality](value))
         else:

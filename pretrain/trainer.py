@@ -43,7 +43,7 @@ from modalign.data.dataset import BadItemLog, Batch
 from modalign.data.modality import ModalitySpec, modality_specs
 from modalign.data.sources import open_stream
 from modalign.pretrain import checkpoint as ckpt
-from modalign.pretrain import run_log, train_state
+from modalign.pretrain import run_log
 from modalign.pretrain.accelerate_setup import (
     check_precision,
     compile_trunks,
@@ -54,17 +54,18 @@ from modalign.pretrain.accumulation import cached_accumulation_step
 from modalign.pretrain.best import BEST_DIR, BestSoFar
 from modalign.pretrain.bundle import FORMAT as BUNDLE_FORMAT
 from modalign.pretrain.bundle import save_bundle
+from modalign.pretrain.checkpoint import state as train_state
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.cpu_precision import bf16_step_route
 from modalign.pretrain.distributed import all_reduce_mean
 from modalign.pretrain.engines import check_shardable, full_model_state
 from modalign.pretrain.feed import next_micro_batches
-from modalign.pretrain.loader_towers import FrozenTowersHook, loader_modalities
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
 from modalign.pretrain.model import ContrastiveTask, build_encoder
 from modalign.pretrain.optim import make_optimizer, make_scheduler
 from modalign.pretrain.process_state import process_state_guard
 from modalign.pretrain.towers import TowerBuilder
+from modalign.pretrain.towers.in_loader import FrozenTowersHook, loader_modalities
 from modalign.pretrain.update import TrainingDiverged, apply_update, check_finite_weights
 from modalign.pretrain.validate import EncoderView, Evaluate, run_validation
 
@@ -114,7 +115,9 @@ class _Run:
 RUN_KIND = OutputKind(
     BUNDLE_FORMAT,
     "pretraining run (model bundle + checkpoints)",
-    (("modalign.json", BUNDLE_FORMAT), ("checkpoints/step-*/state.json", ckpt.FORMAT)),
+    # a checkpoint's state.json marks a run by its presence: format-1 checkpoints (still
+    # resumable) wrote no ``format`` field
+    (("modalign.json", BUNDLE_FORMAT), ("checkpoints/step-*/state.json", None)),
 )
 """A pretraining output folder: the bundle, or checkpoints of a run not finished yet."""
 

@@ -8,11 +8,11 @@ The public surface of the layer (one import path per thing)::
 
 from __future__ import annotations
 
-from modalign.retrieval.corpus_index import CorpusIndex, Hit, Query, build_corpus_index
 from modalign.retrieval.embed import Embeddings, EncoderModel, embed_source
 from modalign.retrieval.embed_shards import read_embedding_shards, write_embedding_shards
 from modalign.retrieval.evaluate import evaluate_pairs, make_validator
 from modalign.retrieval.index import SearchResult, VectorIndex
+from modalign.retrieval.index.corpus import CorpusIndex, Hit, Query, build_corpus_index
 
 __all__ = [
     "CorpusIndex",

@@ -1,6 +1,6 @@
 """Retrieval quality after pretraining from scratch on the AV-MNIST-style corpus (real data).
 
-Builds the corpus with :func:`modalign.data.avmnist.build_avmnist` (FSDD recordings paired by
+Builds the corpus with :func:`modalign.data.corpora.avmnist.build_avmnist` (FSDD recordings paired by
 digit with MNIST images: takes 5-49 with MNIST train images, takes 0-4 with MNIST test images),
 pretrains image + audio towers from scratch with a frozen MiniLM text tower (LiT-style) under a
 wall-clock budget, then embeds the FSDD test split and scores retrieval at class level (a hit is
@@ -37,7 +37,7 @@ PAIRS = [("audio", "image"), ("image", "audio"), ("text", "audio"), ("text", "im
 
 
 def build_corpus(mnist: Path, fsdd: Path, out: Path, images_per_recording: int) -> Path:
-    from modalign.data.avmnist import build_avmnist
+    from modalign.data.corpora.avmnist import build_avmnist
 
     if not (out / "train.jsonl").is_file():
         build_avmnist(mnist, fsdd, out, seed=0, images_per_recording=images_per_recording)

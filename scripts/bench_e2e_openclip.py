@@ -69,7 +69,7 @@ def build_shards(cifar: Path, out: Path, samples: int, per_shard: int, seed: int
     from transformers import AutoTokenizer
 
     from modalign.core.artifact import atomic_path, atomic_write_json
-    from modalign.pretrain.towers_text import bundled_text_model_path
+    from modalign.pretrain.towers.text import bundled_text_model_path
 
     spec = {"samples": samples, "per_shard": per_shard, "seed": seed, "source": str(cifar)}
     n_shards = -(-samples // per_shard)
@@ -147,7 +147,7 @@ def openclip_argv(args: argparse.Namespace, pattern: str, logs: Path, name: str)
 
 
 def openclip_model_config(context: int) -> dict[str, Any]:
-    from modalign.pretrain.towers_text import bundled_text_model_path
+    from modalign.pretrain.towers.text import bundled_text_model_path
 
     text = bundled_text_model_path()
     return {

@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from modalign.retrieval.index import VectorIndex, choose_factory
-from modalign.retrieval.index_factory import nlist_for
+from modalign.retrieval.index.factory import nlist_for
 
 K = 10
 
@@ -263,7 +263,7 @@ RSS_CHILD = (
     PEAK_RSS
     + """
 import sys
-from modalign.retrieval.index_from_shards import build_corpus_index_from_shards
+from modalign.retrieval.index.from_shards import build_corpus_index_from_shards
 build_corpus_index_from_shards(sys.argv[1], sys.argv[2], memory_budget_bytes=int(sys.argv[3]))
 print(peak_rss())
 """
@@ -271,7 +271,7 @@ print(peak_rss())
 IMPORT_CHILD = (
     PEAK_RSS
     + """
-import modalign.retrieval.index_from_shards
+import modalign.retrieval.index.from_shards
 print(peak_rss())
 """
 )

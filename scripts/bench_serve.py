@@ -206,8 +206,8 @@ def _row(r: dict) -> str:
 
 def build_million(src_index: Path, out: Path, n: int, seed: int = 0) -> Path:
     """A CorpusIndex of ``n`` synthetic clustered unit vectors (modality ``synthetic``)."""
-    from modalign.retrieval.corpus_index import build_corpus_index
     from modalign.retrieval.embed import Embeddings
+    from modalign.retrieval.index.corpus import build_corpus_index
 
     if (out / "index.json").is_file():
         return out

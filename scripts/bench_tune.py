@@ -59,7 +59,7 @@ def _subsample(src: Path, dst: Path, per_class: int) -> Path:
 
 def corpus(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """(pretraining manifest, fine-tuning manifest, test manifest)."""
-    from modalign.data.avmnist import build_avmnist
+    from modalign.data.corpora.avmnist import build_avmnist
 
     root = Path(args.work) / "corpus"
     if not (root / "test.jsonl").is_file():

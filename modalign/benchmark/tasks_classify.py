@@ -40,7 +40,7 @@ class FewLabelOptions:
     )
 
     def __post_init__(self) -> None:
-        from modalign.finetune.labelers import PSEUDO_LABELERS
+        from modalign.finetune.pseudo.labelers import PSEUDO_LABELERS
 
         for name in self.pseudo_labels:
             if name != "default":

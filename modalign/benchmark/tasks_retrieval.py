@@ -12,7 +12,7 @@ from modalign.benchmark.figures import bootstrap_mean
 from modalign.benchmark.task_registry import TASKS, Task, fmt_figure
 from modalign.core.config_io import AT_LEAST_1
 from modalign.finetune.embedded import fused_embedding
-from modalign.finetune.pseudo_label import class_prompt_embeddings
+from modalign.finetune.pseudo.algorithms import class_prompt_embeddings
 from modalign.report import table
 from modalign.retrieval.evaluate import Level, positive_groups
 from modalign.retrieval.metrics import query_ranks

@@ -67,7 +67,7 @@ def _embeddings(args: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
 
 def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.core.artifact import output_dir
-    from modalign.retrieval.corpus_index import INDEX_KIND
+    from modalign.retrieval.index.corpus import INDEX_KIND
 
     # --out is claimed (checked, locked) before anything is embedded, until the index is in place
     with output_dir(args.out, INDEX_KIND, "--out"):
@@ -75,8 +75,8 @@ def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _index_build(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.retrieval.corpus_index import build_corpus_index
-    from modalign.retrieval.index_from_shards import build_corpus_index_from_shards
+    from modalign.retrieval.index.corpus import build_corpus_index
+    from modalign.retrieval.index.from_shards import build_corpus_index_from_shards
 
     if args.embeddings:  # from disk, shard by shard: memory bounded by the index
         stats, fingerprint = build_corpus_index_from_shards(
@@ -104,7 +104,7 @@ def _index_build(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_index_add(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.core.artifact import output_dir
-    from modalign.retrieval.corpus_index import INDEX_KIND, CorpusIndex
+    from modalign.retrieval.index.corpus import INDEX_KIND, CorpusIndex
 
     # held from before the index is read until the grown one is in place: no lost update
     with output_dir(args.index, INDEX_KIND, "--index"):

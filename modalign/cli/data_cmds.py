@@ -18,7 +18,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_build_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.data.demo_corpus import build_demo_corpus
+    from modalign.data.corpora.demo import build_demo_corpus
 
     corpus = build_demo_corpus(args.out, seed=args.seed)
     result = {
@@ -37,7 +37,7 @@ def cmd_build_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_avmnist(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.data.avmnist import build_avmnist
+    from modalign.data.corpora.avmnist import build_avmnist
 
     result = build_avmnist(
         args.mnist,
@@ -52,7 +52,7 @@ def cmd_avmnist(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_icons(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.core.errors import UserInputError
-    from modalign.data.icons import GET_PACKAGE, build_icons
+    from modalign.data.corpora.icons import GET_PACKAGE, build_icons
 
     if not args.package:
         raise UserInputError(

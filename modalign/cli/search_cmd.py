@@ -58,7 +58,7 @@ def encode_query(model: Any, modality: str, value: str) -> Any:
 def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     from modalign.pretrain.bundle import load_bundle
     from modalign.report import table
-    from modalign.retrieval.corpus_index import CorpusIndex
+    from modalign.retrieval.index.corpus import CorpusIndex
 
     queries = parse_queries(args)
     index = CorpusIndex.open(args.index, mmap=args.mmap)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from modalign.retrieval.corpus_index import Hit, Query
+from modalign.retrieval.index.corpus import Hit, Query
 from modalign.server.engine import SearchEngine
 from modalign.server.errors import RequestError
 

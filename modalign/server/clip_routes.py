@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from modalign.retrieval.corpus_index import Hit
+from modalign.retrieval.index.corpus import Hit
 from modalign.server.errors import RequestError
 from modalign.server.handling import ServerState, answer, json_body
 from modalign.server.queries import knn_default_target, parse_knn, parse_metadata

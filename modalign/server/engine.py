@@ -4,7 +4,7 @@
 :class:`~modalign.data.modality.ModalitySpec` (the same ``spec.load`` that
 ``BundleModel.encode`` uses, so a query gives the same vector here as in ``modalign search``),
 encodes many decoded values of one modality in one forward pass, and searches many vectors at
-once (:meth:`~modalign.retrieval.corpus_index.CorpusIndex.search_batch`). It knows which files
+once (:meth:`~modalign.retrieval.index.corpus.CorpusIndex.search_batch`). It knows which files
 the index lists, and serves only those (:meth:`media`).
 """
 
@@ -25,7 +25,7 @@ from modalign.data.decode import BadItem
 from modalign.data.media import SNIFF_BYTES
 from modalign.data.modality import ModalitySpec
 from modalign.pretrain.bundle import BundleModel, load_bundle
-from modalign.retrieval.corpus_index import CorpusIndex, Hit, Query
+from modalign.retrieval.index.corpus import CorpusIndex, Hit, Query
 
 __all__ = ["DecodeError", "MediaFile", "SearchEngine"]
 

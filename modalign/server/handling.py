@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from modalign.retrieval.corpus_index import Hit
+from modalign.retrieval.index.corpus import Hit
 from modalign.server.batching import Job, MicroBatcher
 from modalign.server.engine import DecodeError, SearchEngine
 from modalign.server.errors import RequestError

@@ -116,7 +116,7 @@ class FinetuneObjective:
 
 def usable_labelers(names: list[str], cfg: FinetuneConfig, model: BundleModel) -> list[str]:
     """The pseudo-labelers whose own ``check`` accepts this model (e.g. zero-shot needs text)."""
-    from modalign.finetune.labelers import PSEUDO_LABELERS
+    from modalign.finetune.pseudo.labelers import PSEUDO_LABELERS
 
     ok = []
     for name in names:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from modalign.config import load_config
-from modalign.pretrain import train_state, trainer
+from modalign.pretrain import trainer
+from modalign.pretrain.checkpoint import state as train_state
 
 
 def main(kill_step: int, overrides_file: str) -> None:

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from modalign.config import load_config
-from modalign.pretrain import model, train_state, trainer
+from modalign.pretrain import model, trainer
+from modalign.pretrain.checkpoint import state as train_state
 
 
 def die() -> None:

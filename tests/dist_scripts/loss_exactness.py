@@ -1,7 +1,7 @@
 """2 processes x B vs 1 process x 2B: loss, gradients and BatchNorm statistics.
 
 Run ``torchrun --standalone --nproc_per_node 2 loss_exactness.py OUT.pt`` (CPU, gloo); rank 0
-saves every case's results to OUT.pt. ``tests/test_distributed.py`` imports this module to
+saves every case's results to OUT.pt. ``tests/system/test_distributed.py`` imports this module to
 compute the same cases in one process and compares. Each rank holds its contiguous slice of the
 global batch (``row_split``), as the trainer's sampler does; the towers' BatchNorms are swapped
 for :class:`GlobalBatchNorm` and the model is wrapped in DDP, as in the trainer.

@@ -1,0 +1,164 @@
+"""`modalign tune`: resumable Optuna studies; best.yaml accepted by finetune/pretrain as is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modalign.cli import main
+
+from helpers.corpus import WORDS, tiny_overrides, write_tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def tune_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tune")
+    train = write_tiny_corpus(root / "train", n=48, seed=0)
+    test = write_tiny_corpus(root / "test", n=24, seed=1)
+    model = root / "model"
+    sets = tiny_overrides(train, model, steps=30, batch=16)
+    sets += ["train.checkpoint_every=0", "train.val_every=0", "data.val="]
+    assert main(["-q", "pretrain", "demo", "--set", *sets]) == 0
+    ft = [f"finetune.model={model}", f"finetune.train={train}", f"finetune.test={test}",
+          f"finetune.class_names={json.dumps(WORDS)}", "finetune.labels_per_class=1",
+          "finetune.epochs=10", f"finetune.out={root / 'clf'}"]  # fmt: skip
+    return {"root": root, "train": train, "test": test, "model": model, "sets": sets + ft}
+
+
+def _tune(setup: dict, study: Path, budget: str, *extra: str) -> dict:
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    argv = ["tune", "demo", "--budget", budget, "--study", str(study), "--val-per-class", "3",
+            "--set", *setup["sets"], *extra, "--json"]  # fmt: skip
+    with redirect_stdout(buf):
+        assert main(argv) == 0
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_tune_finetune_resumes_and_never_reads_test(
+    tune_setup: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import modalign.finetune.embedded as embedded
+
+    read: list[str] = []
+    real = embedded.embed_source
+
+    def spy(model, src, *a, **kw):  # type: ignore[no-untyped-def]
+        read.append(str(src))
+        return real(model, src, *a, **kw)
+
+    monkeypatch.setattr(embedded, "embed_source", spy)
+    import numpy as np
+    import torch
+
+    study = tmp_path / "study"
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), torch.get_num_threads())
+    first = _tune(tune_setup, study, "3")
+    after = (torch.get_rng_state(), np.random.get_state()[1].copy(), torch.get_num_threads())
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all()
+    assert before[2] == after[2]  # each trial left the process as found
+    assert first["trials"] == 3 and first["new_trials"] == 3
+    assert read and str(tune_setup["test"]) not in read  # the search never sees test data
+    assert (study / "study.db").is_file()
+    again = _tune(tune_setup, study, "5")  # resumes from the SQLite storage
+    assert again["trials"] == 5 and again["new_trials"] == 2
+    assert again["best_value"] >= first["best_value"]
+    done = _tune(tune_setup, study, "5")  # budget spent: no new trial
+    assert done["new_trials"] == 0
+    for name in ("best.yaml", "trials.csv", "trials.md", "history.png"):
+        assert (study / name).stat().st_size > 100, name
+    rows = (study / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 5
+    best = yaml.safe_load((study / "best.yaml").read_text())
+    assert best["finetune"]["head"]["kind"] == again["best_params"]["finetune.head"]["kind"]
+    assert best["finetune"]["lr"] == pytest.approx(again["best_params"]["finetune.lr"])
+    monkeypatch.undo()
+    # best.yaml is a config `modalign finetune` accepts as is
+    assert main(["-q", "finetune", str(study / "best.yaml")]) == 0
+    meta = json.loads((tune_setup["root"] / "clf" / "classifier.json").read_text())
+    assert meta["head"]["kind"] == best["finetune"]["head"]["kind"]
+
+
+def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
+    tune_setup: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import optuna
+
+    study = tmp_path / "study"
+    res = _tune(tune_setup, study, "2", "--metric", "accuracy")
+    trials = optuna.load_study(study_name="finetune", storage=f"sqlite:///{study / 'study.db'}")
+    assert trials.user_attrs["metric"] == "accuracy"
+    for t in trials.trials:  # each trial's value is its validation accuracy, not the subset mean
+        assert t.value == pytest.approx(t.user_attrs["accuracy"])
+        assert set(t.user_attrs["by_subset"]) == {"audio", "image", "audio+image"}
+    assert res["best_value"] == pytest.approx(max(t.value for t in trials.trials))
+
+    import modalign.finetune.embedded as embedded
+
+    def never(*a, **kw):  # type: ignore[no-untyped-def]
+        raise AssertionError("embedded before the metric was checked")
+
+    monkeypatch.setattr(embedded, "embed_source", never)
+    argv = ["-q", "tune", "demo", "--budget", "3", "--study", str(study), "--set",
+            *tune_setup["sets"]]  # fmt: skip
+    assert main(argv) == 2  # resumed with the default metric (subsets): refused, nothing embedded
+    assert main([*argv, "--metric", "f1"]) == 2  # unknown metric
+    assert main([*argv[:-len(tune_setup["sets"]) - 1], "--stage", "pretrain", "--metric",
+                 "accuracy"]) == 2  # fmt: skip
+
+
+def test_tune_pretrain_stage_best_yaml_pretrains(tune_setup: dict, tmp_path: Path) -> None:
+    study = tmp_path / "pstudy"
+    extra = ["--stage", "pretrain", "--set", "train.steps=4", "train.val_every=2",
+             f"data.val={tune_setup['test']}", f"output.dir={tmp_path / 'final'}"]  # fmt: skip
+    res = _tune(tune_setup, study, "2", *extra)
+    assert res["trials"] == 2 and 0.0 <= res["best_value"] <= 1.0
+    assert {"optim.lr", "model.embed_dim", "train.batch_size"} <= set(res["best_params"])
+    assert (study / "trials" / "0000" / "model.safetensors").is_file()
+    best = yaml.safe_load((study / "best.yaml").read_text())
+    assert best["model"]["embed_dim"] == res["best_params"]["model.embed_dim"]
+    assert main(["-q", "pretrain", str(study / "best.yaml")]) == 0
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_budget_parsing_and_errors() -> None:
+    from modalign.core.errors import UserInputError
+    from modalign.tune.budget import Budget, parse_budget
+
+    assert parse_budget("20") == Budget(trials=20)
+    assert parse_budget("30m") == Budget(seconds=1800.0)
+    assert parse_budget("1.5h") == Budget(seconds=5400.0)
+    for bad in ("0", "ten", "5d", "-3"):
+        with pytest.raises(UserInputError):
+            parse_budget(bad)
+    assert main(["tune", "demo", "--budget", "soon"]) == 2
+
+
+def test_head_option_grid_stays_at_or_below_the_registered_default() -> None:
+    import dataclasses
+
+    import optuna
+
+    from modalign.finetune.heads import HEADS
+    from modalign.tune.space import FinetuneSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: dict[tuple[str, str], set[int]] = {}
+    for _ in range(150):
+        head = FinetuneSpace().suggest(study.ask())["finetune.head"]
+        for name, value in head["options"].items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                seen.setdefault((head["kind"], name), set()).add(value)
+    assert {kind for kind, _ in seen} == set(HEADS.names())
+    for (kind, name), values in seen.items():
+        default = getattr(HEADS.get(kind).options(), name)
+        # larger heads multiply a trial's cost (the slow transformer trials of issue 13)
+        assert values == {max(1, default // 4), max(1, default // 2), default}, (kind, name)
+    fields = {f.name for f in dataclasses.fields(HEADS.get("transformer").options)}
+    assert {"hidden", "layers", "heads"} <= fields

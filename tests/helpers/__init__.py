@@ -1,0 +1,1 @@
+"""Shared test helpers (corpora, data bytes, servers); fixtures live in conftest.py."""

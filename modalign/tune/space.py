@@ -46,7 +46,9 @@ def head_option_params(trial: Any, kind: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class FinetuneSpace:
     heads: list[str] = field(default_factory=list)  # [] = every registered head
-    pseudo_labels: list[str] = field(default_factory=lambda: ["none", "zero_shot", "knn"])
+    pseudo_labels: list[str] = field(
+        default_factory=lambda: ["none", "zero_shot", "knn", "propagation"]
+    )
     # the base config's labeler options, kept for that labeler (others get their defaults)
     labeler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -160,12 +160,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         start: int = 0,
     ) -> EpochBatchSampler:
         """Endless batches from global micro-batch ``start`` (``epoch * per_epoch + batch``)."""
-        per_epoch = cls(num_items, batch_size, rank, world_size).batches_per_epoch()
-        if per_epoch == 0:
-            raise ValueError(f"{num_items} items make no full batch of {batch_size * world_size}")
-        epoch, start_batch = divmod(start, per_epoch)
-        return cls(num_items, batch_size, rank, world_size, seed, shuffle, epoch, start_batch,
-                   endless=True)  # fmt: skip
+        sampler = cls(num_items, batch_size, rank, world_size, seed, shuffle, endless=True)
+        sampler.epoch, sampler.start_batch = divmod(start, sampler.batches_per_epoch())
+        return sampler
 
     @property
     def global_batch(self) -> int:

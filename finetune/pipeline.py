@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from modalign.core.artifact import lock_dir, output_dir
+from modalign.core.artifact import output_dir
 from modalign.core.errors import UserInputError
 from modalign.finetune.classifier import (
     CLASSIFIER_KIND,
@@ -127,22 +127,21 @@ def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
         data.y, class_names, cfg.labels_per_class, cfg.val_per_class, cfg.label_seed
     )
     test = embed_labeled(model, cfg.test, cfg.inputs, class_names)[0] if cfg.test else None
-    # Inputs checked: from here on the output dir is ours until the bundle is written.
-    with lock_dir(out, "classifier bundle"):
-        labeled, pool = data.subset(split.labeled), data.subset(split.unlabeled)
-        val = data.subset(split.val)
-        val_set = val if len(val) else None
-        labels_only_head = train_head(labeled, torch.ones(len(labeled)), num_classes, cfg, val_set)
-        reports: list[dict[str, Any]] = []
-        head = labels_only_head
-        if len(pool):
-            ctx = _context(model, labeled, pool, class_names, cfg)
-            head, reports = _pseudo_label_rounds(ctx, val_set, labels_only_head)
-        test = val if test is None else test
-        fused = evaluate_head(head, test, num_classes) if len(test) else {}
-        labels_only = evaluate_head(labels_only_head, test, num_classes) if len(test) else {}
-        results = {"test": fused, "labels_only": labels_only, "pseudo": reports}
-        save_classifier(out, head, cfg, class_names, model, results)
+    # out is claimed by run_finetune (output_dir) from before the model was loaded.
+    labeled, pool = data.subset(split.labeled), data.subset(split.unlabeled)
+    val = data.subset(split.val)
+    val_set = val if len(val) else None
+    labels_only_head = train_head(labeled, torch.ones(len(labeled)), num_classes, cfg, val_set)
+    reports: list[dict[str, Any]] = []
+    head = labels_only_head
+    if len(pool):
+        ctx = _context(model, labeled, pool, class_names, cfg)
+        head, reports = _pseudo_label_rounds(ctx, val_set, labels_only_head)
+    test = val if test is None else test
+    fused = evaluate_head(head, test, num_classes) if len(test) else {}
+    labels_only = evaluate_head(labels_only_head, test, num_classes) if len(test) else {}
+    results = {"test": fused, "labels_only": labels_only, "pseudo": reports}
+    save_classifier(out, head, cfg, class_names, model, results)
     return FinetuneResult(out, class_names, fused, labels_only, reports)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 
 def resolve_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """(rank, world_size): the given values, else torch.distributed's, else (0, 1)."""
@@ -19,3 +22,21 @@ def resolve_world(rank: int | None = None, world_size: int | None = None) -> tup
 def world() -> tuple[int, int]:
     """(rank, world_size); (0, 1) without an initialised process group."""
     return resolve_world()
+
+
+@dataclass(frozen=True)
+class LaunchWorld:
+    """This process's place as the launcher (``accelerate launch``, torchrun) set it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_world() -> LaunchWorld:
+    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment; (0, 1, 0) when run directly
+    (no process group is needed: commands that only split work by rank read this)."""
+    env = os.environ
+    return LaunchWorld(
+        int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    )

@@ -73,6 +73,12 @@ class BatchStream:
                 f"({probe.global_batch} = train.batch_size x processes); lower train.batch_size"
             )
 
+    @property
+    def rows(self) -> int | None:
+        """Usable rows of the manifest (all processes together; rows skipped at read time are in
+        ``skipped``)."""
+        return len(self.dataset)
+
     def __iter__(self) -> Iterator[Batch]:
         # One loader over every epoch: workers start once and keep their memory caches.
         sampler = EpochBatchSampler.endless_from(
@@ -126,6 +132,11 @@ class SourceStream:
         self.position = start
         self.skipped: dict[str, int] = {}
         self.skipped_examples: list[str] = []
+
+    @property
+    def rows(self) -> int | None:
+        """None: shards and mixes are not read ahead to count their records."""
+        return None
 
     def locate(self, position: int) -> tuple[int, list[int], int]:
         """(epoch, batches consumed per worker in that epoch, worker the round-robin resumes at)."""

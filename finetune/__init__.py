@@ -16,7 +16,7 @@ from modalign.finetune.classifier import Classifier, load_classifier
 from modalign.finetune.config import PSEUDO_LABELERS, FinetuneConfig, HeadSpec
 from modalign.finetune.head_base import FusionHead
 from modalign.finetune.heads import HEADS
-from modalign.finetune.pipeline import FinetuneResult, run_finetune
+from modalign.finetune.pipeline import FinetuneResult, check_finetune_inputs, run_finetune
 from modalign.finetune.pseudo.auto import AutoOptions
 from modalign.finetune.pseudo.labelers import LabelContext, Labeler, LabelerOutput
 from modalign.finetune.pseudo.labels import PseudoLabels
@@ -36,6 +36,7 @@ __all__ = [
     "Labeler",
     "LabelerOutput",
     "PseudoLabels",
+    "check_finetune_inputs",
     "load_classifier",
     "run_finetune",
 ]

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from modalign.core.artifact import output_dir
-from modalign.core.errors import UserInputError
+from modalign.core.errors import ConfigError
+from modalign.data.modality import MODALITIES
+from modalign.data.preflight import SourceCheck, check_source
 from modalign.finetune.classifier import (
     CLASSIFIER_KIND,
     Classifier,
@@ -90,12 +92,23 @@ class FinetuneResult:
     pseudo: list[dict[str, Any]]  # per-round pseudo-label report
 
 
-def _check(cfg: FinetuneConfig) -> None:
-    if not cfg.model or not cfg.train:
-        raise UserInputError(
-            "finetune.model and finetune.train must be set (the pretrained bundle and the "
-            "labeled manifest)"
+def check_finetune_inputs(cfg: FinetuneConfig) -> dict[str, SourceCheck]:
+    """``finetune.model`` (a bundle folder), ``finetune.train`` and ``finetune.test`` (when
+    set), checked and parsed before any work; errors name the key and the path (exit 2)."""
+    model = Path(cfg.model) if cfg.model else None
+    if model is None:
+        raise ConfigError(
+            "finetune.model is empty; set it to a model bundle (--set finetune.model=DIR)"
         )
+    if not model.is_dir():
+        raise ConfigError(
+            f"finetune.model: {model}: no such bundle folder; pass a pretrain output.dir"
+        )
+    mods = MODALITIES.names()  # the bundle's modalities are read later; any known one will do
+    checks = {"finetune.train": check_source(cfg.train, mods, "finetune.train")}
+    if cfg.test:
+        checks["finetune.test"] = check_source(cfg.test, mods, "finetune.test")
+    return checks
 
 
 def run_finetune(
@@ -108,7 +121,7 @@ def run_finetune(
 
     Deterministic for a given ``finetune.seed``; the process RNG states are left as found.
     """
-    _check(cfg)
+    check_finetune_inputs(cfg)
     with output_dir(out_dir, CLASSIFIER_KIND, key) as out, preserved_rng():
         return _run(cfg, out)
 

@@ -72,9 +72,9 @@ def run_demo(
 def _run_demo(out: Path, steps: int | None, fresh: bool) -> tuple[dict[str, Any], str]:
     import shutil
 
+    import modalign
     from modalign.data.corpora.demo import build_demo_corpus
     from modalign.finetune.pipeline import run_finetune
-    from modalign.training import run_pretrain
 
     started = time.perf_counter()
     if fresh:  # everything but the lock this run holds
@@ -93,7 +93,7 @@ def _run_demo(out: Path, steps: int | None, fresh: bool) -> tuple[dict[str, Any]
     t = time.perf_counter()
     log.info("pretraining %d steps (batch %d) -> %s", cfg.train.steps, cfg.train.batch_size,
              cfg.output.dir)  # fmt: skip
-    run_pretrain(cfg, resume="latest")
+    modalign.run_pretrain(cfg, resume="latest")
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
     ft = run_finetune(cfg.finetune, out / "classifier")

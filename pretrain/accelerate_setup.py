@@ -19,6 +19,7 @@ from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.distributed import convert_batchnorm
 from modalign.pretrain.engines import adopt_launch_engine, check_engine_options
 from modalign.pretrain.model import ContrastiveTask, MultimodalEncoder
+from modalign.pretrain.multinode import group_timeout_handler
 
 # train.precision -> Accelerate's mixed_precision name.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -69,7 +70,8 @@ def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
     as ``ACCELERATE_*``/``FSDP_*`` variables): the engine (DDP, FSDP, DeepSpeed, see
     :mod:`~modalign.pretrain.engines`), ``mixed_precision`` while ``train.precision=auto``.
     ``trackers`` (checked by :func:`~modalign.pretrain.run_log.tracker_names`) log under
-    ``output.dir`` (TensorBoard: ``output.dir/tensorboard``).
+    ``output.dir`` (TensorBoard: ``output.dir/tensorboard``). ``train.dist_timeout`` is the
+    process-group timeout (how long a collective waits for a hung peer).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -82,7 +84,7 @@ def make_accelerator(cfg: PretrainConfig, trackers: Sequence[str] = ()) -> Any:
     accelerator = Accelerator(
         cpu=uses_cpu(cfg),
         mixed_precision=PRECISIONS[resolved_precision(cfg)],
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[ddp, group_timeout_handler(cfg.train.dist_timeout)],
         log_with=list(trackers) or None,
         project_config=project,
     )

@@ -41,6 +41,8 @@ class ModelConfig:
                 f"model.modalities lists {missing} but model.towers has no entry for it; "
                 f"towers defined: {sorted(self.towers)}"
             )
+        for m, tower in self.towers.items():  # adapter kind and options, named per tower
+            tower.adapter.check(f"model.towers.{m}", tower.lock)
 
 
 def _require(key: str, value: object, ok: bool, want: str) -> None:
@@ -114,6 +116,12 @@ class TrainConfig:
     keep_best: str = ""
     # stop after this many validations in a row without a better keep_best figure; 0 = off
     early_stop: Annotated[int, Range(ge=0, note="0 = off")] = 0
+    # Seconds a process waits for the others in one collective (torch.distributed's process-group
+    # timeout): bounds how long a hung machine stalls the others; a dead one fails them at once
+    dist_timeout: Annotated[int, AT_LEAST_1] = 1800
+    # Seconds each process waits to see every process's marker in output.dir before refusing a
+    # launch whose machines do not share it (modalign.pretrain.multinode)
+    shared_fs_wait: Annotated[float, NON_NEGATIVE] = 60.0
 
     def __post_init__(self) -> None:
         # ranges are declared on the fields; checked here too for configs built in Python

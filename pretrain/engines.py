@@ -89,6 +89,14 @@ def check_engine_options(cfg: Any) -> None:
             f"train.frozen_towers=loader with {wanted}: the loader workers need whole frozen "
             "towers, and this engine shards them; set train.frozen_towers=step (or auto)"
         )
+    adapted = [m for m in cfg.model.modalities if cfg.model.towers[m].adapter.kind]
+    if adapted:
+        raise ConfigError(
+            f"model.towers.{adapted[0]}.adapter with {wanted}: adapted towers (peft) are trained "
+            "and saved unsharded only (a bundle stores just the adapter tensors, which a sharded "
+            "state dict does not single out); drop the adapter or launch with DDP / one process "
+            "(an adapter's train state is small enough not to need sharding)"
+        )
 
 
 def adopt_launch_engine(accelerator: Any) -> None:

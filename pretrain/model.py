@@ -16,13 +16,16 @@ from modalign.data.item_keys import item_keys
 from modalign.data.modality import ImagePreset
 from modalign.pretrain.config import ModelConfig
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
+from modalign.pretrain.projection_init import check_projection_inits
 from modalign.pretrain.towers import (
     TowerBuilder,
+    apply_adapter,
     apply_lock,
     is_frozen,
     resolve_builder,
     tower_traits,
 )
+from modalign.pretrain.towers.adapters import freeze_norm_statistics
 from modalign.pretrain.towers.api import ExternalWeights, TowerTraits
 
 
@@ -71,10 +74,16 @@ class MultimodalEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> MultimodalEncoder:
         super().train(mode)
-        for trunk in self.trunks.values():
+        for m, trunk in self.trunks.items():
             if is_frozen(trunk):
                 trunk.eval()
+            elif m in self.traits and self.traits[m].adapter is not None:
+                freeze_norm_statistics(trunk)  # an adapted trunk's base stays as loaded
         return self
+
+    def adapted(self) -> list[str]:
+        """Modalities whose trunk carries an adapter (its base frozen)."""
+        return [m for m, t in self.traits.items() if t.adapter is not None]
 
     def encode(
         self,
@@ -147,9 +156,17 @@ def build_encoder(
         builder, provenance = resolve_builder(m, cfg.towers[m].kind, builders)
         parts[m] = builder(cfg.towers[m], data_cfg)
         apply_lock(parts[m], cfg.towers[m])
-        traits[m] = tower_traits(parts[m], provenance)
+        adapter = apply_adapter(m, parts[m], cfg.towers[m])
+        traits[m] = tower_traits(parts[m], provenance, adapter)
     encoder = MultimodalEncoder(
         parts, cfg.embed_dim, {m: cfg.towers[m].head for m in parts}, traits
+    )
+    # identity heads are set here; pca heads are fitted by the trainer on data.train
+    check_projection_inits(
+        cfg.towers,
+        dict(encoder.heads.items()),
+        {m: p.out_dim for m, p in parts.items()},
+        cfg.embed_dim,
     )
     preset = next((p.input_preset for p in parts.values() if p.input_preset is not None), None)
     external = {m: t.external.to_dict() for m, t in traits.items() if t.external is not None}

@@ -36,11 +36,13 @@ from modalign.core.artifact import (
     remove_stale_temp,
 )
 from modalign.core.config_io import dump_yaml
-from modalign.core.errors import ConfigError, DataError
+from modalign.core.errors import ConfigError
+from modalign.core.invocation import current_command
 from modalign.core.world import world
 from modalign.data.cache import open_cache
 from modalign.data.dataset import BadItemLog, Batch
 from modalign.data.modality import ModalitySpec, modality_specs
+from modalign.data.preflight import SourceCheck, check_source
 from modalign.data.sources import open_stream
 from modalign.pretrain import checkpoint as ckpt
 from modalign.pretrain import run_log
@@ -62,8 +64,10 @@ from modalign.pretrain.engines import check_shardable, full_model_state
 from modalign.pretrain.feed import next_micro_batches
 from modalign.pretrain.losses import ContrastiveLoss, LossOutput
 from modalign.pretrain.model import ContrastiveTask, build_encoder
+from modalign.pretrain.multinode import check_shared_output, run_failed
 from modalign.pretrain.optim import make_optimizer, make_scheduler
 from modalign.pretrain.process_state import process_state_guard
+from modalign.pretrain.projection_init import fit_projection_inits
 from modalign.pretrain.towers import TowerBuilder
 from modalign.pretrain.towers.in_loader import FrozenTowersHook, loader_modalities
 from modalign.pretrain.update import TrainingDiverged, apply_update, check_finite_weights
@@ -106,6 +110,7 @@ class _Run:
     )
     best: BestSoFar | None = None  # train.keep_best (modalign.pretrain.best)
     stopped_at: int = 0  # the step train.early_stop ended the run at (0 = ran to train.steps)
+    train_rows: int | None = None  # rows of data.train (None: shards, not counted)
 
     @property
     def state(self) -> train_state.TrainState:
@@ -152,8 +157,8 @@ def pretrain(
     if evaluate is None and cfg.train.val_every > 0:
         log.warning(
             "train.val_every=%d but no evaluate callback: no validation this run (pass "
-            "evaluate=modalign.retrieval.evaluate.make_validator(SRC), or start the run with "
-            "modalign.training.run_pretrain, which does so for data.val)",
+            "evaluate=modalign.retrieval.make_validator(SRC), or start the run with "
+            "modalign.run_pretrain, which does so for data.val)",
             cfg.train.val_every,
         )
     with process_state_guard(), ExitStack() as held:
@@ -165,8 +170,13 @@ def pretrain(
         run = _setup(cfg, resume, tower_builders, modalities, held)
         run.evaluate = evaluate
         run.best = BestSoFar.open(cfg.train, run.out_dir, fresh=run.last_ckpt is None)
-        loss_value, history, bad = _train_loop(run)
-        _finish(run, loss_value, bad)
+        try:
+            loss_value, history, bad = _train_loop(run)
+            _finish(run, loss_value, bad)
+        except RuntimeError as exc:  # torch's collectives fail so when a peer is gone
+            if world()[1] == 1 or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise run_failed(exc, cfg.train.dist_timeout, run.out_dir) from exc
     return PretrainResult(
         run.out_dir,
         run.stopped_at or cfg.train.steps,
@@ -177,12 +187,21 @@ def pretrain(
     )
 
 
+def check_pretrain_inputs(cfg: PretrainConfig) -> dict[str, SourceCheck]:
+    """Every source a run reads, checked and parsed without decoding an item: ``data.train``
+    always, ``data.val`` when set (validation reads it at ``train.val_every``). A missing file,
+    a malformed line or a wrong-typed cell fails naming the key and the path (DataError, exit
+    2): ``data.val: runs/x/test.jsonl: manifest not found``."""
+    mods = list(cfg.model.modalities)
+    checks = {"data.train": check_source(cfg.data.train, mods, "data.train")}
+    if cfg.data.val:
+        checks["data.val"] = check_source(cfg.data.val, mods, "data.val")
+    return checks
+
+
 def _check_inputs(cfg: PretrainConfig, resume: str | None) -> None:
     """Errors about the inputs, before any work (and before the output dir is touched)."""
-    if not cfg.data.train:
-        raise DataError(
-            "data.train is empty; set it to a manifest or shard pattern (--set data.train=PATH)"
-        )
+    check_pretrain_inputs(cfg)
     check_precision(cfg)
     # an empty output.dir would mean the current folder; a folder of the user's is refused
     check_output_dir(output_path(cfg.output.dir, "output.dir"), RUN_KIND, "output.dir")
@@ -220,7 +239,15 @@ def _setup(
     out_dir = Path(cfg.output.dir)
     if held is not None and accelerator.is_main_process:
         held.enter_context(output_dir(cfg.output.dir, RUN_KIND, "output.dir"))
+    # Several processes (machines): output.dir must be one folder they all see (exit 2 if not).
+    check_shared_output(out_dir, cfg.train.shared_fs_wait)
     built, specs, task = _build_task(cfg, tower_builders, modalities, accelerator)
+    resume_dir = ckpt.resolve_resume(out_dir, resume) if resume else None
+    if resume_dir is None:  # pca heads: fitted on data.train before step 0 (resume restores)
+        fit_projection_inits(
+            task.encoder, cfg.model.towers, cfg.data.train, specs, cfg.train.batch_size,
+            accelerator.device,
+        )  # fmt: skip
     optimizer = make_optimizer(task, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
     check_shardable(accelerator, task)
@@ -229,7 +256,6 @@ def _setup(
     state = train_state.TrainState(core, optimizer, scheduler, accelerator)
 
     start_step, position = 0, 0
-    resume_dir = ckpt.resolve_resume(out_dir, resume) if resume else None
     if resume_dir is not None:
         restored = train_state.load_checkpoint(resume_dir, state, cfg.train.accum_steps)
         start_step, position = restored.step, restored.position
@@ -268,6 +294,7 @@ def _open_batches(run: _Run) -> tuple[Any, Iterator[Batch], BadItemLog]:
     )
     bad = BadItemLog()
     bad.add_counts(stream.skipped, stream.skipped_examples)
+    run.train_rows = stream.rows
     return stream, iter(stream), bad
 
 
@@ -409,6 +436,21 @@ def _train_step(
         return cached_accumulation_step(core, micro, accelerator)
 
 
+def _provenance(run: _Run, bad: BadItemLog | None = None) -> dict[str, Any]:
+    """What a bundle (and its model card) records about how it was made: the command line and
+    a training data summary (sources, samples seen, bad items by reason)."""
+    cfg = run.cfg
+    global_batch = cfg.train.batch_size * cfg.train.accum_steps * run.accelerator.num_processes
+    data: dict[str, Any] = {
+        "sources": cfg.data.train,
+        "rows": run.train_rows,
+        "samples_seen": (run.stopped_at or cfg.train.steps) * global_batch,
+    }
+    if bad is not None:
+        data.update(bad_items=bad.total, bad_by_reason=dict(bad.counts))
+    return {"command": current_command(), "training_data": data}
+
+
 def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
     """Bundle first; ``run_config.yaml`` and ``metrics.jsonl`` only once it is written."""
     accelerator, cfg = run.accelerator, run.cfg
@@ -417,7 +459,7 @@ def _finish(run: _Run, loss_value: float, bad: BadItemLog) -> None:
     check_finite_weights(run, final)
     # Full weights on the main process (a gather on every process when they are sharded).
     weights = full_model_state(accelerator, run.task, prefix="encoder.")
-    extra: dict[str, Any] = {"step": final}
+    extra: dict[str, Any] = {"step": final, **_provenance(run, bad)}
     best_file = run.best.weights_path(run.out_dir) if run.best is not None else None
     if accelerator.is_main_process:
         if best_file is not None and run.best is not None:  # train.keep_best: the best weights

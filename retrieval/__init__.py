@@ -4,6 +4,7 @@ metrics.
 The public surface of the layer (one import path per thing)::
 
     from modalign.retrieval import embed_source, write_embedding_shards, CorpusIndex, VectorIndex
+    from modalign.retrieval import IndexBuildOptions, build_corpus_index
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from modalign.retrieval.embed import Embeddings, EncoderModel, embed_source
 from modalign.retrieval.embed_shards import read_embedding_shards, write_embedding_shards
 from modalign.retrieval.evaluate import evaluate_pairs, make_validator
-from modalign.retrieval.index import SearchResult, VectorIndex
+from modalign.retrieval.index import IndexBuildOptions, SearchResult, VectorIndex
 from modalign.retrieval.index.corpus import CorpusIndex, Hit, Query, build_corpus_index
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Embeddings",
     "EncoderModel",
     "Hit",
+    "IndexBuildOptions",
     "Query",
     "SearchResult",
     "VectorIndex",

@@ -45,8 +45,7 @@ def build_corpus(mnist: Path, fsdd: Path, out: Path, images_per_recording: int) 
 
 
 def train(corpus: Path, out: Path, steps: int, overrides: list[str]) -> tuple[float, Any]:
-    from modalign.config import load_config
-    from modalign.training import run_pretrain  # wires validation on data.val (val_every)
+    import modalign  # run_pretrain wires validation on data.val (val_every)
 
     sets = [
         f"data.train={corpus / 'train.jsonl'}",
@@ -56,7 +55,7 @@ def train(corpus: Path, out: Path, steps: int, overrides: list[str]) -> tuple[fl
         *overrides,
     ]
     t0 = time.perf_counter()
-    result = run_pretrain(load_config("avmnist", sets))
+    result = modalign.run_pretrain(modalign.load_config("avmnist", sets))
     return time.perf_counter() - t0, result
 
 

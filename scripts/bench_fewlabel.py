@@ -16,6 +16,14 @@ paired), the across-seed interval (t, over the per-seed differences) and n.
     python scripts/bench_fewlabel.py --data ../shared/datasets/cifar10 \
         --cache /work/scratch/learn/cifar --pool 8000 --test-items 2000 --seeds 5
 
+``--projection-init identity`` (with ``--embed-dim 1280``, the trunk's width) or ``pca`` /
+``pca_whiten`` (fitted on the unlabeled pool images, ``model.towers.image.projection_init``)
+keeps the ImageNet tower's geometry instead of a random projection.
+
+A tuned configuration (``modalign tune``'s ``best.yaml``) runs beside the methods with
+``--compare NAME=best.yaml`` (its whole ``finetune`` block: head, lr, epochs, labeler), and
+``--baseline NAME`` pairs every method with NAME as well as with labels only.
+
 Any labeled corpus with a bundle (e.g. ``modalign data icons``; zero-shot candidates need the
 bundle's text tower and ``finetune.class_names`` = the labels):
 
@@ -27,6 +35,7 @@ bundle's text tower and ``finetune.class_names`` = the labels):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tarfile
@@ -41,7 +50,9 @@ import torch
 ARCH = "efficientnet_lite0"
 
 
-def write_manifests(data: Path, root: Path, n_pool: int, n_test: int) -> tuple[Path, Path, Path]:
+def write_manifests(
+    data: Path, root: Path, n_pool: int, n_test: int, n_pretrain: int = 256
+) -> tuple[Path, Path, Path]:
     """JPEGs + manifests: pretrain (no labels, constant caption), pool and test (with labels)."""
     classes = (data / "classes.txt").read_text().split()
     out = {}
@@ -69,7 +80,7 @@ def write_manifests(data: Path, root: Path, n_pool: int, n_test: int) -> tuple[P
     pre.write_text(
         "".join(
             json.dumps({"id": r["id"], "image": r["image"], "text": "an image"}) + "\n"
-            for r in out["train"][:256]
+            for r in out["train"][:n_pretrain]
         )
     )
     pool, test = root / "pool.jsonl", root / "test.jsonl"
@@ -98,13 +109,16 @@ def build_and_embed(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         weights = bp.to_timm(bp.packaged_weights(), root / "lite0.safetensors")
-        pre, pool, test = write_manifests(args.data, root, args.pool, args.test_items)
+        n_pre = args.pool if args.projection_init in ("pca", "pca_whiten") else 256
+        pre, pool, test = write_manifests(args.data, root, args.pool, args.test_items, n_pre)
         model_dir = root / "model"
         sets = [
             f"data.train={pre}", "data.num_workers=0", "data.image.channels=3",
             "model.modalities=[image,text]", f"model.towers.image.arch={ARCH}",
             f"model.towers.image.weights={weights}", "model.towers.image.lock=all",
             f"model.towers.image.input_size={args.size}", f"model.embed_dim={args.embed_dim}",
+            f"model.towers.image.projection_init={args.projection_init}",
+            f"model.towers.image.projection_init_items={args.pool}",
             "train.steps=1", "train.batch_size=8", "train.progress=false",
             "train.checkpoint_every=0", "train.val_every=0", "optim.warmup_steps=1",
             f"output.dir={model_dir}", f"train.threads={args.threads}", "train.seed=0",
@@ -125,6 +139,7 @@ def build_and_embed(args: argparse.Namespace) -> None:
                     "arch": ARCH,
                     "size": args.size,
                     "embed_dim": args.embed_dim,
+                    "projection_init": args.projection_init,
                     "pretrain": "1 step, lock=all, constant caption 'an image'",
                 },
             },
@@ -180,6 +195,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 
 
 def run_methods(args: argparse.Namespace) -> dict:
+    from modalign.config import load_config
     from modalign.finetune.config import FinetuneConfig
     from modalign.finetune.embedded import few_label_split
     from modalign.finetune.evaluate import predict
@@ -190,7 +206,10 @@ def run_methods(args: argparse.Namespace) -> dict:
     pool_all, test = _load_set(cache["pool"]), _load_set(cache["test"])
     if args.pool_use:  # the first N cached pool items (the shards are shuffled)
         pool_all = pool_all.subset(torch.arange(min(args.pool_use, len(pool_all))))
-    methods = {m: METHODS[m] for m in args.methods}
+    methods: dict[str, tuple[str, dict] | FinetuneConfig] = {m: METHODS[m] for m in args.methods}
+    for spec in args.compare:  # NAME=CONFIG: that config's whole finetune block (e.g. best.yaml)
+        name, _, path = spec.partition("=")
+        methods[name] = load_config(path, []).finetune
     if args.model is not None:  # a real image + text bundle: zero-shot candidates can run
         from modalign.pretrain.bundle import load_bundle
 
@@ -208,11 +227,18 @@ def run_methods(args: argparse.Namespace) -> dict:
         for seed in range(args.seeds):
             split = few_label_split(pool_all.y, classes, k, 0, seed)
             labeled, pool = pool_all.subset(split.labeled), pool_all.subset(split.unlabeled)
-            for name, (labeler, opts) in methods.items():
-                cfg = FinetuneConfig(
-                    inputs=inputs, class_names=classes, labels_per_class=k,
-                    label_seed=seed, seed=seed, pseudo_label=labeler, pseudo_label_options=opts,
-                )  # fmt: skip
+            for name, method in methods.items():
+                if isinstance(method, FinetuneConfig):  # head, lr, epochs... from the file
+                    cfg = dataclasses.replace(
+                        method, inputs=inputs, class_names=classes, labels_per_class=k,
+                        label_seed=seed, seed=seed,
+                    )  # fmt: skip
+                else:
+                    labeler, opts = method
+                    cfg = FinetuneConfig(
+                        inputs=inputs, class_names=classes, labels_per_class=k, label_seed=seed,
+                        seed=seed, pseudo_label=labeler, pseudo_label_options=opts,
+                    )  # fmt: skip
                 t0 = time.perf_counter()
                 head, rep = pseudo_label_head(model, labeled, pool, classes, cfg)
                 hit = (predict(head, test).argmax(1) == test.y).numpy()
@@ -229,11 +255,11 @@ def run_methods(args: argparse.Namespace) -> dict:
     return {"correct": correct, "reports": reports}
 
 
-def summarise(correct: dict, n_boot: int = 2000) -> list[dict]:
+def summarise(correct: dict, n_boot: int = 2000, baseline: str = "none") -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for k, by_method in correct.items():
-        base = np.stack(by_method["none"])  # (seeds, items)
+        base = np.stack(by_method[baseline])  # (seeds, items)
         n_items = base.shape[1]
         boot_idx = rng.integers(0, n_items, size=(n_boot, n_items))
         for name, hits in by_method.items():
@@ -274,6 +300,11 @@ def main() -> None:
     p.add_argument("--test-items", dest="test_items", type=int, default=2000)
     p.add_argument("--size", type=int, default=96, help="image side fed to the tower")
     p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument(
+        "--projection-init", default="random",
+        choices=["random", "identity", "pca", "pca_whiten"],
+        help="the image projection head's start (pca: fitted on the unlabeled pool images)",
+    )  # fmt: skip
     p.add_argument("--shots", type=int, nargs="+", default=[1, 4, 10])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--methods", nargs="+", default=list(METHODS)[:-1], choices=list(METHODS))
@@ -284,6 +315,11 @@ def main() -> None:
     p.add_argument("--train", type=Path, default=None, help="labeled train manifest (pool)")
     p.add_argument("--test", type=Path, default=None, help="labeled test manifest")
     p.add_argument("--inputs", nargs="+", default=["image"], help="classifier modalities")
+    p.add_argument("--baseline", default="none", help="also pair every method with this one")
+    p.add_argument(
+        "--compare", nargs="+", default=[], metavar="NAME=CONFIG",
+        help="also run each config's finetune block (e.g. a tune study's best.yaml) by NAME",
+    )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(max(1, args.threads))
     if not (args.cache / "embeddings.pt").exists():
@@ -294,6 +330,10 @@ def main() -> None:
     t0 = time.perf_counter()
     res = run_methods(args)
     rows = summarise(res["correct"])
+    if args.baseline != "none":  # e.g. a tuned config against the default
+        rows += [
+            dict(r, baseline=args.baseline) for r in summarise(res["correct"], 2000, args.baseline)
+        ]
     print(f"\nmethods: {time.perf_counter() - t0:.0f} s")
     print(
         "| labels/class | method | accuracy | diff vs labels only [95% CI items] [CI seeds] | n |"
@@ -302,6 +342,7 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['labels_per_class']} | {r['method']} | {r['accuracy']:.3f} | "
+            f"vs {r.get('baseline', 'none')}: "
             f"{r['diff_vs_labels_only']:+.3f} [{r['diff_ci_items'][0]:+.3f}, "
             f"{r['diff_ci_items'][1]:+.3f}] [{r['diff_ci_seeds'][0]:+.3f}, "
             f"{r['diff_ci_seeds'][1]:+.3f}] | {r['n_items']} items x {r['n_seeds']} seeds |"

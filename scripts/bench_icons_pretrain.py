@@ -66,19 +66,15 @@ def recipe(name: str, args: argparse.Namespace, weights: str, corpus: Path) -> l
 
 def retrieval(model: Path, corpus: Path, out: Path) -> dict:
     """The ``icons`` suite's retrieval task (level instance) on the unseen test icons."""
-    from modalign.benchmark.run import run_benchmark
-    from modalign.benchmark.suite import load_suite
+    import modalign
 
-    suite = load_suite(
-        "icons",
-        [
-            f"corpora.icons.train={corpus / 'train.jsonl'}",
-            f"corpora.icons.test={corpus / 'test.jsonl'}",
-            "corpora.icons.inputs=[image]",
-            "tasks=[{kind: retrieval, options: {level: instance, ks: [1, 5, 10]}}]",
-        ],
-    )
-    report = run_benchmark(suite, [str(model)], out)
+    sets = [
+        f"corpora.icons.train={corpus / 'train.jsonl'}",
+        f"corpora.icons.test={corpus / 'test.jsonl'}",
+        "corpora.icons.inputs=[image]",
+        "tasks=[{kind: retrieval, options: {level: instance, ks: [1, 5, 10]}}]",
+    ]
+    report = modalign.run_benchmark("icons", [str(model)], out, overrides=sets)
     cell = next(iter(report["models"].values()))["corpora"]["icons"]
     return cell["tasks"]["retrieval"]["result"]["pairs"]
 
@@ -100,8 +96,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_pretrained import packaged_weights, to_timm
 
-    from modalign.config import load_config
-    from modalign.training import run_pretrain
+    import modalign
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / "lite0-timm.safetensors"
@@ -111,7 +106,7 @@ def main() -> None:
     for name in args.variants:
         sets = recipe(name, args, str(weights), args.corpus)
         model = args.out / name
-        run_pretrain(load_config(None, [*sets, f"output.dir={model}"]))
+        modalign.run_pretrain(modalign.load_config(None, [*sets, f"output.dir={model}"]))
         pairs = retrieval(model, args.corpus, args.out / f"{name}-bench")
         meta = json.loads((model / "modalign.json").read_text())
         results[name] = {"pairs": pairs, "selected": meta.get("selected"), "set": sets}

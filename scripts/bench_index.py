@@ -17,6 +17,14 @@ default); recall and queries/s are reported on the separate fresh queries.
     python scripts/bench_index.py --build-rss           # 1M x 384, 1000 queries
     python scripts/bench_index.py --quick               # 200k x 64, 100 queries, --build-rss
     python scripts/bench_index.py --n 100000 --json     # also print one JSON object
+    python scripts/bench_index.py --shards 1,2,4         # sharded builds vs the unsharded one
+
+``--shards 1,2,4`` writes the corpus as ``modalign embed`` shards, then builds the same IVF
+index (``--shard-factory``) once unsharded (the chunked ``index build --embeddings``) and once
+per shard count (``index build --embeddings --shards N``: quantizer trained once, N processes,
+merged into one on-disk index), each build in a fresh process. Per build: wall time, peak RSS
+of the build's main process and of each shard process (their own ``VmHWM``), index size on
+disk, recall@10 against exact search and queries/s on the held-out queries.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
-from modalign.retrieval.index import VectorIndex, choose_factory
+from modalign.retrieval import IndexBuildOptions, VectorIndex
+from modalign.retrieval.index import choose_factory
 from modalign.retrieval.index.factory import nlist_for
 
 K = 10
@@ -77,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--shard-rows", type=int, default=10_000, help="rows per shard (--build-rss)")
     p.add_argument("--quick", action="store_true", help="smoke run: 200k x 64, 100 queries")
+    p.add_argument(
+        "--shards", default="", help="comma-separated shard counts (e.g. 1,2,4): sharded builds"
+    )
+    p.add_argument("--shard-factory", default="IVF1024,Flat", help="index type for --shards")
+    p.add_argument("--work-dir", default="", help="folder for --shards files (default: a temp dir)")
     return p.parse_args(argv)
 
 
@@ -204,9 +218,7 @@ def bench_one(
 ) -> tuple[Row, list[list[str]]]:
     start = time.perf_counter()
     budget = budget_bytes(*x.shape) if factory == "budget" else None
-    index = VectorIndex.build(
-        x,
-        ids,
+    options = IndexBuildOptions(
         factory="auto" if factory == "budget" else factory,
         memory_budget_bytes=budget,
         target_recall=args.target_recall,
@@ -215,6 +227,7 @@ def bench_one(
         if _resolve(factory, args).startswith("HNSW")
         else None,
     )
+    index = VectorIndex.build(x, ids, options)
     build_s = time.perf_counter() - start
     # best of 3 for every row, Flat included: on a shared CPU one slow pass of the reference
     # would inflate every speed-up
@@ -263,8 +276,10 @@ RSS_CHILD = (
     PEAK_RSS
     + """
 import sys
+from modalign.retrieval import IndexBuildOptions
 from modalign.retrieval.index.from_shards import build_corpus_index_from_shards
-build_corpus_index_from_shards(sys.argv[1], sys.argv[2], memory_budget_bytes=int(sys.argv[3]))
+opts = IndexBuildOptions(memory_budget_bytes=int(sys.argv[3]))
+build_corpus_index_from_shards(sys.argv[1], sys.argv[2], opts)
 print(peak_rss())
 """
 )
@@ -320,11 +335,114 @@ def import_rss() -> int:
     return child_peak_rss(IMPORT_CHILD)
 
 
+SHARD_CHILD = (
+    PEAK_RSS
+    + """
+import json, sys, time
+from modalign.retrieval import IndexBuildOptions
+from modalign.retrieval.index.from_shards import build_corpus_index_from_shards
+emb, out, factory, shards, target, seed = sys.argv[1:7]
+opts = IndexBuildOptions(factory=factory, target_recall=float(target), seed=int(seed))
+start = time.perf_counter()
+stats, _ = build_corpus_index_from_shards(emb, out, opts, shards=int(shards) or None)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "stats": stats["image"], "peak": peak_rss()}))
+"""
+)
+WORKER_IMPORT_CHILD = PEAK_RSS + "\nimport faiss, numpy\nprint(peak_rss())\n"
+
+
+def write_embedding_dir(x: np.ndarray, root: object, rows: int) -> None:
+    """``x`` as a ``modalign embed`` output (modality ``image``, ``rows`` rows per shard)."""
+    from pathlib import Path
+
+    from modalign.core.artifact import atomic_files, write_meta
+    from modalign.retrieval.embed_shards import FORMAT, FORMAT_VERSION, META
+
+    root, n_shards = Path(str(root)), (len(x) + rows - 1) // rows
+    write_meta(root / META, FORMAT, FORMAT_VERSION, {
+        "key": {}, "dim": x.shape[1], "modalities": ["image"], "shard_rows": rows,
+        "shards": n_shards, "fingerprint": "bench", "model": "",
+    })  # fmt: skip
+    for s in range(n_shards):
+        ids = [str(i) for i in range(s * rows, min(len(x), (s + 1) * rows))]
+        with atomic_files(root / "image", f"part-{s:06d}.json") as (d, meta):
+            np.save(d / f"part-{s:06d}.npy", x[s * rows : (s + 1) * rows])
+            meta.update({"rows": len(ids), "ids": ids, "values": [""] * len(ids)})
+
+
+def shards_main(args: argparse.Namespace) -> int:
+    """``--shards``: the unsharded and each sharded build of ``--shard-factory``, compared."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    counts = [int(c) for c in args.shards.split(",")]
+    clusters = args.clusters or max(8, int(2 * math.sqrt(args.n)))
+    t0 = time.perf_counter()
+    x, queries = make_data(args.n, args.queries, args.dim, clusters, args.seed)
+    log(f"data: {args.n} x {args.dim}, {clusters} clusters, {time.perf_counter() - t0:.1f}s")
+    t = time.perf_counter()
+    _, exact = faiss.knn(queries, x, K, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = [[f"image:{j}" for j in row] for row in exact]
+    log(f"exact top-{K}: {time.perf_counter() - t:.1f}s")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-shards-"))
+    write_embedding_dir(x, work / "emb", args.shard_rows)
+    del x
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    lines = [
+        f"| build | `{args.shard_factory}` build s | main process peak RSS MiB "
+        "| shard processes peak RSS MiB (each) | index on disk MiB | recall@10 | queries/s "
+        "| nprobe |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    results = []
+    for shards in [0, *counts]:
+        out = work / f"index-{shards}"
+        cmd = [sys.executable, "-c", SHARD_CHILD, str(work / "emb"), str(out),
+               args.shard_factory, str(shards), str(args.target_recall), str(args.seed)]  # fmt: skip
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        rep = json.loads(done.stdout.strip().splitlines()[-1])
+        index = VectorIndex.load(out / "image")
+        qps, found = timed_search(index, queries, repeats=3)
+        rec = recall(found, truth)
+        size = sum(f.stat().st_size for f in (out / "image").iterdir())
+        each = ", ".join(f"{s['max_rss_bytes'] / 2**20:,.0f}" for s in rep["stats"]["shards"])
+        name = "unsharded (chunked)" if shards == 0 else f"--shards {shards}"
+        nprobe = index.stats.search_params.get("nprobe", "-")
+        lines.append(
+            f"| {name} | {rep['seconds']:.0f} | {rep['peak'] / 2**20:,.0f} | {each or '-'} "
+            f"| {size / 2**20:,.0f} | {rec:.3f} | {qps:,.0f} | {nprobe} |"
+        )
+        results.append({"shards": shards, **rep, "recall_at_10": rec, "qps": qps})
+        log(lines[-1])
+        del index
+        import shutil
+
+        shutil.rmtree(out)
+    base = child_peak_rss(IMPORT_CHILD)
+    worker_base = child_peak_rss(WORKER_IMPORT_CHILD)
+    print(f"\n{args.n:,} x {args.dim} synthetic clustered vectors, {args.queries} held-out "
+          f"queries, k={K}, {args.threads} threads, total {time.perf_counter() - t0:.0f}s\n")  # fmt: skip
+    print("\n".join(lines))
+    print(
+        f"\n(main process baseline: importing the build module {base / 2**20:.0f} MiB; "
+        f"a shard process imports only faiss + numpy: {worker_base / 2**20:.0f} MiB)"
+    )
+    if args.json:
+        print(json.dumps({"shards": results, "n": args.n, "dim": args.dim}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
         args.n, args.dim, args.queries, args.build_rss = 200_000, 64, 100, True
     faiss.omp_set_num_threads(args.threads)
+    if args.shards:
+        faiss.cvar.distance_compute_blas_threshold = 20
+        return shards_main(args)
     # Exact search through BLAS (instead of FAISS's SIMD scan below 128k queries) is ~2x
     # faster here, so Flat is a strong baseline and IVF's coarse search benefits as well.
     faiss.cvar.distance_compute_blas_threshold = 20

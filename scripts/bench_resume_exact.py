@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from modalign.config import load_config
+import modalign
 from modalign.data.corpora.demo import build_demo_corpus
-from modalign.training import run_pretrain
 
 
 def _run(corpus: Path, out: Path, steps: int, extra: list[str], resume: str | None = None) -> None:
     sets = [f"data.train={corpus / 'train.jsonl'}", f"output.dir={out}", f"train.steps={steps}",
             "data.val=", "train.val_every=0", "train.progress=false", *extra]  # fmt: skip
-    run_pretrain(load_config("demo", sets), resume=resume)
+    modalign.run_pretrain(modalign.load_config("demo", sets), resume=resume)
 
 
 def _diff(a: Path, b: Path) -> tuple[int, int, float]:

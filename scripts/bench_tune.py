@@ -77,12 +77,11 @@ def corpus(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 def model(args: argparse.Namespace, train: Path) -> Path:
     if args.model:
         return Path(args.model)
-    from modalign.config import load_config
-    from modalign.training import run_pretrain
+    import modalign
 
     out = Path(args.work) / f"model-{args.steps}steps"
     if not (out / "model.safetensors").is_file():
-        cfg = load_config(
+        cfg = modalign.load_config(
             "avmnist",
             [
                 f"data.train={train}",
@@ -95,35 +94,33 @@ def model(args: argparse.Namespace, train: Path) -> Path:
                 f"train.batch_size={16 if args.quick else 128}",
             ],
         )
-        run_pretrain(cfg, resume="latest")
+        modalign.run_pretrain(cfg, resume="latest")
     return out
 
 
 def held_out(config: str, overrides: list[str], out: Path) -> dict[str, float]:
     """Fine-tune ``config`` (+ overrides) and score it on the test split."""
-    from modalign.config import load_config
-    from modalign.finetune.pipeline import run_finetune
+    import modalign
 
-    res = run_finetune(load_config(config, overrides).finetune, out)
+    res = modalign.run_finetune(modalign.load_config(config, overrides), out)
     subsets = res.fused["by_subset"]
     return {"accuracy": res.fused["accuracy"], "subset_mean": statistics.mean(subsets.values())}
 
 
 def one_seed(args: argparse.Namespace, base: list[str], seed: int) -> dict[str, dict[str, float]]:
-    from modalign.tune.budget import Budget
-    from modalign.tune.study import run_tune
+    import modalign
 
     work = Path(args.work) / f"seed{seed}"
     sets = [*base, f"finetune.label_seed={seed}", f"finetune.seed={seed}"]
     out = {"default": held_out("avmnist", sets, work / "default")}
     for sampler in ("tpe", "random"):
         t = time.perf_counter()
-        res = run_tune(
+        res = modalign.run_tune(
             "avmnist",
-            Budget(trials=args.trials),
+            args.trials,
             work / f"study-{sampler}-{args.metric}",
-            "finetune",
-            sets,
+            stage="finetune",
+            overrides=sets,
             sampler=sampler,
             seed=seed,
             val_per_class=args.val_per_class,

@@ -7,7 +7,7 @@ build and search, a 1M-vector embed; prints one markdown table. Without a GPU ev
   trainable projection of fixed text features, batch 256; FLOPs per step from
   ``torch.utils.flop_counter.FlopCounterMode``; MFU = achieved FLOP/s / the best bf16 matmul
   FLOP/s measured on this device (not the datasheet number);
-* faiss-gpu: ``VectorIndex.build(device="cuda")`` of ``IVF4096,SQ8`` and ``IVF4096,Flat`` over
+* faiss-gpu: ``VectorIndex.build`` on ``device="cuda"`` of ``IVF4096,SQ8`` and ``IVF4096,Flat`` over
   1M x 384 clustered vectors, recall@10 vs exact search and queries/s (batch of 10k);
 * embed: ``write_embedding_shards`` of 1M generated captions with ``--model BUNDLE`` on cuda
   (skipped without ``--model``).
@@ -100,7 +100,7 @@ def faiss_check(n: int, dim: int, nq: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_index import make_data
 
-    from modalign.retrieval.index import VectorIndex
+    from modalign.retrieval import IndexBuildOptions, VectorIndex
 
     if faiss.get_num_gpus() == 0:
         row("faiss-gpu", "skipped", "(faiss sees no GPU: install faiss-gpu)")
@@ -110,7 +110,7 @@ def faiss_check(n: int, dim: int, nq: int) -> None:
     ids = [str(i) for i in range(n)]
     for factory in ("IVF4096,SQ8", "IVF4096,Flat"):
         t = time.perf_counter()
-        ix = VectorIndex.build(x, ids, factory=factory, device="cuda")
+        ix = VectorIndex.build(x, ids, IndexBuildOptions(factory=factory, device="cuda"))
         build = time.perf_counter() - t
         ix.search(q[:100], 10)
         t = time.perf_counter()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers.corpus import write_tiny_corpus
+from helpers.trained import (
+    TinyBundle,
+    check_unchanged,
+    train_tiny_bundle,
+    tree_digest,
+    write_shared_corpus,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,6 +23,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     return write_tiny_corpus(tmp_path / "corpus")
+
+
+# ---- shared, read-only, built once per session (per xdist worker) -------------------------
+# Every test that only needs "a corpus" / "a trained model" uses these instead of writing or
+# training its own; a test that changes files copies first (helpers.trained.copy_tree). Each
+# fixture checks at the end of the session that no test changed its folder.
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shared tiny paired corpus (16 items, 4 classes): its train.jsonl manifest."""
+    manifest = write_shared_corpus(tmp_path_factory.mktemp("shared-corpus"))
+    digest = tree_digest(manifest.parent)
+    yield manifest
+    check_unchanged(manifest.parent, digest, "corpus")
+
+
+def _shared_bundle(
+    factory: pytest.TempPathFactory, manifest: Path, name: str, *extra: str
+) -> Iterator[TinyBundle]:
+    bundle = train_tiny_bundle(manifest, factory.mktemp(name) / "model", *extra)
+    digest = tree_digest(bundle.model)
+    yield bundle
+    check_unchanged(bundle.model, digest, name)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Iterator[TinyBundle]:
+    """An image/audio/text bundle trained 2 steps on :func:`corpus` (see helpers.trained)."""
+    yield from _shared_bundle(tmp_path_factory, corpus, "shared-bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_no_text(
+    tmp_path_factory: pytest.TempPathFactory, corpus: Path
+) -> Iterator[TinyBundle]:
+    """The same without a text tower (image + audio), trained on :func:`corpus`."""
+    yield from _shared_bundle(
+        tmp_path_factory, corpus, "shared-bundle-no-text", "model.modalities=[image, audio]"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +76,15 @@ def specs():
 @pytest.fixture(scope="module")
 def text_specs(specs):
     return {"text": specs["text"]}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding a ``slow`` test first (a stable sort: pytest-randomly's shuffle, which runs
+    before this hook, is kept within each group). Under ``--dist loadfile`` xdist hands files out
+    in this order, so the longest files start first instead of one of them starting last and
+    leaving one worker running alone at the end."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)
 
 
 def pytest_terminal_summary(

@@ -130,4 +130,35 @@ def run_benchmark(
 
         write_meta(out / "report.json", REPORT_FORMAT, REPORT_VERSION, report)
         atomic_write_text(out / "report.md", report_markdown(report))
-    return {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, **report}
+    from modalign.pretrain import update_card_metrics
+
+    cards = {
+        name: update_card_metrics(
+            path, card_rows(report["models"][name]), f"benchmark {suite.name}", str(out)
+        ).to_dict()
+        for name, path in zip(model_names(models), models)
+    }
+    return {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, **report,
+            "model_cards": cards}  # fmt: skip
+
+
+def card_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A model's report figures (every ``{value, ci_low, ci_high, n}``) as model-card rows
+    named by where they sit: ``CORPUS/TASK/...``."""
+    from modalign.pretrain import metric_row
+
+    rows: list[dict[str, Any]] = []
+
+    def walk(node: Any, name: list[str]) -> None:
+        if not isinstance(node, dict):
+            return
+        if {"value", "ci_low", "ci_high", "n"} <= node.keys():
+            rows.append(metric_row("/".join(name), node["value"], node["ci_low"],
+                                   node["ci_high"], node["n"], node.get("method", "")))  # fmt: skip
+            return
+        for key, child in node.items():
+            walk(child, [*name, str(key)] if key not in ("result", "tasks", "pairs") else name)
+
+    for corpus, cell in (entry.get("corpora") or {}).items():
+        walk(cell.get("tasks") or {}, [corpus])
+    return rows

@@ -32,7 +32,7 @@ from modalign.core.config_io import (
     from_dict,
     parse_yaml_mapping,
 )
-from modalign.core.errors import ConfigError, UserInputError
+from modalign.core.errors import ConfigError, DataError, UserInputError
 
 __all__ = ["CorpusSpec", "Suite", "TaskSpec", "builtin_suites", "load_suite"]
 
@@ -81,7 +81,11 @@ class Suite:
     tasks: list[TaskSpec] = field(default_factory=list)
 
     def check_inputs(self) -> None:
-        """Every corpus has existing train/test sources (before any model is loaded)."""
+        """Every corpus has train/test sources that exist and parse (before any model is
+        loaded): :func:`~modalign.data.preflight.check_source`, the check every run makes."""
+        from modalign.data.modality import MODALITIES
+        from modalign.data.preflight import check_source
+
         if not self.corpora:
             raise UserInputError(f"suite {self.name!r} lists no corpora")
         for name, c in self.corpora.items():
@@ -92,11 +96,13 @@ class Suite:
                         f"suite {self.name!r}: corpora.{name}.{key} is not set; pass "
                         f"--set corpora.{name}.{key}=PATH (manifest or shard pattern)"
                     )
-                if "{" not in value and not Path(value).exists():
-                    raise UserInputError(
-                        f"suite {self.name!r}: corpora.{name}.{key} = {value!r} does not exist; "
-                        f"build the corpus first or pass --set corpora.{name}.{key}=PATH"
-                    )
+                try:
+                    check_source(value, MODALITIES.names(), f"corpora.{name}.{key}")
+                except DataError as exc:
+                    raise DataError(
+                        f"suite {self.name!r}: {exc} (build the corpus first or pass --set "
+                        f"corpora.{name}.{key}=PATH)"
+                    ) from None
 
 
 def _check_modalities(suite: Suite) -> None:

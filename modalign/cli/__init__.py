@@ -19,10 +19,12 @@ from modalign.cli.common import emit_error
 from modalign.cli.corpus_cmds import add_embed, add_index_group
 from modalign.cli.data_cmds import add_data_group, add_demo
 from modalign.cli.eval_cmds import add_evaluate_group, add_predict
+from modalign.cli.export_cmds import add_export
 from modalign.cli.search_cmd import add_search
 from modalign.cli.train_cmds import add_train_group
 from modalign.cli.tune_cmds import add_tune
 from modalign.core.errors import ModalignError, UserInputError
+from modalign.core.invocation import invoked_as
 from modalign.server.command import add_serve_command
 
 __all__ = ["build_parser", "main"]
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_demo, add_data_group, add_train_group, add_embed, add_index_group,
                 add_search, add_evaluate_group, add_predict, add_serve_command, add_benchmark,
-                add_tune):  # fmt: skip
+                add_tune, add_export):  # fmt: skip
         add(sub)
     return parser
 
@@ -80,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.quiet)
     as_json = bool(getattr(args, "json", False))
     try:
-        args.func(args)
+        with invoked_as(["modalign", *words]):  # what artifacts record as the exact command
+            args.func(args)
     except UserInputError as exc:
         return _fail(f"{exc}", 2, as_json)
     except KeyboardInterrupt:

@@ -18,17 +18,13 @@ def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"unexpected argument {args.folder!r}: usage is modalign benchmark SUITE --model "
             "BUNDLE (or modalign benchmark leaderboard DIR)"
         )
-    if not args.model:
-        raise UserInputError("modalign benchmark SUITE needs at least one --model BUNDLE")
+    import modalign
     from modalign.benchmark.render import report_markdown
-    from modalign.benchmark.run import run_benchmark
-    from modalign.benchmark.suite import load_suite
 
-    suite = load_suite(args.suite, set_pairs(args))
-    out = Path(args.out or f"runs/benchmark/{suite.name}")
-    report = run_benchmark(suite, args.model, out, device=args.device)
-    report["out"] = str(out)
-    emit(args, report, report_markdown(report) + f"\nwrote {out / 'report.json'}")
+    report = modalign.run_benchmark(
+        args.suite, args.model, args.out, overrides=set_pairs(args), device=args.device
+    )
+    emit(args, report, report_markdown(report) + f"\nwrote {Path(report['out']) / 'report.json'}")
     return report
 
 

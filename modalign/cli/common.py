@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from typing import Any
 
 from modalign.core.errors import UserInputError
+from modalign.core.world import launch_world
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
@@ -46,13 +46,9 @@ def emit_error(message: str, exit_code: int) -> None:
     sys.stdout.flush()
 
 
-def launch_world() -> tuple[int, int]:
-    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) when run directly."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def is_main_process() -> bool:
-    return launch_world()[0] == 0
+    """Rank 0 as ``accelerate launch`` / torchrun set it (True when run directly)."""
+    return launch_world().rank == 0
 
 
 def add_common(p: argparse.ArgumentParser, json_flag: bool = True, device: bool = False) -> None:
@@ -95,9 +91,9 @@ def set_pairs(args: argparse.Namespace) -> list[str]:
 
 
 def load_cli_config(args: argparse.Namespace) -> Any:
-    from modalign.config import load_config
+    import modalign
 
-    return load_config(args.config, set_pairs(args))
+    return modalign.load_config(args.config, set_pairs(args))
 
 
 def floats(text: str, flag: str) -> list[float]:

@@ -1,119 +1,63 @@
-"""``modalign embed``, ``modalign index build|add`` and ``modalign search``."""
+"""``modalign embed`` and ``modalign index build|add``: :func:`modalign.embed`,
+:func:`modalign.build_index`, :func:`modalign.add_to_index` behind flags."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
-from modalign.cli.common import add_common, add_data, emit, launch_world
-from modalign.core.errors import UserInputError
-
-log = logging.getLogger("modalign")
+from modalign.cli.common import add_common, add_data, emit
 
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.core.artifact import output_dir
-    from modalign.pretrain.bundle import load_bundle
-    from modalign.retrieval.embed_shards import (
-        EMBEDDINGS_KIND,
-        rank_device,
-        write_embedding_shards,
-    )
+    import modalign
 
-    rank, size = launch_world()
-    device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    # rank 0 claims --out before the model is loaded (the writer below re-enters the claim)
-    claim = output_dir(args.out, EMBEDDINGS_KIND, "--out") if rank == 0 else nullcontext()
-    with claim:
-        model = load_bundle(args.model, device=device)
-        result = write_embedding_shards(
-            model,
-            args.data,
-            args.out,
-            shard_rows=args.shard_rows,
-            batch_size=args.batch_size,
-            rank=rank,
-            world_size=size,
-        )
+    result = modalign.embed(
+        args.model,
+        args.data,
+        args.out,
+        shard_rows=args.shard_rows,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     emit(args, result)
     return result
 
 
-def _embeddings(args: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
-    from modalign.data.manifest import is_manifest
-    from modalign.data.modality import MODALITIES
-    from modalign.data.preflight import check_source
-    from modalign.pretrain.bundle import load_bundle
-    from modalign.retrieval.embed import embed_source
-    from modalign.retrieval.embed_shards import read_embedding_shards
-
-    if args.embeddings:
-        emb, meta = read_embedding_shards(args.embeddings)
-        return emb, meta["fingerprint"], meta.get("model", "")
-    if not (args.model and args.data):
-        raise UserInputError("give --model DIR and --data SRC, or --embeddings DIR")
-    if is_manifest(args.data):  # an index needs unique ids: named with their lines, up front
-        check_source(args.data, MODALITIES.names(), "--data", unique_ids=True)
-    model = load_bundle(args.model, device=args.device)
-    emb, bad = embed_source(model, args.data, batch_size=args.batch_size)
-    if bad.total:
-        log.warning(bad.summary())
-    return emb, model.fingerprint, str(Path(args.model).resolve())
-
-
 def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.core.artifact import output_dir
-    from modalign.retrieval.index.corpus import INDEX_KIND
+    import modalign
+    from modalign.retrieval import IndexBuildOptions
 
-    # --out is claimed (checked, locked) before anything is embedded, until the index is in place
-    with output_dir(args.out, INDEX_KIND, "--out"):
-        return _index_build(args)
-
-
-def _index_build(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.retrieval.index.corpus import build_corpus_index
-    from modalign.retrieval.index.from_shards import build_corpus_index_from_shards
-
-    if args.embeddings:  # from disk, shard by shard: memory bounded by the index
-        stats, fingerprint = build_corpus_index_from_shards(
-            args.embeddings, args.out, factory=args.factory, device=args.device,
-            memory_budget_bytes=args.memory_budget, target_recall=args.target_recall,
-        )  # fmt: skip
-        result = {"out": args.out, "fingerprint": fingerprint, "modalities": stats}
-        emit(args, result)
-        return result
-    emb, fingerprint, model_path = _embeddings(args)
-    stats = build_corpus_index(
-        emb,
-        args.out,
-        fingerprint,
-        model_path,
+    options = IndexBuildOptions(
         factory=args.factory,
         device=args.device,
         memory_budget_bytes=args.memory_budget,
         target_recall=args.target_recall,
     )
-    result = {"out": args.out, "fingerprint": fingerprint, "modalities": stats}
+    result = modalign.build_index(
+        args.out,
+        model=args.model,
+        data=args.data,
+        embeddings=args.embeddings,
+        options=options,
+        batch_size=args.batch_size,
+        shards=args.shards,
+    )
     emit(args, result)
     return result
 
 
 def cmd_index_add(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.core.artifact import output_dir
-    from modalign.retrieval.index.corpus import INDEX_KIND, CorpusIndex
+    import modalign
 
-    # held from before the index is read until the grown one is in place: no lost update
-    with output_dir(args.index, INDEX_KIND, "--index"):
-        index = CorpusIndex.open(args.index)  # a broken index: refused before any embedding
-        emb, fingerprint, _ = _embeddings(args)
-        added = index.add(emb, fingerprint)
-        index.save(args.index, key="--index")
-    total = {m: len(ix) for m, ix in index.indexes.items()}
-    result = {"index": args.index, "added": added, "total": total}
+    result = modalign.add_to_index(
+        args.index,
+        model=args.model,
+        data=args.data,
+        embeddings=args.embeddings,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     emit(args, result)
     return result
 
@@ -142,6 +86,13 @@ def add_index_group(sub: Any) -> None:
     p.add_argument("--factory", default="auto", help="auto or a FAISS index_factory string")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes the index may use (auto)")
     p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="with --embeddings: train the IVF quantizer once, add the vectors in N parallel "
+        "processes and merge them into one on-disk index (index.ivfdata)",
+    )
     add_common(p, device=True)
     p.set_defaults(func=cmd_index_build)
 

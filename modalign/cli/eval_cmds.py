@@ -11,6 +11,7 @@ from modalign.cli.common import add_common, add_data, emit, floats
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
+    from modalign.pretrain import update_card_metrics
     from modalign.pretrain.bundle import load_bundle
     from modalign.report import retrieval_table
     from modalign.retrieval.embed import embed_source
@@ -20,8 +21,31 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     emb, bad = embed_source(model, args.data, batch_size=args.batch_size)
     result = evaluate_pairs(emb, level=args.level)
     result["bad_items"] = bad.total
+    card = update_card_metrics(
+        args.model, retrieval_card_rows(result), "evaluate retrieval", data=str(args.data)
+    )
+    result["model_card"] = card.to_dict()
     emit(args, result, retrieval_table(result))
     return result
+
+
+def retrieval_card_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """``evaluate retrieval`` figures as model-card rows: recall@k with its Wilson 95% interval
+    over the pair's queries; mAP and ranks without one (``modalign benchmark`` bootstraps them).
+    """
+    from modalign.benchmark.figures import wilson_interval
+    from modalign.pretrain import metric_row
+
+    rows = []
+    for pair, figures in result["pairs"].items():
+        n = int(figures["queries"])
+        for name, value in figures.items():
+            if name.startswith("recall@"):
+                low, high = wilson_interval(round(value * n), n)
+                rows.append(metric_row(f"{pair} {name}", value, low, high, n, "wilson"))
+            elif name in ("map", "median_rank"):
+                rows.append(metric_row(f"{pair} {name}", value, None, None, n))
+    return rows
 
 
 def _robustness(args: argparse.Namespace, clf: Any, result: dict[str, Any]) -> None:
@@ -38,10 +62,10 @@ def _robustness(args: argparse.Namespace, clf: Any, result: dict[str, Any]) -> N
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.finetune.pipeline import load_classifier
+    import modalign
     from modalign.report import classify_table
 
-    clf = load_classifier(args.model, device=args.device)
+    clf = modalign.load_classifier(args.model, device=args.device)
     result = clf.evaluate(args.data, drop=args.drop or [])
     if args.noise or args.attack:
         _robustness(args, clf, result)
@@ -54,9 +78,9 @@ def cmd_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.finetune.pipeline import load_classifier
+    import modalign
 
-    clf = load_classifier(args.model, device=args.device)
+    clf = modalign.load_classifier(args.model, device=args.device)
     preds = clf.predict(args.data, drop=args.drop or [])
     if args.out:
         from modalign.core.artifact import atomic_write_text

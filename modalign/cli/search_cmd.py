@@ -1,9 +1,9 @@
-"""``modalign search --query MODALITY=VALUE`` (``--text/--image/--audio`` are sugar for it)."""
+"""``modalign search --query MODALITY=VALUE`` (``--text/--image/--audio`` are sugar for it):
+:func:`modalign.search` behind flags."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from modalign.cli.common import add_common, emit
@@ -29,49 +29,22 @@ def parse_queries(args: argparse.Namespace) -> list[tuple[str, str]]:
     return queries
 
 
-def check_query(model: Any, modality: str, value: str) -> None:
-    """A query names one of the model's modalities; file modalities need an existing file."""
-    specs = model.modality_specs()
-    if modality not in specs:
-        raise UserInputError(
-            f"--query {modality}=...: this model has no {modality!r} modality; it has "
-            f"{', '.join(model.modalities)}"
-        )
-    if specs[modality].inline:
-        if not value.strip():
-            raise UserInputError(f"--query {modality}=: the query is empty")
-    elif not Path(value).is_file():
-        raise UserInputError(f"--query {modality}={value}: file not found")
-
-
-def encode_query(model: Any, modality: str, value: str) -> Any:
-    """One query vector, decoded through the modality's spec (bad file -> exit 2)."""
-    from modalign.data.decode import BadItem
-
-    check_query(model, modality, value)
-    try:
-        return model.encode(**{modality: [value]})[modality].numpy()
-    except BadItem as exc:
-        raise UserInputError(f"--query {modality}={value}: cannot be read ({exc})") from None
-
-
 def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.pretrain.bundle import load_bundle
+    import modalign
     from modalign.report import table
-    from modalign.retrieval.index.corpus import CorpusIndex
 
     queries = parse_queries(args)
-    index = CorpusIndex.open(args.index, mmap=args.mmap)
-    model_path = args.model or index.meta.get("model")
-    if not model_path:
-        raise UserInputError(f"{args.index} does not record its model; pass --model DIR")
-    model = load_bundle(model_path, device=args.device)
-    index.require_model(model.fingerprint)
-    vectors = [encode_query(model, m, v) for m, v in queries]  # all checked before searching
+    found = modalign.search(
+        args.index,
+        queries,
+        k=args.k,
+        targets=args.target,
+        model=args.model,
+        device=args.device,
+        mmap=args.mmap,
+    )
     answers, texts = [], []
-    for (modality, value), vec in zip(queries, vectors):
-        targets = args.target or [m for m in index.modalities if m != modality] or index.modalities
-        hits = index.search(vec, k=args.k, targets=targets)[0]
+    for (modality, value), hits in zip(queries, found):
         answers.append({"query": {modality: value}, "results": [h.to_dict() for h in hits]})
         texts.append(table(
             ["rank", "score", "modality", "item", "label"],

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from modalign.cli.common import add_common, add_set, emit, is_main_process, load_cli_config
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.training import run_pretrain
+    import modalign
 
-    cfg = load_cli_config(args)
-    res = run_pretrain(cfg, resume=args.resume)
+    res = modalign.run_pretrain(load_cli_config(args), resume=args.resume)
     result = {
         "output_dir": str(res.output_dir),
         "steps": res.steps,
@@ -31,18 +29,11 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.core.artifact import output_path
-    from modalign.finetune.pipeline import run_finetune
+    import modalign
     from modalign.report import classify_table
-    from modalign.run_checks import check_finetune_inputs
 
-    cfg = load_cli_config(args)
-    check_finetune_inputs(cfg)  # the bundle and every manifest, before any work
-    if cfg.finetune.out:
-        out, key = Path(cfg.finetune.out), "finetune.out"
-    else:  # an empty output.dir would put the classifier under the current folder
-        out, key = output_path(cfg.output.dir, "output.dir") / "classifier", "output.dir"
-    res = run_finetune(cfg.finetune, out, key=key)
+    res = modalign.run_finetune(load_cli_config(args))
+    out = res.out_dir
     result = {
         "out": str(out),
         "fused": res.fused,

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from modalign.cli.common import add_common, add_set, emit, set_pairs
 
 
 def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
-    from modalign.tune.budget import parse_budget
-    from modalign.tune.study import run_tune
+    import modalign
 
-    budget = parse_budget(args.budget)
-    study = Path(args.study or f"runs/tune/{Path(args.config).stem}-{args.stage}")
-    res = run_tune(
+    res = modalign.run_tune(
         args.config,
-        budget,
-        study,
+        args.budget,
+        args.study,
         stage=args.stage,
         overrides=set_pairs(args),
         sampler=args.sampler,

@@ -1,6 +1,6 @@
 """``modalign serve``: cross-modal search over HTTP (FastAPI on uvicorn) and a web page.
 
-Modules: :mod:`.engine` (model + index, batched encode/search, media listing),
+Modules: :mod:`.searcher` (model + index, batched encode/search, media listing),
 :mod:`.batching` (the encoder worker thread and micro-batches), :mod:`.queries` (request
 parsing and limits, errors naming the field), :mod:`.guards` (token and body-size ASGI
 middleware), :mod:`.routes` and :mod:`.app` (the ASGI app, uvicorn runner), :mod:`.command`

@@ -1,6 +1,6 @@
 """The ASGI application and the uvicorn runner.
 
-``create_app(engine, settings)`` assembles: token guard (when a token is set) -> body-size limit
+``create_app(searcher, settings)`` assembles: token guard (when a token is set) -> body-size limit
 -> FastAPI routes, a JSON error for every failure (a broken request never kills the server),
 the web page and its static files, and the micro-batching worker started/stopped with the
 app's lifespan. ``serve(...)`` runs it on uvicorn.
@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modalign.server.batching import MicroBatcher
-from modalign.server.engine import SearchEngine
 from modalign.server.errors import RequestError, error_body
 from modalign.server.guards import BodyLimit, TokenGuard
 from modalign.server.handling import ServerState
 from modalign.server.routes import build_router
+from modalign.server.searcher import Searcher
 from modalign.server.settings import ServeSettings, check_bind
 
 __all__ = ["create_app", "serve"]
@@ -31,11 +31,13 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: SearchEngine, settings: ServeSettings | None = None) -> Any:
-    """The ASGI app serving ``engine`` (FastAPI wrapped in the token and body-size guards)."""
+def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Any:
+    """The ASGI app serving ``searcher`` (FastAPI wrapped in the token and body-size guards)."""
     settings = settings or ServeSettings()
     limits = settings.limits
-    state = ServerState(engine, limits, MicroBatcher(engine, limits.max_batch, limits.max_pending))
+    state = ServerState(
+        searcher, limits, MicroBatcher(searcher, limits.max_batch, limits.max_pending)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -93,7 +95,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def serve(
-    engine: SearchEngine, settings: ServeSettings, log_level: str = "info", torch_threads: int = 1
+    searcher: Searcher, settings: ServeSettings, log_level: str = "info", torch_threads: int = 1
 ) -> None:
     """Run the app on uvicorn until interrupted (refuses a non-loopback bind without a token).
 
@@ -109,7 +111,7 @@ def serve(
     check_bind(settings)
     torch.set_num_threads(max(1, torch_threads))
     faiss.omp_set_num_threads(1)
-    app = create_app(engine, settings)
+    app = create_app(searcher, settings)
     # The loaded index and the app's lookup tables are millions of long-lived objects; without
     # this every full collection walks them all, a pause of tens of ms in the middle of a query.
     gc.collect()

@@ -5,7 +5,7 @@ the event loop). Requests put a :class:`Job` on its queue and await a future. Th
 the first job, then everything else already waiting (up to ``max_batch``): no timer, so a lone
 query waits for nothing, and under load a batch holds whatever arrived during the previous
 one. Decoded values of one modality are encoded together; all vectors are then searched with
-:meth:`SearchEngine.search`, whose per-query results equal one-at-a-time search. If a batch's
+:meth:`Searcher.search`, whose per-query results equal one-at-a-time search. If a batch's
 forward pass fails, its jobs are retried one by one so that only the bad one fails.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from modalign.retrieval.index.corpus import Hit, Query
-from modalign.server.engine import SearchEngine
 from modalign.server.errors import RequestError
+from modalign.server.searcher import Searcher
 
 __all__ = ["BatchStats", "Job", "MicroBatcher"]
 
@@ -64,8 +64,8 @@ class BatchStats:
 class MicroBatcher:
     """The encoder/search worker thread and its bounded queue."""
 
-    def __init__(self, engine: SearchEngine, max_batch: int = 32, max_pending: int = 256) -> None:
-        self.engine, self.max_batch = engine, max_batch
+    def __init__(self, searcher: Searcher, max_batch: int = 32, max_pending: int = 256) -> None:
+        self.searcher, self.max_batch = searcher, max_batch
         self.stats = BatchStats()
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
@@ -95,7 +95,7 @@ class MicroBatcher:
 
     # -- worker side -----------------------------------------------------------------------
     def _run(self) -> None:
-        self.engine.warm_up()  # in this thread: the one that will run every forward pass
+        self.searcher.warm_up()  # in this thread: the one that will run every forward pass
         while True:
             first = self._queue.get()
             if first is None:
@@ -123,7 +123,7 @@ class MicroBatcher:
         if not ready:
             return
         try:
-            answers = self.engine.search([Query(v, j.k, j.targets) for j, v in ready])
+            answers = self.searcher.search([Query(v, j.k, j.targets) for j, v in ready])
         except Exception as exc:
             for job, _ in ready:
                 _fail(job, exc)
@@ -142,7 +142,7 @@ class MicroBatcher:
                 groups.setdefault(str(job.modality), []).append(job)
         for modality, group in groups.items():
             try:
-                encoded = self.engine.encode(modality, [j.prepared for j in group])
+                encoded = self.searcher.encode(modality, [j.prepared for j in group])
                 vectors.update({id(j): v for j, v in zip(group, encoded)})
             except Exception:
                 log.warning(
@@ -150,7 +150,7 @@ class MicroBatcher:
                 )
                 for job in group:
                     try:
-                        vectors[id(job)] = self.engine.encode(modality, [job.prepared])[0]
+                        vectors[id(job)] = self.searcher.encode(modality, [job.prepared])[0]
                     except Exception as exc:
                         _fail(job, exc)
         return [(j, vectors[id(j)]) for j in jobs if id(j) in vectors]

@@ -24,11 +24,11 @@ __all__ = ["add_clip_routes"]
 
 def add_clip_routes(router: APIRouter, state: ServerState) -> None:
     """Register the clip-retrieval routes on ``router``."""
-    engine, limits = state.engine, state.limits
+    searcher, limits = state.searcher, state.limits
 
     @router.post("/knn-service")
     async def knn_service(request: Request) -> JSONResponse:
-        q = parse_knn(await json_body(request), engine, limits)
+        q = parse_knn(await json_body(request), searcher, limits)
         hits = await answer(state, q)
         base = str(request.base_url).rstrip("/")
         full = [knn_record(state, h, base) for h in hits[: q.shown]]
@@ -37,7 +37,7 @@ def add_clip_routes(router: APIRouter, state: ServerState) -> None:
 
     @router.post("/metadata")
     async def metadata(request: Request) -> JSONResponse:
-        modality, ids = parse_metadata(await json_body(request), engine, limits)
+        modality, ids = parse_metadata(await json_body(request), searcher, limits)
         items = state.item_ids
         bad = [i for i in ids if not 0 <= i < len(items)]
         if bad:
@@ -49,7 +49,7 @@ def add_clip_routes(router: APIRouter, state: ServerState) -> None:
             shown = modality or _shown_modality(state, item)
             if item not in state.has[shown]:
                 raise RequestError(400, "ids", f"{i} (item {item!r}) has no {shown} vector")
-            record = engine.item(shown, item)
+            record = searcher.item(shown, item)
             if record is None:  # has[shown] holds it, so the index lists it: cannot happen
                 raise RequestError(400, "ids", f"{i} (item {item!r}) has no {shown} record")
             hit = Hit(item, 0.0, shown, str(record["value"]), record.get("label"))
@@ -61,22 +61,22 @@ def add_clip_routes(router: APIRouter, state: ServerState) -> None:
 
     @router.get("/indices-list")
     async def indices_list() -> list[str]:
-        return [engine.index.root.name]
+        return [searcher.index.root.name]
 
 
 def _shown_modality(state: ServerState, item: str) -> str:
     """The modality whose record ``/metadata`` shows for an item when the request names none:
     clip-back's default (image, else the index's first) if the item has it, else its first."""
-    preferred = knn_default_target(state.engine)
+    preferred = knn_default_target(state.searcher)
     if item in state.has[preferred]:
         return preferred
-    return next(m for m in state.engine.target_modalities if item in state.has[m])
+    return next(m for m in state.searcher.target_modalities if item in state.has[m])
 
 
 def knn_record(state: ServerState, hit: Hit, base: str) -> dict[str, Any]:
     """One clip-retrieval result: ``id`` (the item's number, see module doc), ``similarity``,
     ``caption``, ``url`` (of the media), plus modalign's ``item_id``/``modality``/``label``."""
-    rec = state.engine.hit_record(hit, base)
+    rec = state.searcher.hit_record(hit, base)
     out: dict[str, Any] = {
         "id": state.numbers[hit.id],
         "similarity": hit.score,
@@ -88,6 +88,6 @@ def knn_record(state: ServerState, hit: Hit, base: str) -> dict[str, Any]:
         out["url"] = rec["media_url"]
     if hit.label is not None:
         out["label"] = hit.label
-    if state.engine.is_inline_target(hit.modality):
+    if state.searcher.is_inline_target(hit.modality):
         out["text"] = hit.value
     return out

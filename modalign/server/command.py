@@ -31,6 +31,13 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="run the query encoders in PyTorch (default) or ONNX Runtime (--model: the folder "
+        "`modalign export --format onnx` wrote)",
+    )
+    p.add_argument(
         "--mmap", action="store_true", help="map the FAISS files read-only instead of loading them"
     )
     p.add_argument(
@@ -109,19 +116,17 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the index and model once, then serve until interrupted; returns 0."""
-    from modalign.server.app import serve
-    from modalign.server.engine import SearchEngine
+    """:func:`modalign.serve` with the flags' settings, until interrupted; returns 0."""
+    import modalign
 
     settings = settings_from_args(args)  # bad flags fail before the model loads
-    engine = SearchEngine.open(args.index, args.model, device=args.device, mmap=args.mmap)
-    log.info(
-        "serving %s (%s) on http://%s:%d/%s",
+    modalign.serve(
         args.index,
-        ", ".join(engine.target_modalities),
-        settings.host,
-        settings.port,
-        "" if settings.token is None else "  (token required)",
+        args.model,
+        settings=settings,
+        device=args.device,
+        mmap=args.mmap,
+        torch_threads=args.torch_threads,
+        runtime=args.runtime,
     )
-    serve(engine, settings, torch_threads=args.torch_threads)
     return 0

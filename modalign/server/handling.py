@@ -14,9 +14,9 @@ from starlette.datastructures import UploadFile
 
 from modalign.retrieval.index.corpus import Hit
 from modalign.server.batching import Job, MicroBatcher
-from modalign.server.engine import DecodeError, SearchEngine
 from modalign.server.errors import RequestError
 from modalign.server.queries import ParsedQuery
+from modalign.server.searcher import DecodeError, Searcher
 from modalign.server.settings import ServeLimits
 
 __all__ = ["ServerState", "answer", "json_body", "multipart"]
@@ -24,9 +24,9 @@ __all__ = ["ServerState", "answer", "json_body", "multipart"]
 
 @dataclass
 class ServerState:
-    """What every route shares: the engine, its batcher, the limits and a decode pool."""
+    """What every route shares: the searcher, its batcher, the limits and a decode pool."""
 
-    engine: SearchEngine
+    searcher: Searcher
     limits: ServeLimits
     batcher: MicroBatcher
     decode_pool: ThreadPoolExecutor = field(
@@ -41,7 +41,7 @@ class ServerState:
     decoding: int = 0  # bytes reserved by the decodes running now (see DecodeBudget)
 
     def __post_init__(self) -> None:
-        for m, ix in self.engine.index.indexes.items():  # index order, then row order
+        for m, ix in self.searcher.index.indexes.items():  # index order, then row order
             self.has[m] = set()
             for fid in ix.ids:
                 item = fid.split(":", 1)[1]
@@ -59,7 +59,7 @@ def reserve_decode(state: ServerState, q: ParsedQuery) -> int:
     if not isinstance(q.value, bytes) or q.modality is None:
         return 0
     try:
-        cost = state.engine.decode_cost(q.modality, q.value)
+        cost = state.searcher.decode_cost(q.modality, q.value)
     except DecodeError as exc:
         raise RequestError(400, q.field, f"cannot be decoded as {q.modality}: {exc}") from None
     mib = 1048576
@@ -90,13 +90,13 @@ async def answer(state: ServerState, q: ParsedQuery) -> list[Hit]:
     if q.modality is None or q.value is None:  # the parsers give a vector or both of these
         raise RequestError(400, q.field, "the query has neither a vector nor a value")
     try:
-        if state.engine.is_inline(q.modality):  # a string: nothing slow to bound, no thread hop
-            prepared = state.engine.decode(q.modality, q.value)
+        if state.searcher.is_inline(q.modality):  # a string: nothing slow to bound, no thread hop
+            prepared = state.searcher.decode(q.modality, q.value)
         else:
             cost = reserve_decode(state, q)
             loop = asyncio.get_running_loop()
             pending = loop.run_in_executor(
-                state.decode_pool, state.engine.decode, q.modality, q.value
+                state.decode_pool, state.searcher.decode, q.modality, q.value
             )
 
             def release(_: Any) -> None:  # when the decode ends, also after a timeout

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from modalign.server.engine import SearchEngine
 from modalign.server.errors import RequestError
+from modalign.server.searcher import Searcher
 from modalign.server.settings import ServeLimits
 
 __all__ = ["ParsedQuery", "parse_json", "parse_knn", "parse_metadata", "parse_multipart_fields"]
@@ -102,33 +102,33 @@ def parse_k(
     return raw
 
 
-def parse_targets(raw: Any, engine: SearchEngine, modality: str | None) -> tuple[str, ...]:
+def parse_targets(raw: Any, searcher: Searcher, modality: str | None) -> tuple[str, ...]:
     """Target modalities (a name or a list of names the index holds); default: the others."""
     if raw is None or raw == []:
-        return engine.default_targets(modality)
+        return searcher.default_targets(modality)
     names = [raw] if isinstance(raw, str) else raw
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise _bad("target", f"must be a modality name or a list of them, got {raw!r}")
-    unknown = [n for n in names if n not in engine.target_modalities]
+    unknown = [n for n in names if n not in searcher.target_modalities]
     if unknown:
         raise _bad(
             "target",
-            f"the index has no {unknown[0]!r} vectors; it has {', '.join(engine.target_modalities)}",
+            f"the index has no {unknown[0]!r} vectors; it has {', '.join(searcher.target_modalities)}",
         )
     return tuple(dict.fromkeys(names))
 
 
-def check_modality(engine: SearchEngine, name: str) -> str:
+def check_modality(searcher: Searcher, name: str) -> str:
     """``name`` if the model takes queries in it, else 400 naming the field."""
-    if name not in engine.query_modalities:
+    if name not in searcher.query_modalities:
         raise _bad(
             name,
-            f"this model has no {name!r} modality; it takes {', '.join(engine.query_modalities)}",
+            f"this model has no {name!r} modality; it takes {', '.join(searcher.query_modalities)}",
         )
     return name
 
 
-def check_inline(engine: SearchEngine, name: str, value: Any, limits: ServeLimits) -> str:
+def check_inline(searcher: Searcher, name: str, value: Any, limits: ServeLimits) -> str:
     """An inline (text) query: a non-empty string no longer than ``max_query_chars``."""
     if not isinstance(value, str):
         raise _bad(name, f"must be a string, got {type(value).__name__}")
@@ -139,14 +139,14 @@ def check_inline(engine: SearchEngine, name: str, value: Any, limits: ServeLimit
     return value
 
 
-def parse_json(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQuery:
+def parse_json(body: Any, searcher: Searcher, limits: ServeLimits) -> ParsedQuery:
     """``{"text": ...}`` (any inline modality) or ``{"id": ..., "modality": ...}``."""
     if not isinstance(body, dict):
         raise _bad("body", 'must be a JSON object like {"text": "a dog", "k": 10}')
-    inline = [m for m in engine.query_modalities if engine.is_inline(m)]
+    inline = [m for m in searcher.query_modalities if searcher.is_inline(m)]
     allowed = COMMON_KEYS | ID_KEYS | set(inline)
     for key in body:
-        if key in engine.query_modalities and key not in inline:
+        if key in searcher.query_modalities and key not in inline:
             raise _bad(key, f"{key} is a file modality: upload it as multipart field {key!r}")
         if key not in allowed:
             raise _bad(key, f"unknown field; /search takes {', '.join(sorted(allowed))}")
@@ -154,35 +154,35 @@ def parse_json(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQu
     if len(given) != 1:
         raise _bad("body", f"give exactly one query: one of {', '.join([*inline, 'id'])}")
     if given[0] == "id":
-        return _by_id(body, engine, limits)
+        return _by_id(body, searcher, limits)
     if "modality" in body:
         raise _bad("modality", "only goes with 'id' (the query's modality is its field name)")
     name = given[0]
-    value = check_inline(engine, name, body[name], limits)
+    value = check_inline(searcher, name, body[name], limits)
     k = parse_k(body.get("k"), limits)
-    return ParsedQuery(name, k, parse_targets(body.get("target"), engine, name), name, value)
+    return ParsedQuery(name, k, parse_targets(body.get("target"), searcher, name), name, value)
 
 
-def _by_id(body: Mapping[str, Any], engine: SearchEngine, limits: ServeLimits) -> ParsedQuery:
+def _by_id(body: Mapping[str, Any], searcher: Searcher, limits: ServeLimits) -> ParsedQuery:
     item_id = body["id"]
     if not isinstance(item_id, str) or not item_id:
         raise _bad("id", f"must be a non-empty string, got {item_id!r}")
     modality = body.get("modality")
     if modality is None:
-        found = [m for m in engine.target_modalities if engine.item(m, item_id) is not None]
+        found = [m for m in searcher.target_modalities if searcher.item(m, item_id) is not None]
         if len(found) > 1:
             raise _bad("modality", f"id {item_id!r} is indexed as {', '.join(found)}; pick one")
         modality = found[0] if found else None
     if modality is not None and not isinstance(modality, str):
         raise _bad("modality", f"must be a modality name, got {modality!r}")
-    record = engine.item(modality, item_id) if modality else None
+    record = searcher.item(modality, item_id) if modality else None
     if record is None or not modality:
         raise RequestError(
             404, "id", f"no indexed item {item_id!r}" + (f" in {modality}" if modality else "")
         )
-    check_modality(engine, modality)
+    check_modality(searcher, modality)
     k = parse_k(body.get("k"), limits)
-    targets = parse_targets(body.get("target"), engine, modality)
+    targets = parse_targets(body.get("target"), searcher, modality)
     return ParsedQuery(
         "id",
         k,
@@ -196,33 +196,35 @@ def _by_id(body: Mapping[str, Any], engine: SearchEngine, limits: ServeLimits) -
 def parse_multipart_fields(
     files: Mapping[str, bytes],
     fields: Mapping[str, list[str]],
-    engine: SearchEngine,
+    searcher: Searcher,
     limits: ServeLimits,
 ) -> ParsedQuery:
     """An upload in the field named after its modality, plus ``k`` and ``target`` fields."""
     for name in files:
-        check_modality(engine, name)
+        check_modality(searcher, name)
     for name in fields:
-        if name not in COMMON_KEYS and name not in engine.query_modalities:
+        if name not in COMMON_KEYS and name not in searcher.query_modalities:
             raise _bad(name, "unknown field; upload a file in the field named after its modality")
-    inline = [m for m in fields if m in engine.query_modalities]
+    inline = [m for m in fields if m in searcher.query_modalities]
     given = list(files) + inline
     if len(given) != 1:
         raise _bad(
-            "body", f"give exactly one query field: one of {', '.join(engine.query_modalities)}"
+            "body", f"give exactly one query field: one of {', '.join(searcher.query_modalities)}"
         )
     name = given[0]
     k = parse_k(fields["k"][0] if fields.get("k") else None, limits)
-    targets = parse_targets(fields.get("target"), engine, name)
+    targets = parse_targets(fields.get("target"), searcher, name)
     if name in files:
-        if engine.is_inline(name):
-            value: bytes | str = check_inline(engine, name, _utf8(files[name], name), limits)
+        if searcher.is_inline(name):
+            value: bytes | str = check_inline(searcher, name, _utf8(files[name], name), limits)
         else:
             value = files[name]
             if not value:
                 raise _bad(name, "the uploaded file is empty")
         return ParsedQuery(name, k, targets, name, value)
-    return ParsedQuery(name, k, targets, name, check_inline(engine, name, fields[name][0], limits))
+    return ParsedQuery(
+        name, k, targets, name, check_inline(searcher, name, fields[name][0], limits)
+    )
 
 
 def _utf8(data: bytes, field: str) -> str:
@@ -232,7 +234,7 @@ def _utf8(data: bytes, field: str) -> str:
         raise _bad(field, "is not UTF-8 text") from None
 
 
-def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQuery:
+def parse_knn(body: Any, searcher: Searcher, limits: ServeLimits) -> ParsedQuery:
     """clip-retrieval's ``/knn-service`` request: text, base64 image (or any file modality),
     or ``embedding_input``; ``modality`` names the index to search, ``num_images`` the count
     with metadata, ``num_result_ids`` (optional, >= num_images) how many ids in all. Keys
@@ -240,7 +242,7 @@ def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQue
     if not isinstance(body, dict):
         raise _bad("body", 'must be a JSON object like {"text": "a dog", "num_images": 10}')
     body = {k: v for k, v in body.items() if v is not None}
-    asked = [m for m in engine.query_modalities if m in body] + (
+    asked = [m for m in searcher.query_modalities if m in body] + (
         ["embedding_input"] if "embedding_input" in body else []
     )
     if len(asked) > 1:  # clip-front sends text "" beside an image: an empty text is no query
@@ -249,13 +251,13 @@ def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQue
         raise _bad("image_url", "this server fetches no URLs; send the image base64 in 'image'")
     allowed = KNN_IGNORED | {"modality", "num_images", "num_result_ids", "embedding_input"}
     for key in body:
-        if key not in allowed and key not in engine.query_modalities:
+        if key not in allowed and key not in searcher.query_modalities:
             raise _bad(key, f"unknown field; /knn-service takes {', '.join(sorted(allowed))}")
-    query_keys = [m for m in engine.query_modalities if m in body]
+    query_keys = [m for m in searcher.query_modalities if m in body]
     query_keys += ["embedding_input"] if "embedding_input" in body else []
     if len(query_keys) != 1:
         raise _bad("body", "give exactly one of text, image (base64) and embedding_input")
-    targets = parse_targets(body.get("modality", knn_default_target(engine)), engine, None)
+    targets = parse_targets(body.get("modality", knn_default_target(searcher)), searcher, None)
     shown = parse_k(body.get("num_images"), limits, field="num_images", default=40)
     k = parse_k(
         body.get("num_result_ids", shown),
@@ -268,21 +270,21 @@ def parse_knn(body: Any, engine: SearchEngine, limits: ServeLimits) -> ParsedQue
         raise _bad("num_result_ids", f"must be >= num_images ({shown}), got {k}")
     key = query_keys[0]
     if key == "embedding_input":
-        return ParsedQuery(key, k, targets, vector=_vector(body[key], engine), shown=shown)
-    if engine.is_inline(key):
-        value: bytes | str = check_inline(engine, key, body[key], limits)
+        return ParsedQuery(key, k, targets, vector=_vector(body[key], searcher), shown=shown)
+    if searcher.is_inline(key):
+        value: bytes | str = check_inline(searcher, key, body[key], limits)
     else:
         value = _base64(body[key], key)
     return ParsedQuery(key, k, targets, key, value, shown=shown)
 
 
-def knn_default_target(engine: SearchEngine) -> str:
+def knn_default_target(searcher: Searcher) -> str:
     """clip-retrieval's default index is ``image``; an index without images uses its first."""
-    return "image" if "image" in engine.target_modalities else engine.target_modalities[0]
+    return "image" if "image" in searcher.target_modalities else searcher.target_modalities[0]
 
 
 def parse_metadata(
-    body: Any, engine: SearchEngine, limits: ServeLimits
+    body: Any, searcher: Searcher, limits: ServeLimits
 ) -> tuple[str | None, list[int]]:
     """clip-retrieval's ``/metadata`` request: ``{"ids": [id, ...], "modality"?}`` (ids as
     ``/knn-service`` returned them; ``modality``: whose record to show, default the item's
@@ -290,7 +292,7 @@ def parse_metadata(
     if not isinstance(body, dict):
         raise _bad("body", 'must be a JSON object like {"ids": [3, 14]}')
     modality = body.get("modality") or None
-    if modality is not None and modality not in engine.target_modalities:
+    if modality is not None and modality not in searcher.target_modalities:
         raise _bad("modality", f"the index has no {modality!r} vectors")
     ids = body.get("ids")
     if not isinstance(ids, list) or not all(
@@ -302,8 +304,8 @@ def parse_metadata(
     return modality, ids
 
 
-def _vector(raw: Any, engine: SearchEngine) -> np.ndarray:
-    dim = int(engine.index.meta["dim"])
+def _vector(raw: Any, searcher: Searcher) -> np.ndarray:
+    dim = int(searcher.index.meta["dim"])
     if not isinstance(raw, list) or len(raw) != dim:
         size = len(raw) if isinstance(raw, list) else type(raw).__name__
         raise _bad("embedding_input", f"must be a list of {dim} numbers, got {size}")

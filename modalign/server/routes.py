@@ -29,28 +29,28 @@ MEDIA_HEADERS = {
 def build_router(state: ServerState) -> APIRouter:
     """All routes, closed over ``state``."""
     router = APIRouter()
-    engine, limits = state.engine, state.limits
+    searcher, limits = state.searcher, state.limits
 
     @router.post("/search")
     async def search(request: Request) -> JSONResponse:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             files, fields = await multipart(request)
-            q = parse_multipart_fields(files, fields, engine, limits)
+            q = parse_multipart_fields(files, fields, searcher, limits)
         elif ctype.startswith("application/json") or not ctype:
-            q = parse_json(await json_body(request), engine, limits)
+            q = parse_json(await json_body(request), searcher, limits)
         else:
             raise RequestError(
                 415, "content-type", f"{ctype!r}: send application/json or multipart/form-data"
             )
         hits = await answer(state, q)
         return JSONResponse(
-            {"query": q.describe(), "results": [engine.hit_record(h) for h in hits]}
+            {"query": q.describe(), "results": [searcher.hit_record(h) for h in hits]}
         )
 
     @router.get("/media/{key:path}")
     async def media(key: str) -> Response:
-        found = engine.media(key)
+        found = searcher.media(key)
         if found is None:
             raise RequestError(
                 404,
@@ -66,7 +66,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.get("/info")
     async def info() -> dict[str, Any]:
-        out = engine.info()
+        out = searcher.info()
         out["limits"] = limits.__dict__
         out["batching"] = state.batcher.stats.to_dict()
         out["uptime_s"] = round(time.time() - state.started, 1)

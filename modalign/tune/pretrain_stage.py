@@ -45,8 +45,8 @@ class PretrainObjective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        import modalign
         from modalign.retrieval.evaluate import make_validator
-        from modalign.training import run_pretrain
 
         params = self.params(trial)
         out = self.study_dir / "trials" / f"{trial.number:04d}"
@@ -62,5 +62,5 @@ class PretrainObjective:
                 raise optuna.TrialPruned(f"pruned at step {step}")
             return metrics
 
-        run_pretrain(cfg, resume=None, evaluate=evaluate)
+        modalign.run_pretrain(cfg, resume=None, evaluate=evaluate)
         return last["value"]

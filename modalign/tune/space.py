@@ -46,8 +46,9 @@ def head_option_params(trial: Any, kind: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class FinetuneSpace:
     heads: list[str] = field(default_factory=list)  # [] = every registered head
+    # auto: modalign's default labeler, so a trial can keep it and change the head, lr, epochs
     pseudo_labels: list[str] = field(
-        default_factory=lambda: ["none", "zero_shot", "knn", "propagation"]
+        default_factory=lambda: ["none", "zero_shot", "knn", "propagation", "auto"]
     )
     # the base config's labeler options, kept for that labeler (others get their defaults)
     labeler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -69,14 +70,68 @@ class FinetuneSpace:
         return out
 
 
+def _targets_name(targets: list[str]) -> str:
+    return ",".join(targets) or "default"
+
+
 @dataclass(frozen=True)
 class PretrainSpace:
+    """Pretraining keys; for adapted towers (``model.towers.<m>.adapter``) also the adapter's
+    rank (``adapter_ranks[m]``, for kinds with an ``r`` option) and target set
+    (``adapter_targets[m]``: lists of module names, [] = the tower's default targets)."""
+
     embed_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
+    adapter_ranks: dict[str, list[int]] = field(default_factory=dict)
+    adapter_targets: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def adapter_params(self, trial: Any) -> dict[str, Any]:
+        """The adapter dimensions: ``model.towers.<m>.adapter.options.r`` / ``target_modules``."""
+        out: dict[str, Any] = {}
+        for m, ranks in self.adapter_ranks.items():
+            r = trial.suggest_categorical(f"adapter.{m}.r", sorted(set(ranks)))
+            out[f"model.towers.{m}.adapter.options.r"] = r
+        for m, sets in self.adapter_targets.items():
+            by_name = {_targets_name(list(t)): list(t) for t in sets}
+            name = trial.suggest_categorical(f"adapter.{m}.targets", list(by_name))
+            out[f"model.towers.{m}.adapter.options.target_modules"] = by_name[name]
+        return out
+
+    @classmethod
+    def around(cls, tree: dict[str, Any]) -> PretrainSpace:
+        """The space around a config tree's own sizes: embed dim {d/2, d, 2d}, batch {b/2, b},
+        adapter rank {r/2, r, 2r} and target set {the config's, the tower's default}."""
+        from modalign.pretrain.towers.adapters import ADAPTERS
+
+        d, b = tree["model"]["embed_dim"], tree["train"]["batch_size"]
+        ranks: dict[str, list[int]] = {}
+        targets: dict[str, list[list[str]]] = {}
+        for m in tree["model"]["modalities"]:
+            adapter = (
+                (tree["model"]["towers"][m].get("adapter") or {})
+                if m in tree["model"]["towers"]
+                else {}
+            )
+            if not adapter.get("kind"):
+                continue
+            opts = ADAPTERS.options(
+                adapter["kind"], adapter.get("options"), f"model.towers.{m}.adapter.options"
+            )
+            if "r" in {f.name for f in dataclasses.fields(opts)}:  # a rank to search
+                ranks[m] = sorted({max(1, opts.r // 2), opts.r, opts.r * 2})
+            own = list(opts.target_modules)
+            targets[m] = [own, []] if own else [[]]
+        return cls(
+            embed_dims=sorted({max(8, d // 2), d, d * 2}),
+            batch_sizes=sorted({max(2, b // 2), b}),
+            adapter_ranks=ranks,
+            adapter_targets={m: t for m, t in targets.items() if len(t) > 1},
+        )
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         aug = trial.suggest_float("augmentation", 0.0, 1.0)
         return {
+            **self.adapter_params(trial),
             "optim.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
             "loss.init_temperature": trial.suggest_float("init_temperature", 0.02, 0.2, log=True),
             "model.embed_dim": trial.suggest_categorical("embed_dim", list(self.embed_dims)),

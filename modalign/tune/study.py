@@ -69,10 +69,7 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
 
     tree = default_tree(config, overrides)
     if stage == "pretrain":
-        d, b = tree["model"]["embed_dim"], tree["train"]["batch_size"]
-        space = PretrainSpace(  # around the config's own sizes
-            embed_dims=sorted({max(8, d // 2), d, d * 2}), batch_sizes=sorted({max(2, b // 2), b})
-        )
+        space = PretrainSpace.around(tree)  # the config's own sizes, adapter rank and targets
         obj = PretrainObjective(tree, space, study_dir)
         obj.check()
         return obj

@@ -7,6 +7,8 @@ the weight files) is part of the fingerprint and checked on load. ``modalign.jso
 which plugins built the bundle; a bundle whose plugin is missing is refused naming the package.
 Towers and modalities are found through their registries (``modalign.towers`` /
 ``modalign.modalities``); ``tower_builders=``/``modalities=`` add unregistered ones.
+Every bundle also gets a model card, ``README.md`` (:mod:`modalign.pretrain.bundle.card`):
+documentation outside the verified files, sealed so modalign only ever rewrites its own.
 """
 
 from __future__ import annotations
@@ -21,38 +23,56 @@ import torch
 import yaml
 
 from modalign.core.artifact import atomic_files, read_json_meta, verify_files
-from modalign.core.config_io import dump_yaml, from_dict
+from modalign.core.config_io import dump_yaml, from_dict, to_dict
 from modalign.core.errors import UserInputError
 from modalign.data.modality import ImagePreset, ModalitySpec
+from modalign.pretrain.bundle.card import (
+    CARD,
+    CardUpdate,
+    card_data,
+    metric_row,
+    read_card,
+    update_card_metrics,
+    write_card,
+)
 from modalign.pretrain.bundle.meta import (
+    BUNDLE_FORMAT,
+    adapter_record,
     bundle_fingerprint,
     check_external,
     encoder_state,
     external_record,
-    external_trunk_prefixes,
     input_presets,
+    is_referenced,
     plugin_record,
     read_presets,
     require_plugins,
     state_fingerprint,
 )
-from modalign.pretrain.bundle.model import BundleModel
+from modalign.pretrain.bundle.model import BundleModel, EmbeddingModel
 from modalign.pretrain.config import PretrainConfig
 from modalign.pretrain.model import MultimodalEncoder, build_encoder
 from modalign.pretrain.towers import TowerBuilder
 
-FORMAT = "modalign.model-bundle"
+FORMAT = BUNDLE_FORMAT
 FORMAT_VERSION = 2  # 2: plugins, external_weights, input_presets, files (sha256 per file)
 META = "modalign.json"
 
 __all__ = [
+    "CARD",
     "FORMAT",
     "BundleModel",
+    "CardUpdate",
+    "EmbeddingModel",
+    "card_data",
     "encoder_state",
     "load_bundle",
+    "metric_row",
     "read_bundle_meta",
+    "read_card",
     "save_bundle",
     "state_fingerprint",
+    "update_card_metrics",
 ]
 
 
@@ -98,9 +118,13 @@ def save_bundle(
                 },
                 "plugins": plugin_record(encoder, modalities),
                 "external_weights": external,
+                "adapters": adapter_record(encoder),
                 "versions": _versions(),
             }
         )
+    # The model card is documentation, written after modalign.json and not among its verified
+    # files: editing it never breaks loading; a foreign or edited README.md is left alone.
+    write_card(out_dir, card_data(meta, to_dict(cfg)))
     return out_dir
 
 
@@ -176,6 +200,8 @@ def load_bundle(
     # Frozen external trunks (not stored) are rebuilt from their recorded weights file or dir;
     # stored trunks need no init file (their trained weights are in the bundle).
     stored = stored_trunks(state, list(meta.get("modalities") or []))
+    # An adapted tower whose base is referenced stores only its adapter: its base is rebuilt.
+    stored -= {m for m, a in (meta.get("adapters") or {}).items() if a.get("base") == "external"}
     cfg = _read_config(path, stored)
     encoder = build_encoder(cfg.model, cfg.data, tower_builders).encoder
     check_external(meta, encoder, str(path), skip=stored)
@@ -186,8 +212,8 @@ def load_bundle(
             f"{weights}: weights do not fit the towers built from the bundle config "
             f"({str(exc).splitlines()[-1].strip()}); was it trained with another plugin version?"
         ) from None
-    skip = external_trunk_prefixes(encoder)
-    missing = [k for k in missing if not any(k.startswith(p) for p in skip)]
+    referenced = is_referenced(encoder)
+    missing = [k for k in missing if not referenced(k)]
     if missing or unexpected:
         raise UserInputError(
             f"{weights}: weights do not match the bundle config (missing {missing[:3]}, "

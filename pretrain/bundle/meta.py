@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,8 +19,12 @@ from modalign.core.errors import ConfigError, UserInputError
 from modalign.core.registry import PluginMissing
 from modalign.data.modality import MODALITIES, ImagePreset
 from modalign.pretrain.model import MultimodalEncoder, external_of
-from modalign.pretrain.towers import TOWERS, is_frozen
+from modalign.pretrain.towers import ADAPTERS, TOWERS, is_frozen
+from modalign.pretrain.towers.adapters import adapter_parameter_names
 from modalign.pretrain.towers.api import ExternalWeights
+
+BUNDLE_FORMAT = "modalign.model-bundle"
+"""The ``format`` of a bundle's ``modalign.json`` (also the kind its folder's lock records)."""
 
 
 def external_trunk_prefixes(encoder: MultimodalEncoder) -> list[str]:
@@ -28,15 +32,52 @@ def external_trunk_prefixes(encoder: MultimodalEncoder) -> list[str]:
     return [f"trunks.{m}." for m in external_of(encoder) if is_frozen(encoder.trunks[m])]
 
 
+def adapted_external(encoder: MultimodalEncoder) -> dict[str, set[str]]:
+    """Adapted trunks whose base weights live outside the bundle: modality -> the state keys of
+    their adapter tensors (the only part of such a trunk a bundle stores)."""
+    external = external_of(encoder)
+    return {
+        m: {f"trunks.{m}.{n}" for n in adapter_parameter_names(encoder.trunks[m])}
+        for m in encoder.adapted()
+        if m in external
+    }
+
+
+def is_referenced(encoder: MultimodalEncoder) -> Callable[[str], bool]:
+    """Whether a state key's tensor is referenced, not stored: frozen external trunks whole,
+    adapted external trunks all but their adapter tensors (their base is the external file)."""
+    frozen = tuple(external_trunk_prefixes(encoder))
+    adapted = adapted_external(encoder)
+    prefixes = tuple(f"trunks.{m}." for m in adapted)
+    keep = set().union(*adapted.values()) if adapted else set()
+
+    def referenced(key: str) -> bool:
+        return key.startswith(frozen) or (key.startswith(prefixes) and key not in keep)
+
+    return referenced
+
+
 def encoder_state(
     encoder: MultimodalEncoder, cfg: Any = None, state: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The tensors a bundle stores (everything but referenced external trunks); ``state``: the
-    encoder's full state dict when it was gathered elsewhere (sharded engines)."""
-    skip = external_trunk_prefixes(encoder)
+    """The tensors a bundle stores (everything but referenced external weights: frozen
+    external trunks, the base of adapted external trunks); ``state``: the encoder's full state
+    dict when it was gathered elsewhere (sharded engines)."""
+    referenced = is_referenced(encoder)
     state = encoder.state_dict() if state is None else state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return {k: v for k, v in state.items() if not any(k.startswith(p) for p in skip)}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if not referenced(k)}
+
+
+def adapter_record(encoder: MultimodalEncoder) -> dict[str, dict[str, Any]]:
+    """Modality -> adapter of each adapted tower: kind provenance, whether its base weights are
+    ``external`` (referenced) or ``stored``, and its number of adapter tensors."""
+    adapted = adapted_external(encoder)
+    out = {}
+    for m in encoder.adapted():
+        prov = dict(encoder.traits[m].adapter or {})
+        names = adapter_parameter_names(encoder.trunks[m])
+        out[m] = {**prov, "base": "external" if m in adapted else "stored", "tensors": len(names)}
+    return out
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
@@ -117,6 +158,8 @@ def require_plugins(
     for m, rec in (plugins.get("modalities") or {}).items():
         if not (modalities and m in modalities):
             _require(MODALITIES, rec, f"{where} (modality {m!r})", "modalities=")
+    for m, rec in (meta.get("adapters") or {}).items():
+        _require(ADAPTERS, rec, f"{where} (adapter of tower {m!r})", "an adapter")
 
 
 def _require(registry: Any, rec: Mapping[str, str], what: str, argument: str) -> None:
@@ -167,13 +210,17 @@ def _short(files: Mapping[str, str]) -> str:
 
 
 __all__ = [
+    "BUNDLE_FORMAT",
     "PluginMissing",
+    "adapted_external",
+    "adapter_record",
     "bundle_fingerprint",
     "check_external",
     "encoder_state",
     "external_record",
     "external_trunk_prefixes",
     "input_presets",
+    "is_referenced",
     "plugin_record",
     "read_presets",
     "require_plugins",

@@ -52,12 +52,15 @@ def _from_array(spec: ModalitySpec, value: np.ndarray) -> torch.Tensor:
     return tensor
 
 
-class BundleModel:
-    """A loaded model bundle: ``encode(image=..., text=..., depth=...)`` in eval mode."""
+class EmbeddingModel:
+    """What every runtime of a bundle shares: ``encode(image=..., text=...)`` decodes and
+    prepares values through the modalities' specs (eval transforms) and batches them; a
+    runtime supplies :attr:`modalities` and :meth:`encode_batch` (the towers' forward):
+    :class:`BundleModel` in PyTorch, ``OnnxModel`` (:mod:`modalign.pretrain.export`) in ONNX
+    Runtime."""
 
     def __init__(
         self,
-        encoder: MultimodalEncoder,
         cfg: PretrainConfig,
         meta: dict[str, Any],
         path: Path,
@@ -65,21 +68,25 @@ class BundleModel:
         modalities: Mapping[str, ModalitySpec] | None = None,
         presets: Mapping[str, ImagePreset] | None = None,
     ) -> None:
-        device = resolve_device(device)
-        self.encoder = encoder.eval().to(device)
         self._extra_specs = dict(modalities or {})
         self.cfg, self.meta, self.path, self.device = cfg, meta, path, device
         self.input_presets: dict[str, ImagePreset] = dict(presets or {})
         self._specs: dict[str, ModalitySpec] | None = None
 
     @property
+    def modalities(self) -> list[str]:  # pragma: no cover - defined by each runtime
+        raise NotImplementedError
+
+    def encode_batch(
+        self, batch: Mapping[str, Any], normalize: bool = True
+    ) -> dict[str, torch.Tensor]:  # pragma: no cover - defined by each runtime
+        """Encode a collated batch (tensors or text lists per modality) -> embeddings."""
+        raise NotImplementedError
+
+    @property
     def image_preset(self) -> ImagePreset | None:
         """Back-compat: the first declared input preset."""
         return next(iter(self.input_presets.values()), None)
-
-    @property
-    def modalities(self) -> list[str]:
-        return self.encoder.modalities
 
     @property
     def fingerprint(self) -> str:
@@ -96,19 +103,6 @@ class BundleModel:
                 self.modalities, self.cfg.data, self.input_presets, self._extra_specs
             )
         return self._specs
-
-    @torch.inference_mode()
-    def encode_batch(
-        self, batch: Mapping[str, Any], normalize: bool = True
-    ) -> dict[str, torch.Tensor]:
-        """Encode a collated batch (tensors or text lists per modality) -> embeddings (CPU,
-        float32; L2-normalised unless ``normalize=False``)."""
-        inputs = {
-            m: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-            for m, v in batch.items()
-            if m in self.modalities
-        }
-        return {m: e.float().cpu() for m, e in self.encoder(inputs, normalize).items()}
 
     def encode(
         self,
@@ -167,6 +161,41 @@ class BundleModel:
         if isinstance(value, np.ndarray):
             return _from_array(spec, value)
         return spec.load(_as_source(value), False, np.random.default_rng(0))
+
+
+class BundleModel(EmbeddingModel):
+    """A loaded model bundle: ``encode(image=..., text=..., depth=...)`` in eval mode."""
+
+    def __init__(
+        self,
+        encoder: MultimodalEncoder,
+        cfg: PretrainConfig,
+        meta: dict[str, Any],
+        path: Path,
+        device: str,
+        modalities: Mapping[str, ModalitySpec] | None = None,
+        presets: Mapping[str, ImagePreset] | None = None,
+    ) -> None:
+        device = resolve_device(device)
+        self.encoder = encoder.eval().to(device)
+        super().__init__(cfg, meta, path, device, modalities, presets)
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.encoder.modalities
+
+    @torch.inference_mode()
+    def encode_batch(
+        self, batch: Mapping[str, Any], normalize: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Encode a collated batch (tensors or text lists per modality) -> embeddings (CPU,
+        float32; L2-normalised unless ``normalize=False``)."""
+        inputs = {
+            m: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+            for m, v in batch.items()
+            if m in self.modalities
+        }
+        return {m: e.float().cpu() for m, e in self.encoder(inputs, normalize).items()}
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

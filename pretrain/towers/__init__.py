@@ -17,6 +17,7 @@ from torch import nn
 
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
+from modalign.pretrain.towers.adapters import ADAPTERS, AdapterConfig, inject_adapter
 from modalign.pretrain.towers.api import (
     TOWERS,
     ExternalWeights,
@@ -65,13 +66,16 @@ def _register_pretrained_kinds() -> None:
 _register_pretrained_kinds()
 
 __all__ = [
+    "ADAPTERS",
     "TOWERS",
+    "AdapterConfig",
     "AudioFrontEnd",
     "ExternalWeights",
     "SentenceTransformerTrunk",
     "TowerBuilder",
     "TowerParts",
     "TowerTraits",
+    "apply_adapter",
     "apply_lock",
     "build_tower",
     "bundled_text_model_path",
@@ -118,11 +122,29 @@ def build_tower(
     builder, _ = resolve_builder(name, cfg.kind, builders)
     parts = builder(cfg, data_cfg)
     apply_lock(parts, cfg)
+    apply_adapter(name, parts, cfg)
     return parts
 
 
-def tower_traits(parts: TowerParts, provenance: Mapping[str, str]) -> TowerTraits:
-    """The declared properties of a built tower, with where its builder came from."""
+def apply_adapter(name: str, parts: TowerParts, cfg: TowerConfig) -> dict[str, str] | None:
+    """Inject ``cfg.adapter`` (if any) into modality ``name``'s trunk: its base is frozen and
+    only the adapter trains. Returns the adapter kind's provenance (None without adapter).
+
+    The targets are ``adapter.options.target_modules`` or the tower's declared
+    ``adapter_targets``; none matching is exit 2 naming the tower and listing its layers."""
+    if not cfg.adapter.enabled:
+        return None
+    where = f"model.towers.{name}"
+    cfg.adapter.check(where, cfg.lock)
+    inject_adapter(parts.trunk, cfg.adapter, parts.adapter_targets, where)
+    return ADAPTERS.provenance(cfg.adapter.kind)
+
+
+def tower_traits(
+    parts: TowerParts, provenance: Mapping[str, str], adapter: dict[str, str] | None = None
+) -> TowerTraits:
+    """The declared properties of a built tower, with where its builder came from (and its
+    adapter kind's, for an adapted tower)."""
     return TowerTraits(
         kind=provenance["name"],
         provider=provenance.get("provider", ""),
@@ -131,6 +153,7 @@ def tower_traits(parts: TowerParts, provenance: Mapping[str, str]) -> TowerTrait
         cache_outputs=parts.cache_outputs,
         input_preset=parts.input_preset,
         external=parts.external,
+        adapter=adapter,
     )
 
 

@@ -22,6 +22,7 @@ from modalign.core.errors import ConfigError
 from modalign.core.registry import Registry
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
+from modalign.pretrain.towers.adapters import AdapterConfig, AdapterTargets
 
 
 @dataclass
@@ -42,11 +43,18 @@ class TowerConfig:
     )
     drop_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0
     head: Literal["linear", "mlp"] = "linear"
+    # how the projection head starts (label-free; see modalign.pretrain.projection_init):
+    # random (torch's init) | identity (embed_dim = trunk width) | pca | pca_whiten (fitted on
+    # the trunk's outputs for the first projection_init_items items of data.train)
+    projection_init: Literal["random", "identity", "pca", "pca_whiten"] = "random"
+    projection_init_items: Annotated[int, Range(ge=2)] = 4096
     grad_checkpointing: bool = False
     cache_items: Annotated[int, Range(ge=0, note="0 = no cache")] = (
         100_000  # frozen (lock: all) towers: cached outputs kept; 0 = no cache
     )
     options: dict[str, Any] = field(default_factory=dict)  # the kind's own options
+    # peft adapter (LoRA, IA3, ...): the base stays frozen, only the adapter trains
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def __post_init__(self) -> None:
         if self.lock not in ("none", "all", "partial"):
@@ -133,6 +141,8 @@ class TowerParts:
     input_preset:  input geometry for the data transforms (image-like towers).
     external:      weights referenced, not stored, by bundles (hashed into the fingerprint).
     layer_groups:  ordered parameter groups for LiT-style partial unlocking.
+    adapter_targets: the layers an adapter adapts by default (peft ``target_modules``: names,
+                   or one regular expression over full module names); None = none declared.
     """
 
     preprocessor: nn.Module
@@ -143,6 +153,7 @@ class TowerParts:
     compilable: bool = True
     cache_outputs: bool = False
     layer_groups: Callable[[], list[list[nn.Parameter]]] | None = None
+    adapter_targets: AdapterTargets | None = None
 
     @property
     def image_preset(self) -> ImagePreset | None:
@@ -165,6 +176,7 @@ class TowerTraits:
     cache_outputs: bool
     input_preset: ImagePreset | None
     external: ExternalWeights | None
+    adapter: dict[str, str] | None = None  # adapter kind's provenance (name, provider, version)
 
 
 TowerBuilder = Callable[[TowerConfig, DataConfig], TowerParts]

@@ -25,6 +25,7 @@ from modalign.core.config_io import AT_LEAST_1, from_dict
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
 from modalign.data.modality import ImagePreset
+from modalign.pretrain.towers.adapters import TRANSFORMER_TARGETS
 from modalign.pretrain.towers.api import TowerConfig, TowerParts, external_weights
 from modalign.pretrain.towers.cache import maybe_cached
 from modalign.pretrain.towers.strings import StringTrunk, device_of
@@ -32,6 +33,7 @@ from modalign.pretrain.towers.text import hub_offline
 from modalign.pretrain.towers.weights import local_path
 
 POOLINGS = ("cls", "mean", "masked_mean", "pooler")
+
 LAYER_INDEX = re.compile(r"\.(?:layer|layers|resblocks|blocks|h)\.(\d+)\.")
 
 
@@ -153,6 +155,7 @@ def build_hf_vision(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
         compilable=False,
         cache_outputs=cfg.lock == "all",
         layer_groups=lambda: indexed_layer_groups(model),
+        adapter_targets=TRANSFORMER_TARGETS,
     )
 
 
@@ -184,7 +187,11 @@ class HFAudioTrunk(nn.Module):
         return {k: v.to(dev) for k, v in feats.items() if isinstance(v, torch.Tensor)}
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        feats = self.features(wave)
+        return self.from_features(self.features(wave))
+
+    def from_features(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The feature extractor's tensors -> pooled features (the tensor half of forward)."""
+        feats = dict(feats)
         mask = feats.pop("attention_mask", None)
         out = self.model(**feats)
         frames = out.last_hidden_state.shape[1]
@@ -209,6 +216,7 @@ def build_hf_audio(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
         compilable=False,
         cache_outputs=cfg.lock == "all",
         layer_groups=lambda: indexed_layer_groups(model),
+        adapter_targets=TRANSFORMER_TARGETS,
     )
 
 
@@ -248,4 +256,5 @@ def build_hf_text(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
         compilable=False,
         cache_outputs=cfg.lock == "all",
         layer_groups=lambda: indexed_layer_groups(model),
+        adapter_targets=TRANSFORMER_TARGETS,
     )

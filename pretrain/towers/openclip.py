@@ -33,6 +33,9 @@ from modalign.pretrain.towers.text import hub_offline
 from modalign.pretrain.towers.weights import check_keys, local_path, read_state_dict
 
 PARTS = ("image", "text")
+# Default adapter targets: each residual block's attention (peft's MultiheadAttention LoRA) and
+# MLP projections, in the image or the text transformer.
+OPEN_CLIP_ADAPTER_TARGETS = r".*resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
 
 
 @dataclass(frozen=True)
@@ -173,4 +176,5 @@ def build_open_clip(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
         compilable=False,
         cache_outputs=cfg.lock == "all",
         layer_groups=lambda: indexed_layer_groups(trunk),
+        adapter_targets=OPEN_CLIP_ADAPTER_TARGETS,
     )

@@ -11,6 +11,7 @@ from torch import nn
 
 from modalign.core.errors import ConfigError
 from modalign.data.config import DataConfig
+from modalign.pretrain.towers.adapters import TRANSFORMER_TARGETS
 from modalign.pretrain.towers.api import (
     TowerConfig,
     TowerParts,
@@ -101,4 +102,5 @@ def build_sentence_transformer(cfg: TowerConfig, data_cfg: DataConfig) -> TowerP
         compilable=False,
         cache_outputs=cfg.lock == "all",
         layer_groups=lambda: numbered_layer_groups(trunk),
+        adapter_targets=TRANSFORMER_TARGETS,
     )

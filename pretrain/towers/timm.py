@@ -176,6 +176,16 @@ def load_local_weights(module: nn.Module, path: str) -> None:
     load_strict(module, path, "model.towers.weights")
 
 
+def adapter_layers(trunk: nn.Module) -> list[str]:
+    """Default adapter targets of a timm trunk: its linear layers and its full (not
+    depthwise) convolutions (stem, pointwise / 3x3 convs, attention and MLP projections)."""
+    return [
+        name
+        for name, mod in trunk.named_modules()
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)
+    ]
+
+
 def timm_preset(trunk: nn.Module, cfg: TowerConfig) -> ImagePreset:
     """timm's pretrained data config as the tower's input preset (config/options override)."""
     opts = _options(cfg)
@@ -215,6 +225,7 @@ def build_timm_image(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
         cache_outputs=cfg.lock == "all",
         compilable=not isinstance(wrapped, CachedTrunk),  # cache lookups are not compiled
         layer_groups=lambda: timm_layer_groups(trunk),
+        adapter_targets=adapter_layers(trunk),
     )
 
 
@@ -247,4 +258,5 @@ def build_timm_audio(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
         cache_outputs=cfg.lock == "all",
         compilable=not isinstance(wrapped, CachedTrunk),  # cache lookups are not compiled
         layer_groups=lambda: timm_layer_groups(trunk),
+        adapter_targets=adapter_layers(trunk),
     )

@@ -31,9 +31,11 @@ from modalign.retrieval.index.factory import (
     set_ef_construction,
     train_size,
 )
+from modalign.retrieval.index.options import IndexBuildOptions
 from modalign.retrieval.index.store import (
     IndexFileError,
     IndexFingerprintError,
+    has_ondisk_lists,
     read_index_dir,
     save_index_dir,
 )
@@ -47,6 +49,7 @@ from modalign.retrieval.index.tuning import (
 
 __all__ = [
     "BuildStats",
+    "IndexBuildOptions",
     "IndexFileError",
     "IndexFingerprintError",
     "SearchResult",
@@ -86,6 +89,9 @@ class BuildStats:
     measured_recall: float | None = None
     recall_lower_bound: float | None = None
     tune_queries: int = 0
+    # sharded build only: one record per shard process (rows, seconds, peak RSS bytes)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    merge_seconds: float = 0.0
 
 
 class VectorIndex:
@@ -121,34 +127,24 @@ class VectorIndex:
         cls,
         embeddings: np.ndarray,
         ids: Sequence[str],
-        factory: str = "auto",
-        metric: str = "ip",
-        memory_budget_bytes: int | None = None,
-        target_recall: float = 0.95,
-        device: str = "cpu",
+        options: IndexBuildOptions | None = None,
+        *,
         fingerprint: str = "",
-        seed: int = 0,
         tuning_queries: np.ndarray | None = None,
-        ef_construction: int | None = None,
     ) -> VectorIndex:
         """Build, train and tune an index over ``embeddings`` (row i has id ``ids[i]``).
 
         Args:
             embeddings: ``(N, D)`` vectors (L2-normalised for cosine with ``metric="ip"``).
             ids: N unique string ids (no line breaks).
-            factory: ``"auto"`` or any FAISS ``index_factory`` string (e.g. ``"IVF1024,PQ48"``).
-            metric: ``"ip"`` (inner product) or ``"l2"``.
-            memory_budget_bytes: cap on index memory used by ``auto`` (None = no cap).
-            target_recall: recall@10 vs exact search that tuning of nprobe/efSearch aims for.
-            device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            options: index type, metric, budget, recall target, device, seed
+                (:class:`IndexBuildOptions`; default: ``IndexBuildOptions()``).
             fingerprint: fingerprint of the model that produced the embeddings.
-            seed: seed for training-sample and tuning-query selection and k-means.
             tuning_queries: optional ``(Q, D)`` real queries to tune recall on (e.g. text
                 embeddings for an image index: cross-modal queries lie farther from the corpus
                 than corpus points do). Default: 1000 held-out corpus vectors, leave-one-out.
-            ef_construction: HNSW build-time beam width (FAISS default 40); lower builds
-                faster at some recall cost, which tuning of efSearch then makes up for.
         """
+        opts = options or IndexBuildOptions()
         x = as_vectors(embeddings, "embeddings")
         tq = (
             None
@@ -156,17 +152,13 @@ class VectorIndex:
             else as_vectors(tuning_queries, "tuning_queries", x.shape[1])
         )
         id_list = check_ids(ids, len(x), existing=())
-        metric = metric_name(metric)
-        if not 0.0 < target_recall <= 1.0:
-            raise UserInputError(f"target_recall must be in (0, 1], got {target_recall}")
-        if factory == "auto":
-            factory = choose_factory(len(x), x.shape[1], memory_budget_bytes, device)
+        factory = opts.factory_for(len(x), x.shape[1])
         start = time.perf_counter()
-        cpu_index = make_index(x.shape[1], factory, metric, seed)
-        if ef_construction is not None:
-            set_ef_construction(cpu_index, ef_construction)
-        built = cls(cpu_index, [], factory, metric, fingerprint, BuildStats(), device)
-        built._fill(x, id_list, cpu_index, target_recall, seed, tq)
+        cpu_index = make_index(x.shape[1], factory, opts.metric, opts.seed)
+        if opts.ef_construction is not None:
+            set_ef_construction(cpu_index, opts.ef_construction)
+        built = cls(cpu_index, [], factory, opts.metric, fingerprint, BuildStats(), opts.device)
+        built._fill(x, id_list, cpu_index, opts.target_recall, opts.seed, tq)
         built.stats.build_seconds = time.perf_counter() - start
         log.info("built %s over %d vectors in %.1fs", factory, len(x), built.stats.build_seconds)
         return built
@@ -213,6 +205,7 @@ class VectorIndex:
         """
         x = as_vectors(embeddings, "embeddings", self.dim)
         new_ids = check_ids(ids, len(x), existing=() if new else self._ids)
+        self._check_growable()
         self._index.add(x)
         self._ids.extend(new_ids)
 
@@ -262,7 +255,11 @@ class VectorIndex:
         (:func:`modalign.core.artifact.atomic_dir`), so a crash mid-write leaves the previous
         index intact and loadable.
         """
-        meta = {
+        return save_index_dir(Path(directory), self._cpu_index(), self._ids, self.manifest())
+
+    def manifest(self) -> dict[str, Any]:
+        """What index.json records besides format and checksums (factory, metric, stats...)."""
+        return {
             "factory": self.factory,
             "metric": self.metric,
             "dim": self.dim,
@@ -271,7 +268,19 @@ class VectorIndex:
             "search_params": self.stats.search_params,
             "build": asdict(self.stats),
         }
-        return save_index_dir(Path(directory), self._cpu_index(), self._ids, meta)
+
+    @property
+    def on_disk(self) -> bool:
+        """True for a sharded build's index: inverted lists memory-mapped from index.ivfdata."""
+        return self._gpu_resources is None and has_ondisk_lists(self._index)
+
+    def _check_growable(self) -> None:
+        if self.on_disk:
+            raise UserInputError(
+                "a sharded (on-disk) index cannot grow in place: its lists are the verified "
+                "index.ivfdata file; rebuild it with `modalign index build --embeddings DIR "
+                "--shards N` over all the embeddings"
+            )
 
     @classmethod
     def load(

@@ -25,14 +25,8 @@ from modalign.retrieval.index import (
     check_ids,
     train_rows,
 )
-from modalign.retrieval.index.factory import (
-    METRICS,
-    choose_factory,
-    make_index,
-    metric_name,
-    set_ef_construction,
-    train_size,
-)
+from modalign.retrieval.index.factory import METRICS, make_index, set_ef_construction, train_size
+from modalign.retrieval.index.options import IndexBuildOptions
 from modalign.retrieval.index.tuning import TUNE_K, drop_rows, tunable_param, tuning_rows
 
 __all__ = ["ShardVectors", "add_chunks", "build_chunked"]
@@ -91,34 +85,27 @@ class ShardVectors:
 def build_chunked(
     vectors: ShardVectors,
     ids: Sequence[str],
-    factory: str = "auto",
-    metric: str = "ip",
-    memory_budget_bytes: int | None = None,
-    target_recall: float = 0.95,
-    device: str = "cpu",
+    options: IndexBuildOptions | None = None,
+    *,
     fingerprint: str = "",
-    seed: int = 0,
     tuning_queries: np.ndarray | None = None,
-    ef_construction: int | None = None,
 ) -> VectorIndex:
     """:meth:`VectorIndex.build` over ``vectors`` on disk (same arguments, same result)."""
+    opts = options or IndexBuildOptions()
     n, dim = vectors.n, vectors.dim
     if n == 0:
         raise UserInputError("embeddings are empty: got 0 vectors")
     id_list = check_ids(ids, n, existing=())
-    metric = metric_name(metric)
-    if not 0.0 < target_recall <= 1.0:
-        raise UserInputError(f"target_recall must be in (0, 1], got {target_recall}")
+    metric, seed = opts.metric, opts.seed
     tq = None if tuning_queries is None else as_vectors(tuning_queries, "tuning_queries", dim)
-    if factory == "auto":
-        factory = choose_factory(n, dim, memory_budget_bytes, device)
+    factory = opts.factory_for(n, dim)
     start = time.perf_counter()
     cpu_index = make_index(dim, factory, metric, seed)
-    if ef_construction is not None:
-        set_ef_construction(cpu_index, ef_construction)
+    if opts.ef_construction is not None:
+        set_ef_construction(cpu_index, opts.ef_construction)
     knob = tunable_param(cpu_index)
     size = 0 if cpu_index.is_trained else min(n, train_size(cpu_index))
-    built = VectorIndex(cpu_index, [], factory, metric, fingerprint, BuildStats(), device)
+    built = VectorIndex(cpu_index, [], factory, metric, fingerprint, BuildStats(), opts.device)
     stats = built.stats
     stats.train_size = size
     t = time.perf_counter()
@@ -130,7 +117,7 @@ def build_chunked(
     stats.add_seconds = time.perf_counter() - t
     if knob is not None and n > 1:
         t = time.perf_counter()
-        built.tune_with(chunked_tuning_set(vectors, metric, seed, tq), knob, target_recall)
+        built.tune_with(chunked_tuning_set(vectors, metric, seed, tq), knob, opts.target_recall)
         stats.tune_seconds = time.perf_counter() - t
     stats.build_seconds = time.perf_counter() - start
     return built

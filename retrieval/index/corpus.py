@@ -41,7 +41,7 @@ from modalign.core.artifact import (
 )
 from modalign.core.errors import UserInputError
 from modalign.retrieval.embed import Embeddings
-from modalign.retrieval.index import VectorIndex
+from modalign.retrieval.index import IndexBuildOptions, VectorIndex
 
 __all__ = ["CorpusIndex", "Hit", "Query", "build_corpus_index"]
 
@@ -86,12 +86,11 @@ def build_corpus_index(
     out_dir: str | Path,
     fingerprint: str,
     model_path: str = "",
-    factory: str = "auto",
-    device: str = "cpu",
-    memory_budget_bytes: int | None = None,
-    target_recall: float = 0.95,
+    options: IndexBuildOptions | None = None,
 ) -> dict[str, Any]:
     """Index every modality in ``emb`` and save atomically; returns build stats per modality.
+
+    ``options``: how each modality's index is built (default ``IndexBuildOptions()``).
 
     The output directory is locked for the whole build (a second writer fails at once).
     """
@@ -101,15 +100,8 @@ def build_corpus_index(
         indexes, items = {}, {}
         for m, e in sorted(emb.items()):
             check_folder_name(m, out / META_FILE, "modalities")
-            indexes[m] = VectorIndex.build(
-                e.vectors,
-                [f"{m}:{i}" for i in e.ids],
-                factory=factory,
-                device=device,
-                fingerprint=fingerprint,
-                memory_budget_bytes=memory_budget_bytes,
-                target_recall=target_recall,
-            )
+            ids = [f"{m}:{i}" for i in e.ids]
+            indexes[m] = VectorIndex.build(e.vectors, ids, options, fingerprint=fingerprint)
             items.update(_item_records(e))
         dim = next(iter(emb.values())).vectors.shape[1]
         meta = {

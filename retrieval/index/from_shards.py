@@ -18,6 +18,7 @@ from modalign.core.artifact import atomic_dir, output_dir, read_json_meta, verif
 from modalign.core.errors import UserInputError
 from modalign.retrieval.embed_shards import FORMAT as EMB_FORMAT
 from modalign.retrieval.embed_shards import META as EMB_META
+from modalign.retrieval.index import IndexBuildOptions
 from modalign.retrieval.index.chunked import ShardVectors, build_chunked
 from modalign.retrieval.index.corpus import (
     FORMAT,
@@ -29,6 +30,7 @@ from modalign.retrieval.index.corpus import (
     check_folder_name,
     seal_files,
 )
+from modalign.retrieval.index.sharded import build_sharded
 
 __all__ = ["build_corpus_index_from_shards"]
 
@@ -71,13 +73,13 @@ def _write_items(parts: list[Path], modality: str, fh: Any, roots: MediaRoots) -
 def build_corpus_index_from_shards(
     embeddings_dir: str | Path,
     out_dir: str | Path,
-    factory: str = "auto",
-    device: str = "cpu",
-    memory_budget_bytes: int | None = None,
-    target_recall: float = 0.95,
+    options: IndexBuildOptions | None = None,
+    shards: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Index every modality of a ``modalign embed`` directory; returns (build stats per
-    modality, fingerprint)."""
+    modality, fingerprint). ``options``: how each index is built (default
+    ``IndexBuildOptions()``). ``shards``: build each modality's IVF index with that many
+    processes, merged into one on-disk index (:func:`~.sharded.build_sharded`)."""
     root, out = Path(embeddings_dir), Path(out_dir)
     emb = read_json_meta(
         root / EMB_META, "embeddings dir", "create it with `modalign embed`", format=EMB_FORMAT
@@ -92,12 +94,12 @@ def build_corpus_index_from_shards(
         for m, parts in plan.items():
             check_folder_name(m, out / META_FILE, "modalities")
             vectors = ShardVectors.open([p.with_suffix(".npy") for p in parts])
-            ix = build_chunked(
-                vectors, _ids(parts, m), factory=factory, device=device,
-                fingerprint=emb["fingerprint"], memory_budget_bytes=memory_budget_bytes,
-                target_recall=target_recall,
-            )  # fmt: skip
-            ix.save(tmp / m)
+            ids, fp = _ids(parts, m), emb["fingerprint"]
+            if shards is None:
+                ix = build_chunked(vectors, ids, options, fingerprint=fp)
+                ix.save(tmp / m)
+            else:  # writes tmp / m itself: the merged lists are a file beside the index
+                ix = build_sharded(vectors, ids, tmp / m, shards, options, fingerprint=fp)
             build[m] = {"items": len(ix), "factory": ix.factory, **ix.stats.__dict__}
             del ix
         with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:

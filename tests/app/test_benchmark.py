@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from modalign.cli import main
+from modalign.pretrain import read_card
 
 from helpers.corpus import SHARED_DATA, WORDS, tiny_overrides, write_tiny_corpus
 
@@ -77,6 +78,7 @@ def _figures(node: object) -> list[dict]:
     return []
 
 
+@pytest.mark.slow
 def test_benchmark_report_and_leaderboard(
     bench_setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,6 +100,14 @@ def test_benchmark_report_and_leaderboard(
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "modalign.benchmark_report" and report["format_version"] == 1
     assert printed["models"].keys() == report["models"].keys() == {"trained", "untrained"}
+    # each bundle's model card now holds its figures (issue 23): value, 95% interval, n
+    assert printed["model_cards"]["trained"]["written"] is True
+    met = read_card(bench_setup["trained"])["modalign"]["metrics"]
+    assert met["source"] == "benchmark tiny" and met["data"] == str(out)
+    rows = {r["name"]: r for r in met["results"]}
+    fig = report["models"]["trained"]["corpora"]["tiny"]["tasks"]["retrieval"]["result"]
+    want = fig["pairs"]["audio->image"]["recall@1"]
+    assert rows["tiny/retrieval/audio->image/recall@1"]["ci_low"] == want["ci_low"]
     cell = report["models"]["trained"]["corpora"]["tiny"]
     assert set(cell["tasks"]) == {t["kind"] for t in TASKS}
     pairs = cell["tasks"]["retrieval"]["result"]["pairs"]
@@ -229,6 +239,7 @@ def _subsample(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs ../shared/datasets")
 def test_benchmark_avmnist_builtin(tmp_path: Path) -> None:
     """The built-in avmnist suite on a small AV-MNIST corpus (small settings)."""

@@ -11,7 +11,7 @@ import pytest
 from modalign.benchmark.suite import builtin_suites, load_suite
 from modalign.benchmark.tasks_classify import FewLabelOptions, _pseudo_labelers
 from modalign.cli import main
-from modalign.core.errors import UserInputError
+from modalign.core.errors import DataError, UserInputError
 from modalign.data.corpora.icons import build_icons
 from modalign.finetune.config import FinetuneConfig
 
@@ -88,3 +88,19 @@ def test_icons_suite_runs_on_a_built_icon_corpus(tmp_path: Path) -> None:
     rows = cell["few_label"]["result"]["rows"]
     default = FinetuneConfig().pseudo_label
     assert [r["pseudo_label"] for r in rows] == ["none", f"{default} (default)"]
+
+
+def test_suite_corpora_are_checked_and_parsed_up_front(tmp_path: Path) -> None:
+    """A suite's sources get the check every run makes (``check_source``): a manifest that
+    exists but is malformed is refused naming the key and the line, before any model is read."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": "a", "text": "x", "label": "one"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a", "text": "x"}\n{"id": \n')
+    sets = [f"corpora.demo.train={good}", f"corpora.demo.test={broken}"]
+    with pytest.raises(DataError, match=rf"corpora.demo.test: {broken}:2: malformed JSON"):
+        load_suite("demo", sets).check_inputs()
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(DataError, match="corpora.demo.test: .*build the corpus first"):
+        load_suite("demo", [sets[0], f"corpora.demo.test={missing}"]).check_inputs()
+    load_suite("demo", [sets[0], f"corpora.demo.test={good}"]).check_inputs()

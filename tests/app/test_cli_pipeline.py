@@ -125,6 +125,7 @@ def test_embed_shards_then_index(
     assert res["modalities"]["image"]["items"] == 32
 
 
+@pytest.mark.slow
 def test_finetune_and_classify(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -335,6 +336,7 @@ def test_data_inspect_and_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert again["items"] == 12 and again["ok"] == 12  # the bad image was left out of the shard
 
 
+@pytest.mark.slow
 def test_index_add_and_wrong_model(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -383,6 +385,7 @@ def test_index_add_and_wrong_model(
     assert "rebuild the index" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretrain_from_webdataset_shards(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -468,6 +471,7 @@ def test_embed_refuses_ids_with_line_separators_naming_the_line(
     assert not list(emb.glob("**/*.npy"))  # nothing embedded
 
 
+@pytest.mark.slow
 def test_shard_patterns_for_every_corpus_command(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -497,6 +501,7 @@ def test_shard_patterns_for_every_corpus_command(
     assert "no 'depth' modality" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_img2dataset_shards_embed_index_search_evaluate(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

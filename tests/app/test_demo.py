@@ -36,6 +36,7 @@ def test_build_demo_corpus_small(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed  # `modalign demo` in a subprocess
 def test_demo_end_to_end(tmp_path: Path) -> None:
     exe = shutil.which("modalign") or f"{sys.executable} -m modalign"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -29,6 +29,7 @@ def test_the_doc_has_worked_examples() -> None:
     assert {"A modality", "A tower", "A contrastive loss", "A fusion head"} <= titles
 
 
+@pytest.mark.distributed  # each example in a fresh interpreter
 @pytest.mark.parametrize(("title", "code"), _examples(), ids=[t for t, _ in _examples()])
 def test_worked_example_runs(title: str, code: str, tmp_path: Path) -> None:
     proc = subprocess.run(

@@ -40,6 +40,7 @@ def _tune(setup: dict, study: Path, budget: str, *extra: str) -> dict:
     return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_tune_finetune_resumes_and_never_reads_test(
     tune_setup: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -84,6 +85,7 @@ def test_tune_finetune_resumes_and_never_reads_test(
     assert meta["head"]["kind"] == best["finetune"]["head"]["kind"]
 
 
+@pytest.mark.slow
 def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
     tune_setup: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -112,6 +114,7 @@ def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
                  "accuracy"]) == 2  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tune_pretrain_stage_best_yaml_pretrains(tune_setup: dict, tmp_path: Path) -> None:
     study = tmp_path / "pstudy"
     extra = ["--stage", "pretrain", "--set", "train.steps=4", "train.val_every=2",
@@ -162,3 +165,22 @@ def test_head_option_grid_stays_at_or_below_the_registered_default() -> None:
         assert values == {max(1, default // 4), max(1, default // 2), default}, (kind, name)
     fields = {f.name for f in dataclasses.fields(HEADS.get("transformer").options)}
     assert {"hidden", "layers", "heads"} <= fields
+
+
+def test_finetune_space_offers_the_default_labeler() -> None:
+    """``auto`` (the default) is in the space: a tuned head can keep the default labeler."""
+    import optuna
+
+    from modalign.finetune.config import FinetuneConfig
+    from modalign.tune.space import FinetuneSpace
+
+    space = FinetuneSpace()
+    assert FinetuneConfig().pseudo_label in space.pseudo_labels
+    trial = optuna.trial.FixedTrial(
+        {"head": "late", "head.late.hidden": 256, "head.late.dropout": 0.1,
+         "pseudo_label": "auto", "lr": 0.006, "weight_decay": 1e-4, "epochs": 60,
+         "modality_dropout": 0.3, "threshold": 0.5}
+    )  # fmt: skip
+    params = space.suggest(trial)
+    assert params["finetune.pseudo_label"] == "auto"
+    assert params["finetune.head"]["kind"] == "late" and params["finetune.lr"] == 0.006

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from modalign.pretrain import LossConfig
 from modalign.pretrain.distributed import all_reduce_mean, convert_batchnorm, world
 from modalign.pretrain.losses import ContrastiveLoss
+from modalign.pretrain.towers.adapters import AdapterConfig, freeze_norm_statistics, inject_adapter
 
 MODS = ["audio", "image", "text"]
 IN_DIM, HIDDEN, EMBED = 6, 8, 4
@@ -35,6 +36,7 @@ class Case:
     n: int = 8  # global batch
     split: tuple[int, ...] = (4, 4)  # rows per rank
     absent: dict[str, list[int]] = field(default_factory=dict)  # global rows lacking a modality
+    adapter: bool = False  # LoRA on the image tower (its base and BatchNorm statistics frozen)
 
 
 def cases() -> list[Case]:
@@ -51,6 +53,8 @@ def cases() -> list[Case]:
         ),
         # audio absent on rank 1 only: rank 1's audio rows are placeholders
         Case("audio_absent_on_rank1", LossConfig(kind="infonce"), absent={"audio": [4, 5, 6, 7]}),
+        # a peft LoRA adapter on the image tower's conv and linear layers (issue 25)
+        Case("lora_image_f64", LossConfig(kind="infonce"), absent=masks, adapter=True),
     ]
 
 
@@ -84,6 +88,18 @@ class ToyTask(nn.Module):
         return self.loss(feats, present)
 
 
+def adapt_image_tower(model: ToyTask) -> None:
+    """LoRA (rank 2) on the image tower's conv and linear layers, B moved off zero so every
+    adapter tensor gets a gradient."""
+    tower = model.towers["image"]
+    inject_adapter(tower, AdapterConfig("lora", {"r": 2}), ["1", "4"], "model.towers.image")
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in tower.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
 def global_batch(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     inputs = {m: torch.randn(case.n, IN_DIM, generator=gen, dtype=case.dtype) for m in MODS}
@@ -105,9 +121,15 @@ def run_case(case: Case) -> dict[str, Any]:
     """Loss (global value), parameter gradients and BN buffers for one step of ``case``."""
     rank, world_size = world()
     torch.manual_seed(0)
-    model = ToyTask(case.loss).to(case.dtype)
+    model = ToyTask(case.loss)
+    if case.adapter:
+        adapt_image_tower(model)
+    model = model.to(case.dtype)
     if world_size > 1:
         convert_batchnorm(model)
+    if case.adapter:
+        freeze_norm_statistics(model.towers["image"])  # as MultimodalEncoder.train does
+    if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     inputs, present = global_batch(case)
     rows = row_split(case, rank, world_size)

@@ -10,27 +10,15 @@ import pytest
 from modalign.config import load_config
 from modalign.core.errors import UserInputError
 from modalign.finetune.pipeline import run_finetune
-from modalign.pretrain.trainer import pretrain
 
-from helpers.corpus import WORDS, tiny_overrides, write_tiny_corpus
+from helpers.corpus import WORDS
+from helpers.trained import TinyBundle
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("ft")
-    manifest = write_tiny_corpus(root / "c", n=16)
-    full, no_text = root / "full", root / "no_text"
-    pretrain(load_config(None, tiny_overrides(manifest, full, steps=1, batch=8)))
-    pretrain(
-        load_config(
-            None,
-            [
-                *tiny_overrides(manifest, no_text, steps=1, batch=8),
-                "model.modalities=[image, audio]",
-            ],
-        )
-    )
-    return manifest, full, no_text
+def setup(tiny_bundle: TinyBundle, tiny_bundle_no_text: TinyBundle) -> tuple[Path, Path, Path]:
+    """The shared corpus, a model with and one without a text tower (read-only)."""
+    return tiny_bundle.corpus, tiny_bundle.model, tiny_bundle_no_text.model
 
 
 def finetune_cfg(manifest: Path, model: Path, *extra: str):

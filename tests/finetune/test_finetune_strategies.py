@@ -24,7 +24,8 @@ from modalign.finetune.heads import HEADS
 from modalign.finetune.pipeline import run_finetune
 from modalign.pretrain.trainer import pretrain
 
-from helpers.corpus import WORDS, tiny_overrides, write_tiny_corpus
+from helpers.corpus import WORDS, tiny_overrides
+from helpers.trained import TinyBundle
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,9 @@ def _scoped_registries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("strategies")
-    manifest = write_tiny_corpus(root / "c", n=16)
-    model = root / "pair" / "model"
-    pretrain(load_config(None, tiny_overrides(manifest, model, steps=1, batch=8)))
-    return manifest, model
+def setup(tiny_bundle: TinyBundle) -> TinyBundle:
+    """The shared corpus and trained bundle (read-only: copy before changing files)."""
+    return tiny_bundle
 
 
 def _cfg(manifest: Path, model: Path, *extra: str):
@@ -136,6 +134,7 @@ def test_non_default_options_reload(setup, tmp_path: Path, head: str, check) -> 
     assert torch.equal(clf.head(s.x, s.present), again.head(s.x, s.present))
 
 
+@pytest.mark.slow  # fine-tunes, then pretrains a second model
 def test_moved_pair_still_loads_changed_model_refused(setup, tmp_path: Path) -> None:
     manifest, model = setup
     pair = tmp_path / "pair"
@@ -277,6 +276,7 @@ def test_end_to_end_refuses_an_unlabeled_row(setup) -> None:
         train_end_to_end(model.encoder, rows, specs, index, cfg, epochs=1)
 
 
+@pytest.mark.slow
 def test_end_to_end_path_uses_the_shared_loop(setup) -> None:
     import dataclasses
 
@@ -341,6 +341,7 @@ def test_classifier_and_robustness_read_shards(setup, tmp_path: Path) -> None:
     assert curve_s["accuracy"] == pytest.approx(curve_m["accuracy"], abs=1e-6)  # same noise draws
 
 
+@pytest.mark.slow
 def test_default_auto_records_its_decision_in_classifier_json(setup, tmp_path: Path) -> None:
     """The default ``auto`` labeler cross-validates none / propagation / zero_shot_mix on the
     labels (text tower present) and ``classifier.json`` keeps the scores and the choice."""

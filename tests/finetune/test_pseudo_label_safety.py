@@ -235,6 +235,7 @@ def test_auto_picks_none_when_pseudo_labels_hurt_and_a_labeler_when_they_help() 
     assert good["auto"]["cv_accuracy"]["right_test"] > good["auto"]["cv_accuracy"]["none"]
 
 
+@pytest.mark.slow
 def test_auto_with_one_label_per_class_uses_reverse_validation() -> None:
     _register_fixed("wrong_test", wrong=True)
     _register_fixed("right_test", wrong=False)
@@ -249,6 +250,7 @@ def test_auto_with_one_label_per_class_uses_reverse_validation() -> None:
     assert off["auto"]["chosen"] == "none"
 
 
+@pytest.mark.slow
 def test_auto_propagation_helps_on_clusters_and_is_deterministic() -> None:
     x, y = _blobs(seed=3)
     lab, pool = _split(x, y, 2, 3)
@@ -262,6 +264,7 @@ def test_auto_propagation_helps_on_clusters_and_is_deterministic() -> None:
     assert set(ra["auto"]["cv_accuracy"]) == {"none", "propagation"}
 
 
+@pytest.mark.slow
 def test_auto_skips_candidates_the_model_cannot_run() -> None:
     x, y = _blobs()
     lab, pool = _split(x, y, 2, 3)

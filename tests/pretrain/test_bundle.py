@@ -26,19 +26,11 @@ from modalign.pretrain.towers import TOWERS, TowerParts, external_weights
 from modalign.pretrain.trainer import pretrain
 
 from helpers.corpus import tiny_overrides, write_tiny_corpus
+from helpers.trained import TinyBundle
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bundle")
-    manifest = write_tiny_corpus(root / "corpus", n=16)
-    out = root / "model"
-    pretrain(load_config(None, tiny_overrides(manifest, out, steps=2, batch=8)))
-    return manifest, out
-
-
-def test_bundle_holds_no_pickles_and_references_text_model(bundle: tuple[Path, Path]) -> None:
-    _, out = bundle
+def test_bundle_holds_no_pickles_and_references_text_model(tiny_bundle: TinyBundle) -> None:
+    _, out = tiny_bundle
     files = {p.name for p in out.iterdir() if p.is_file()}
     assert {"config.yaml", "model.safetensors", "modalign.json"} <= files
     assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".bin"))]
@@ -50,8 +42,8 @@ def test_bundle_holds_no_pickles_and_references_text_model(bundle: tuple[Path, P
     assert any(k.startswith("heads.text.") for k in keys)  # its trained projection is stored
 
 
-def test_encode_accepts_paths_bytes_pil_and_arrays(bundle: tuple[Path, Path]) -> None:
-    manifest, out = bundle
+def test_encode_accepts_paths_bytes_pil_and_arrays(tiny_bundle: TinyBundle) -> None:
+    manifest, out = tiny_bundle
     model = modalign.load(out)
     img_path = manifest.parent / "img" / "1.png"
     wav_path = manifest.parent / "wav" / "1.wav"
@@ -69,15 +61,15 @@ def test_encode_accepts_paths_bytes_pil_and_arrays(bundle: tuple[Path, Path]) ->
     assert torch.allclose(by_path["image"], by_bytes["image"], atol=1e-6)
 
 
-def test_bundle_reproduces_training_encoder(bundle: tuple[Path, Path]) -> None:
-    manifest, out = bundle
+def test_bundle_reproduces_training_encoder(tiny_bundle: TinyBundle) -> None:
+    manifest, out = tiny_bundle
     a = modalign.load(out).encode(text=["x", "y"], image=[str(manifest.parent / "img" / "0.png")])
     b = modalign.load(out).encode(text=["x", "y"], image=[str(manifest.parent / "img" / "0.png")])
     assert torch.equal(a["text"], b["text"]) and torch.equal(a["image"], b["image"])
 
 
-def test_load_errors_name_the_file(bundle: tuple[Path, Path], tmp_path: Path) -> None:
-    _, out = bundle
+def test_load_errors_name_the_file(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
+    _, out = tiny_bundle
     with pytest.raises(UserInputError, match="not a model bundle"):
         modalign.load(tmp_path)
     broken = tmp_path / "broken"
@@ -92,9 +84,9 @@ def test_load_errors_name_the_file(bundle: tuple[Path, Path], tmp_path: Path) ->
         model.encode(depth=[np.zeros(3)])
 
 
-def test_pickle_in_bundle_dir_is_never_loaded(bundle: tuple[Path, Path], tmp_path: Path) -> None:
+def test_pickle_in_bundle_dir_is_never_loaded(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
     """A planted pickle with a side effect must not run when the bundle is loaded."""
-    _, out = bundle
+    _, out = tiny_bundle
     copy = tmp_path / "copy"
     copy.mkdir()
     for p in out.iterdir():
@@ -115,9 +107,9 @@ def test_pickle_in_bundle_dir_is_never_loaded(bundle: tuple[Path, Path], tmp_pat
 
 
 def test_bundle_records_plugins_external_weights_and_file_hashes(
-    bundle: tuple[Path, Path],
+    tiny_bundle: TinyBundle,
 ) -> None:
-    _, out = bundle
+    _, out = tiny_bundle
     meta = json.loads((out / "modalign.json").read_text())
     assert meta["plugins"]["towers"]["text"] == {
         "name": "sentence_transformer",
@@ -132,8 +124,8 @@ def test_bundle_records_plugins_external_weights_and_file_hashes(
     assert meta["input_presets"]["image"]["input_size"] == 16
 
 
-def test_torn_bundle_file_is_refused(bundle: tuple[Path, Path], tmp_path: Path) -> None:
-    _, out = bundle
+def test_torn_bundle_file_is_refused(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
+    _, out = tiny_bundle
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
     (copy / "config.yaml").write_text((copy / "config.yaml").read_text() + "\n# edited\n")
@@ -142,9 +134,9 @@ def test_torn_bundle_file_is_refused(bundle: tuple[Path, Path], tmp_path: Path) 
 
 
 def test_bundle_naming_a_missing_plugin_names_the_package(
-    bundle: tuple[Path, Path], tmp_path: Path
+    tiny_bundle: TinyBundle, tmp_path: Path
 ) -> None:
-    _, out = bundle
+    _, out = tiny_bundle
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
     meta = json.loads((copy / "modalign.json").read_text())
@@ -207,10 +199,10 @@ def test_changed_external_weights_refuse_the_bundle(tmp_path: Path, capsys) -> N
 
 
 def test_encode_streams_any_iterable_with_sentence_transformers_options(
-    bundle: tuple[Path, Path],
+    tiny_bundle: TinyBundle,
 ) -> None:
     """encode decodes batch by batch (a generator works), numpy/normalize options, device auto."""
-    model = modalign.load(bundle[1], device="auto")
+    model = modalign.load(tiny_bundle.model, device="auto")
     assert model.device in ("cpu", "cuda")
     texts = [f"caption number {i}" for i in range(7)]
     whole = model.encode(text=texts, batch_size=64)["text"]

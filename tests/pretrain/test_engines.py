@@ -25,7 +25,7 @@ from modalign.pretrain.checkpoint.safe_pickle import check_dcp_pickles
 from modalign.pretrain.process_state import process_state_guard
 from modalign.pretrain.trainer import pretrain
 
-from helpers.corpus import tiny_overrides, write_tiny_corpus
+from helpers.corpus import tiny_overrides
 
 
 def _sets(manifest: Path, out: Path, steps: int) -> list[str]:
@@ -44,11 +44,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("engines"), n=16)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from modalign.pretrain import checkpoint as ckpt
 from modalign.pretrain.towers import AudioFrontEnd, TowerParts
 from modalign.pretrain.trainer import TrainingDiverged, pretrain
 
-from helpers.corpus import tiny_overrides, write_tiny_corpus
+from helpers.corpus import tiny_overrides
 
 WIDTH = 8
 
@@ -77,17 +77,13 @@ def _cfg(manifest: Path, out: Path, steps: int = 5, *extra: str):
     )
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("nan"), n=16)
-
-
 def _checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.slow  # three training runs
 def test_nan_loss_at_step_3_stops_and_keeps_checkpoint_2(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as err:

@@ -20,7 +20,8 @@ from modalign.pretrain.optim import lr_factor, make_optimizer, param_groups
 from modalign.pretrain.trainer import pretrain
 from modalign.pretrain.update import clip_and_norm
 
-from helpers.corpus import tiny_overrides, write_tiny_corpus
+from helpers.corpus import tiny_overrides
+from helpers.trained import BUNDLE_BATCH, BUNDLE_STEPS, TinyBundle
 
 
 class _Toy(nn.Module):
@@ -77,11 +78,6 @@ def test_gradient_clipping_caps_the_global_norm() -> None:
     assert total.item() == pytest.approx(1.0, rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("optim"), n=16)
-
-
 def _cfg(corpus: Path, out: Path, *extra: str):
     return load_config(
         None,
@@ -122,27 +118,27 @@ def test_logit_scale_parameter_is_clamped_after_each_step(corpus: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager(tmp_path: Path) -> None:
+def test_torch_compile_matches_eager(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
     """train.compile=true trains the same weights (up to float rounding) with the same keys."""
     from safetensors.torch import load_file
 
     from modalign.config import load_config
     from modalign.pretrain.trainer import pretrain
 
-    from helpers.corpus import tiny_overrides, write_tiny_corpus
-
-    manifest = write_tiny_corpus(tmp_path / "c", n=16)
-    pretrain(load_config(None, tiny_overrides(manifest, tmp_path / "eager", steps=2, batch=8)))
+    # the eager run: the shared bundle (2 steps, batch 8, tiny_overrides on the shared corpus)
+    manifest, eager = tiny_bundle
     pretrain(
         load_config(
             None,
             [
-                *tiny_overrides(manifest, tmp_path / "compiled", steps=2, batch=8),
+                *tiny_overrides(
+                    manifest, tmp_path / "compiled", steps=BUNDLE_STEPS, batch=BUNDLE_BATCH
+                ),
                 "train.compile=true",
             ],
         )
     )
-    a = load_file(str(tmp_path / "eager" / "model.safetensors"))
+    a = load_file(str(eager / "model.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -22,7 +22,7 @@ from modalign.config import load_config
 from modalign.pretrain.process_state import ProcessState, process_state_guard
 from modalign.pretrain.trainer import TrainingDiverged, pretrain
 
-from helpers.corpus import tiny_overrides, write_tiny_corpus
+from helpers.corpus import tiny_overrides
 
 HERE = Path(__file__).resolve()
 
@@ -65,11 +65,6 @@ def _run(name: str, corpus: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("ps"), n=16)
-
-
 def _fresh_process_weights(name: str, corpus: Path, out: Path) -> dict[str, torch.Tensor]:
     # the script imports the tests' helpers package: tests/ on its path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parents[1])}
@@ -85,6 +80,8 @@ def _fresh_process_weights(name: str, corpus: Path, out: Path) -> dict[str, torc
     return load_file(str(out / "weights.safetensors"))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # each run again in a fresh interpreter
 def test_runs_in_one_process_equal_fresh_processes(corpus: Path, tmp_path: Path) -> None:
     from accelerate.state import AcceleratorState
 

@@ -68,6 +68,8 @@ def straight(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return _weights(out)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # a training subprocess killed after a checkpoint
 def test_sigkill_after_step_2_then_resume_equals_uninterrupted(
     corpus: Path, straight: dict, tmp_path: Path
 ) -> None:
@@ -173,6 +175,7 @@ def test_resume_with_a_changed_config_refuses_what_cannot_be_resumed(
     assert "optim.lr changed: 0.0005 -> 0.001" in warned and "train.steps changed" in warned
 
 
+@pytest.mark.slow
 def test_resume_from_every_checkpoint_equals_uninterrupted(
     corpus: Path, straight: dict, tmp_path: Path
 ) -> None:

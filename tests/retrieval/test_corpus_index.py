@@ -81,6 +81,7 @@ def test_symlinked_modality_folder_is_refused(built: Path, tmp_path: Path) -> No
         CorpusIndex.open(copy)
 
 
+@pytest.mark.distributed  # the CLI in a subprocess
 def test_cli_exit_2_names_the_key(built: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -100,6 +101,7 @@ def test_cli_exit_2_names_the_key(built: Path, tmp_path: Path) -> None:
     assert "modalities entry '../../x'" in proc.stdout
 
 
+@pytest.mark.distributed  # a lock holder in a subprocess
 def test_build_is_locked_and_refuses_foreign_dirs(built: Path, tmp_path: Path) -> None:
     from modalign.core.artifact import DirectoryLocked, lock_dir
 

@@ -12,6 +12,7 @@ import pytest
 
 from modalign.core.errors import UserInputError
 from modalign.retrieval.index import (
+    IndexBuildOptions,
     IndexFileError,
     IndexFingerprintError,
     VectorIndex,
@@ -57,7 +58,9 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def flat(data: tuple[np.ndarray, np.ndarray]) -> VectorIndex:
-    return VectorIndex.build(data[0], make_ids(len(data[0])), factory="Flat", fingerprint="fp-a")
+    return VectorIndex.build(
+        data[0], make_ids(len(data[0])), IndexBuildOptions(factory="Flat"), fingerprint="fp-a"
+    )
 
 
 def test_flat_equals_brute_force(flat: VectorIndex, data) -> None:
@@ -78,7 +81,9 @@ def test_flat_equals_brute_force(flat: VectorIndex, data) -> None:
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF32,Flat", "IVF32,SQ8"])
 def test_approximate_indexes_are_tuned_to_target_recall(data, factory: str) -> None:
     x, q = data
-    index = VectorIndex.build(x, make_ids(len(x)), factory=factory, target_recall=0.95)
+    index = VectorIndex.build(
+        x, make_ids(len(x)), IndexBuildOptions(factory=factory, target_recall=0.95)
+    )
     stats = index.stats
     (knob,) = stats.search_params
     assert knob == ("efSearch" if factory.startswith("HNSW") else "nprobe")
@@ -89,8 +94,12 @@ def test_approximate_indexes_are_tuned_to_target_recall(data, factory: str) -> N
 
 def test_tuning_picks_smallest_setting_reaching_target(data) -> None:
     x, _ = data
-    loose = VectorIndex.build(x, make_ids(len(x)), factory="IVF64,Flat", target_recall=0.5)
-    strict = VectorIndex.build(x, make_ids(len(x)), factory="IVF64,Flat", target_recall=0.99)
+    loose = VectorIndex.build(
+        x, make_ids(len(x)), IndexBuildOptions(factory="IVF64,Flat", target_recall=0.5)
+    )
+    strict = VectorIndex.build(
+        x, make_ids(len(x)), IndexBuildOptions(factory="IVF64,Flat", target_recall=0.99)
+    )
     assert loose.stats.search_params["nprobe"] < strict.stats.search_params["nprobe"]
     assert strict.stats.measured_recall >= 0.99
 
@@ -130,14 +139,14 @@ def test_auto_selection() -> None:
 def test_auto_builds_what_it_chose_and_fits_budget() -> None:
     x = clustered(6000, seed=3)
     budget = 6000 * 6 + 1024 * DIM  # codes + PQ codebooks; SQ8 / SQ4 need 32 / 16 B/vector
-    index = VectorIndex.build(x, make_ids(6000), memory_budget_bytes=budget)
+    index = VectorIndex.build(x, make_ids(6000), IndexBuildOptions(memory_budget_bytes=budget))
     assert index.factory == "PQ4np"
     assert faiss.serialize_index(index._cpu_index()).nbytes <= budget
 
 
 def test_add_then_search_finds_new_items(data) -> None:
     x, _ = data
-    index = VectorIndex.build(x, make_ids(len(x)), factory="IVF32,Flat")
+    index = VectorIndex.build(x, make_ids(len(x)), IndexBuildOptions(factory="IVF32,Flat"))
     new = clustered(20, seed=9)
     index.add(new, make_ids(20, start=10_000))
     assert len(index) == len(x) + 20
@@ -164,7 +173,9 @@ def test_k_larger_than_count_is_clipped() -> None:
 
 def test_save_load_round_trip(tmp_path: Path, data) -> None:
     x, q = data
-    index = VectorIndex.build(x, make_ids(len(x)), factory="HNSW16", fingerprint="fp-a")
+    index = VectorIndex.build(
+        x, make_ids(len(x)), IndexBuildOptions(factory="HNSW16"), fingerprint="fp-a"
+    )
     index.save(tmp_path / "idx")
     assert {p.name for p in (tmp_path / "idx").iterdir()} == {
         "index.faiss",
@@ -194,7 +205,7 @@ def test_save_load_round_trip(tmp_path: Path, data) -> None:
 
 def test_l2_metric_scores_are_negative_distances() -> None:
     x = clustered(50)
-    index = VectorIndex.build(x, make_ids(50), factory="Flat", metric="l2")
+    index = VectorIndex.build(x, make_ids(50), IndexBuildOptions(factory="Flat", metric="l2"))
     res = index.search(x[:3], 2)
     assert res.ids[0][0] == "item-0"
     np.testing.assert_allclose(res.scores[:, 0], 0.0, atol=1e-5)
@@ -261,9 +272,9 @@ def test_wrong_dimension_and_empty_queries(flat: VectorIndex) -> None:
 def test_bad_build_arguments() -> None:
     x = clustered(10)
     with pytest.raises(UserInputError, match="invalid FAISS factory"):
-        VectorIndex.build(x, make_ids(10), factory="NotAnIndex7")
+        VectorIndex.build(x, make_ids(10), IndexBuildOptions(factory="NotAnIndex7"))
     with pytest.raises(UserInputError, match="metric"):
-        VectorIndex.build(x, make_ids(10), metric="cosine")
+        VectorIndex.build(x, make_ids(10), IndexBuildOptions(metric="cosine"))
     with pytest.raises(UserInputError, match="unique"):
         VectorIndex.build(x, ["a"] * 10)
     with pytest.raises(UserInputError, match="10 vectors but 9 ids"):
@@ -275,7 +286,7 @@ def test_bad_build_arguments() -> None:
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the no-GPU error")
 def test_cuda_without_gpu_is_a_clear_error() -> None:
     with pytest.raises(UserInputError, match="no GPU"):
-        VectorIndex.build(clustered(10), make_ids(10), device="cuda")
+        VectorIndex.build(clustered(10), make_ids(10), IndexBuildOptions(device="cuda"))
 
 
 def test_crash_mid_save_keeps_old_index(tmp_path: Path, flat: VectorIndex, monkeypatch) -> None:
@@ -330,16 +341,21 @@ def test_refuses_to_overwrite_non_index_directory(tmp_path: Path, flat: VectorIn
 def test_build_options_ef_construction_and_tuning_queries(data) -> None:
     x, q = data
     index = VectorIndex.build(
-        x, make_ids(len(x)), factory="HNSW16", ef_construction=8, tuning_queries=q
+        x,
+        make_ids(len(x)),
+        IndexBuildOptions(factory="HNSW16", ef_construction=8),
+        tuning_queries=q,
     )
     assert faiss.downcast_index(index._index).hnsw.efConstruction == 8
     assert index.stats.tune_queries == len(q)
     assert index.stats.measured_recall >= 0.95
     assert recall_vs_exact(index, x, q) == pytest.approx(index.stats.measured_recall, abs=0.01)
     with pytest.raises(UserInputError, match="ef_construction applies to HNSW"):
-        VectorIndex.build(x, make_ids(len(x)), factory="Flat", ef_construction=8)
+        VectorIndex.build(x, make_ids(len(x)), IndexBuildOptions(factory="Flat", ef_construction=8))
     with pytest.raises(UserInputError, match="tuning_queries have dimension 8"):
-        VectorIndex.build(x, make_ids(len(x)), factory="HNSW16", tuning_queries=q[:, :8])
+        VectorIndex.build(
+            x, make_ids(len(x)), IndexBuildOptions(factory="HNSW16"), tuning_queries=q[:, :8]
+        )
 
 
 def test_tuning_queries_are_held_out(data, flat: VectorIndex) -> None:
@@ -354,4 +370,27 @@ def test_tuning_queries_are_held_out(data, flat: VectorIndex) -> None:
 
 def test_too_few_training_points_is_a_user_error() -> None:
     with pytest.raises(UserInputError, match="cannot train 'IVF64,Flat' on 20 vectors"):
-        VectorIndex.build(clustered(20), make_ids(20), factory="IVF64,Flat")
+        VectorIndex.build(clustered(20), make_ids(20), IndexBuildOptions(factory="IVF64,Flat"))
+
+
+def test_build_options_are_one_checked_type() -> None:
+    """Issue 22: every builder takes one IndexBuildOptions, checked when it is made."""
+    from dataclasses import FrozenInstanceError
+
+    import modalign.retrieval as surface
+
+    assert surface.IndexBuildOptions is IndexBuildOptions
+    with pytest.raises(UserInputError, match="metric must be one of"):
+        IndexBuildOptions(metric="cosine")
+    with pytest.raises(UserInputError, match=r"target_recall must be in \(0, 1\]"):
+        IndexBuildOptions(target_recall=1.5)
+    with pytest.raises(UserInputError, match="device must be"):
+        IndexBuildOptions(device="gpu")
+    opts = IndexBuildOptions(factory="IVF32,Flat", seed=7)
+    with pytest.raises(FrozenInstanceError):
+        opts.seed = 8  # type: ignore[misc]
+    assert opts.factory_for(10**6, 384) == "IVF32,Flat"
+    assert IndexBuildOptions().factory_for(500, 16) == choose_factory(500, 16)
+    assert IndexBuildOptions(memory_budget_bytes=10**6 * 60).factory_for(10**6, 384) == (
+        choose_factory(10**6, 384, memory_budget_bytes=10**6 * 60)
+    )

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
+from modalign.retrieval import IndexBuildOptions
 from modalign.retrieval.index import VectorIndex, choose_factory
 from modalign.retrieval.index import tuning as index_tuning
 
@@ -26,7 +27,9 @@ def built() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
     x = _clustered(N + 500, seed=21)
     corpus, queries = x[:N], x[N:]
     index = VectorIndex.build(
-        corpus, [str(i) for i in range(N)], memory_budget_bytes=BUDGET, target_recall=0.95
+        corpus,
+        [str(i) for i in range(N)],
+        IndexBuildOptions(memory_budget_bytes=BUDGET, target_recall=0.95),
     )
     return index, corpus, queries
 
@@ -63,7 +66,9 @@ def test_lower_bound_is_below_the_mean_by_the_standard_error() -> None:
 def test_tuning_needs_the_bound_not_just_the_mean_to_reach_the_target() -> None:
     x = _clustered(6000, seed=22)
     index = VectorIndex.build(
-        x, [str(i) for i in range(len(x))], factory="IVF64,Flat", target_recall=0.99
+        x,
+        [str(i) for i in range(len(x))],
+        IndexBuildOptions(factory="IVF64,Flat", target_recall=0.99),
     )
     nprobe = index.stats.search_params["nprobe"]
     assert nprobe > 1 and index.stats.recall_lower_bound >= 0.99

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from faiss import serialize_index
 
+from modalign.retrieval import IndexBuildOptions
 from modalign.retrieval.embed import Embeddings
 from modalign.retrieval.index import VectorIndex
 from modalign.retrieval.index.chunked import ShardVectors, build_chunked, exact_topk
@@ -48,10 +49,10 @@ def test_chunked_build_equals_in_ram_build(tmp_path: Path, factory: str) -> None
     x = _clustered(6000, 32, seed=1)
     q = _clustered(200, 32, seed=2)
     ids = [f"i{j}" for j in range(len(x))]
-    ram = VectorIndex.build(x, ids, factory=factory, seed=3)
+    ram = VectorIndex.build(x, ids, IndexBuildOptions(factory=factory, seed=3))
     vec = _files(x, tmp_path / "v", [1000, 2500, 7, 2493])
     assert (vec.n, vec.dim) == x.shape
-    chunked = build_chunked(vec, ids, factory=factory, seed=3)
+    chunked = build_chunked(vec, ids, IndexBuildOptions(factory=factory, seed=3))
     assert chunked.ids == ram.ids
     assert chunked.stats.search_params == ram.stats.search_params
     assert chunked.stats.train_size == ram.stats.train_size
@@ -72,14 +73,14 @@ def test_exact_topk_merges_files_like_one_search(tmp_path: Path) -> None:
     got = exact_topk(q, vec, 11, "ip")
     assert (got == want).mean() > 0.99  # ties may swap, nothing else
     assert vec.take(np.array([0, 4, 5, 2999])).tolist() == x[[0, 4, 5, 2999]].tolist()
-    idx = VectorIndex.build(x, [str(i) for i in range(3000)], factory="Flat")
+    idx = VectorIndex.build(x, [str(i) for i in range(3000)], IndexBuildOptions(factory="Flat"))
     assert recall_at_k(idx._index, q, got[:, :10], np.full(50, -1)) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("factory", ["IVF32,SQ8", "IVF32,PQ8np", "Flat", "HNSW16"])
 def test_mmap_load_searches_identically(tmp_path: Path, factory: str) -> None:
     x, q = _clustered(3000, 32, seed=6), _clustered(40, 32, seed=7)
-    built = VectorIndex.build(x, [f"i{j}" for j in range(3000)], factory=factory)
+    built = VectorIndex.build(x, [f"i{j}" for j in range(3000)], IndexBuildOptions(factory=factory))
     built.save(tmp_path / "ix")
     plain = VectorIndex.load(tmp_path / "ix")
     mapped = VectorIndex.load(tmp_path / "ix", mmap=True)
@@ -112,11 +113,13 @@ def _embed_dir(root: Path, x: np.ndarray, rows: int) -> Path:
 def test_corpus_index_from_shards_equals_in_ram_corpus_index(tmp_path: Path) -> None:
     x, q = _clustered(4000, 32, seed=8), _clustered(30, 32, seed=9)
     emb_dir = _embed_dir(tmp_path / "emb", x, rows=900)
-    stats, fp = build_corpus_index_from_shards(emb_dir, tmp_path / "disk", factory="IVF32,SQ8")
+    stats, fp = build_corpus_index_from_shards(
+        emb_dir, tmp_path / "disk", IndexBuildOptions(factory="IVF32,SQ8")
+    )
     assert fp == "fp-1" and stats["text"]["items"] == 4000
     ids = [f"t{j}" for j in range(4000)]
     emb = {"text": Embeddings("text", ids, x, [None] * 4000, [f"caption {i}" for i in ids])}
-    build_corpus_index(emb, tmp_path / "ram", "fp-1", "m", factory="IVF32,SQ8")
+    build_corpus_index(emb, tmp_path / "ram", "fp-1", "m", IndexBuildOptions(factory="IVF32,SQ8"))
     disk = CorpusIndex.open(tmp_path / "disk", mmap=True)
     ram = CorpusIndex.open(tmp_path / "ram")
     assert disk.indexes["text"].ids == ram.indexes["text"].ids

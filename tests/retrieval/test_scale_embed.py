@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from modalign.retrieval.embed_shards import rank_device, read_embedding_shards
 
@@ -39,6 +40,7 @@ def _launch(tmp: Path, manifest: Path, out: Path, world: int) -> list[tuple[int,
     return [tuple(int(v) for v in o.split()) for o in outs]
 
 
+@pytest.mark.distributed
 def test_two_ranks_equal_one_process_and_resume_per_rank(tmp_path: Path) -> None:
     manifest = write_texts(tmp_path / "m.jsonl", 30)
     assert _launch(tmp_path, manifest, tmp_path / "one", 1) == [(8, 0)]

@@ -11,19 +11,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import modalign
 from modalign.config import load_config
 from modalign.pretrain.bundle import load_bundle
 from modalign.pretrain.trainer import pretrain
 from modalign.retrieval.embed import embed_source
 from modalign.retrieval.evaluate import evaluate_pairs, make_validator
-from modalign.training import run_pretrain
 
 from helpers.corpus import tiny_overrides, write_tiny_corpus
 
 
+@pytest.mark.slow
 def test_validation_logs_recall_and_leaves_training_unchanged(tmp_path: Path) -> None:
     manifest = write_tiny_corpus(tmp_path / "c", n=16)
     base = [
@@ -37,7 +39,7 @@ def test_validation_logs_recall_and_leaves_training_unchanged(tmp_path: Path) ->
         f"data.val={manifest}",
         "train.val_every=2",
     ]
-    result = run_pretrain(load_config(None, with_val))  # wires make_validator(data.val)
+    result = modalign.run_pretrain(load_config(None, with_val))  # wires make_validator(data.val)
     records = [
         json.loads(line) for line in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()
     ]

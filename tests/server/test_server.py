@@ -16,7 +16,7 @@ import pytest
 from modalign.core.errors import UserInputError
 from modalign.server import ServeLimits, ServeSettings, add_serve_command, cmd_serve
 from modalign.server.app import create_app
-from modalign.server.engine import SearchEngine
+from modalign.server.searcher import Searcher
 from modalign.server.settings import check_bind, is_loopback, read_token
 
 from helpers.serve import ThreadedServer, TinyIndex, tiny_index_once
@@ -31,13 +31,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyIndex:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny: TinyIndex) -> SearchEngine:
-    return SearchEngine.open(tiny.index)
+def searcher(tiny: TinyIndex) -> Searcher:
+    return Searcher.open(tiny.index)
 
 
 @pytest.fixture(scope="module")
-def server(engine: SearchEngine):
-    with ThreadedServer(create_app(engine, ServeSettings(limits=LIMITS))) as srv:
+def server(searcher: Searcher):
+    with ThreadedServer(create_app(searcher, ServeSettings(limits=LIMITS))) as srv:
         yield srv
 
 
@@ -51,11 +51,11 @@ def corpus_file(tiny: TinyIndex, rel: str) -> bytes:
     return (tiny.corpus.parent / rel).read_bytes()
 
 
-def library_search(engine: SearchEngine, modality: str, value, k: int, targets=None) -> list[dict]:
+def library_search(searcher: Searcher, modality: str, value, k: int, targets=None) -> list[dict]:
     """What ``modalign search --json`` computes: encode one query, search, Hit.to_dict()."""
-    vec = engine.model.encode(**{modality: [value]})[modality].numpy()
-    targets = targets or list(engine.default_targets(modality))
-    return [h.to_dict() for h in engine.index.search(vec, k=k, targets=targets)[0]]
+    vec = searcher.model.encode(**{modality: [value]})[modality].numpy()
+    targets = targets or list(searcher.default_targets(modality))
+    return [h.to_dict() for h in searcher.index.search(vec, k=k, targets=targets)[0]]
 
 
 def cli_shape(results: list[dict]) -> list[dict]:
@@ -70,10 +70,10 @@ def error_field(res: httpx.Response) -> str:
 # ------------------------------------------------------------------------------ routes
 
 
-def test_healthz_info_and_page(client: httpx.Client, engine: SearchEngine) -> None:
+def test_healthz_info_and_page(client: httpx.Client, searcher: Searcher) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/info").json()
-    assert info["model"]["fingerprint"] == engine.model.fingerprint
+    assert info["model"]["fingerprint"] == searcher.model.fingerprint
     assert {m: s["items"] for m, s in info["index"]["modalities"].items()} == {
         "audio": 32,
         "image": 32,
@@ -90,12 +90,12 @@ def test_healthz_info_and_page(client: httpx.Client, engine: SearchEngine) -> No
     assert client.get("/indices-list").json() == ["index"]
 
 
-def test_text_search_matches_cli_search(client: httpx.Client, engine: SearchEngine) -> None:
+def test_text_search_matches_cli_search(client: httpx.Client, searcher: Searcher) -> None:
     res = client.post("/search", json={"text": "the sound two", "k": 5})
     assert res.status_code == 200, res.text
     body = res.json()
     assert body["query"] == {"text": "the sound two"}
-    assert cli_shape(body["results"]) == library_search(engine, "text", "the sound two", 5)
+    assert cli_shape(body["results"]) == library_search(searcher, "text", "the sound two", 5)
     first = body["results"][0]
     assert first["modality"] in ("image", "audio") and first["media_url"].startswith("/media/")
     assert first["caption"].startswith("the sound ")  # the item's caption, from its text
@@ -107,14 +107,14 @@ def test_text_search_matches_cli_search(client: httpx.Client, engine: SearchEngi
 
 @pytest.mark.parametrize(("modality", "rel"), [("image", "img/5.png"), ("audio", "wav/6.wav")])
 def test_upload_search(
-    client: httpx.Client, engine: SearchEngine, tiny: TinyIndex, modality: str, rel: str
+    client: httpx.Client, searcher: Searcher, tiny: TinyIndex, modality: str, rel: str
 ) -> None:
     data = corpus_file(tiny, rel)
     res = client.post(
         "/search", files={modality: (Path(rel).name, data)}, data={"k": "6", "target": "text"}
     )
     assert res.status_code == 200, res.text
-    assert cli_shape(res.json()["results"]) == library_search(engine, modality, data, 6, ["text"])
+    assert cli_shape(res.json()["results"]) == library_search(searcher, modality, data, 6, ["text"])
 
 
 def test_search_by_id_equals_uploading_its_file(client: httpx.Client, tiny: TinyIndex) -> None:
@@ -130,14 +130,14 @@ def test_search_by_id_equals_uploading_its_file(client: httpx.Client, tiny: Tiny
 
 
 def test_knn_service_is_clip_retrieval_compatible(
-    client: httpx.Client, engine: SearchEngine, tiny: TinyIndex
+    client: httpx.Client, searcher: Searcher, tiny: TinyIndex
 ) -> None:
     req = {"text": "the sound one", "modality": "image", "num_images": 3, "indice_name": "index"}
     res = client.post("/knn-service", json={**req, "deduplicate": True, "use_safety_model": False})
     assert res.status_code == 200, res.text
     results = res.json()
     assert isinstance(results, list) and len(results) == 3
-    expected = library_search(engine, "text", "the sound one", 3, ["image"])
+    expected = library_search(searcher, "text", "the sound one", 3, ["image"])
     assert [r["item_id"] for r in results] == [e["id"] for e in expected]
     assert [r["similarity"] for r in results] == [e["score"] for e in expected]
     assert len({r["id"] for r in results}) == 3  # ids number items (see test_server_clip_front)
@@ -150,9 +150,9 @@ def test_knn_service_is_clip_retrieval_compatible(
     )
     assert [r["text"] for r in by_image.json()] == [
         e["text"]
-        for e in library_search(engine, "image", corpus_file(tiny, "img/2.png"), 2, ["text"])
+        for e in library_search(searcher, "image", corpus_file(tiny, "img/2.png"), 2, ["text"])
     ]
-    vec = engine.model.encode(text=["the sound one"])["text"].numpy()[0]
+    vec = searcher.model.encode(text=["the sound one"])["text"].numpy()[0]
     by_vec = client.post(
         "/knn-service", json={"embedding_input": vec.tolist(), "modality": "image", "num_images": 3}
     )
@@ -286,10 +286,34 @@ def test_chunked_oversized_upload_is_refused(client: httpx.Client) -> None:
     assert res.status_code == 413 and error_field(res) == "body"
 
 
-def test_decode_timeout_is_a_4xx(engine: SearchEngine, tiny: TinyIndex) -> None:
+def test_decode_goes_through_bundle_prepare(
+    searcher: Searcher, tiny: TinyIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One code path prepares inputs: the server's decode is ``BundleModel.prepare`` (plus the
+    allowed-file check and the DecodeError mapping), for uploads and for indexed paths."""
+    seen: list[tuple[str, object]] = []
+    real = searcher.model.prepare
+
+    def spy(modality: str, value: object) -> object:
+        seen.append((modality, value))
+        return real(modality, value)
+
+    monkeypatch.setattr(searcher.model, "prepare", spy)
+    data = corpus_file(tiny, "img/1.png")
+    prepared = searcher.decode("image", data)
+    assert seen == [("image", data)]
+    assert np.array_equal(prepared.numpy(), real("image", data).numpy())
+    listed = searcher.item("image", "item1")
+    assert listed is not None
+    searcher.decode("image", listed["value"])
+    assert seen[-1][0] == "image" and Path(str(seen[-1][1])).name == "1.png"
+    assert searcher.decode("text", "a digit") is not None and seen[-1] == ("text", "a digit")
+
+
+def test_decode_timeout_is_a_4xx(searcher: Searcher, tiny: TinyIndex) -> None:
     import time
 
-    slow = SearchEngine(engine.model, engine.index)
+    slow = Searcher(searcher.model, searcher.index)
     real = slow.decode
 
     def slow_decode(modality, value):  # a decoder that takes 1 s (e.g. a pathological file)
@@ -310,8 +334,8 @@ def test_decode_timeout_is_a_4xx(engine: SearchEngine, tiny: TinyIndex) -> None:
 # ------------------------------------------------------------------------------ auth
 
 
-def test_token_guards_every_route_but_healthz(engine: SearchEngine) -> None:
-    with ThreadedServer(create_app(engine, ServeSettings(token=TOKEN))) as srv:
+def test_token_guards_every_route_but_healthz(searcher: Searcher) -> None:
+    with ThreadedServer(create_app(searcher, ServeSettings(token=TOKEN))) as srv:
         url = srv.url
         good = {"authorization": f"Bearer {TOKEN}"}
         assert httpx.get(f"{url}/healthz").status_code == 200
@@ -332,10 +356,10 @@ def test_token_guards_every_route_but_healthz(engine: SearchEngine) -> None:
         assert post.status_code == 401
 
 
-def test_cors_for_clip_front(engine: SearchEngine) -> None:
+def test_cors_for_clip_front(searcher: Searcher) -> None:
     origin = "https://rom1504.github.io"
     settings = ServeSettings(token=TOKEN, cors_origins=(origin,))
-    with ThreadedServer(create_app(engine, settings)) as srv:
+    with ThreadedServer(create_app(searcher, settings)) as srv:
         pre = httpx.options(
             f"{srv.url}/knn-service",
             headers={"origin": origin, "access-control-request-method": "POST",
@@ -356,6 +380,7 @@ def test_cors_for_clip_front(engine: SearchEngine) -> None:
         assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.distributed  # the server command in a subprocess
 def test_non_loopback_host_needs_a_token(tmp_path: Path, tiny: TinyIndex) -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

@@ -36,10 +36,10 @@ if not Path(CHROMIUM).is_file():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     from modalign.server.app import create_app
-    from modalign.server.engine import SearchEngine
+    from modalign.server.searcher import Searcher
 
     tiny = tiny_index_once(tmp_path_factory.getbasetemp())
-    with ThreadedServer(create_app(SearchEngine.open(tiny.index))) as srv:
+    with ThreadedServer(create_app(Searcher.open(tiny.index))) as srv:
         yield srv, tiny
 
 

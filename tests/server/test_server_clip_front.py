@@ -15,7 +15,7 @@ import pytest
 
 from modalign.server import ServeLimits, ServeSettings
 from modalign.server.app import create_app
-from modalign.server.engine import SearchEngine
+from modalign.server.searcher import Searcher
 
 from helpers.serve import ThreadedServer, tiny_index_once
 
@@ -43,7 +43,7 @@ def partial_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _client(index: Path, limits: ServeLimits | None = None):
     settings = ServeSettings() if limits is None else ServeSettings(limits=limits)
-    return ThreadedServer(create_app(SearchEngine.open(index), settings))
+    return ThreadedServer(create_app(Searcher.open(index), settings))
 
 
 def front(**query) -> dict:

@@ -25,7 +25,7 @@ from modalign.core.errors import UserInputError
 from modalign.data.media import image_decode_bytes, sniff_audio, sniff_image
 from modalign.server import ServeLimits, ServeSettings
 from modalign.server.app import create_app
-from modalign.server.engine import SearchEngine
+from modalign.server.searcher import Searcher
 
 from helpers.serve import ThreadedServer, tiny_index_once
 
@@ -62,8 +62,8 @@ def test_decode_cost_is_read_from_the_header() -> None:
 
 
 def test_a_decode_bomb_is_refused_before_decoding_and_the_total_is_bounded(tiny) -> None:
-    engine = SearchEngine.open(tiny.index)
-    app = create_app(engine, ServeSettings())  # default limits
+    searcher = Searcher.open(tiny.index)
+    app = create_app(searcher, ServeSettings())  # default limits
     state = _inner(app)
     ok_png = (tiny.corpus.parent / "img" / "1.png").read_bytes()
     with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -133,10 +133,10 @@ def evil_index(tiny, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 
 def test_media_is_served_as_its_bytes_with_nosniff_and_csp(evil_index) -> None:
     index, root = evil_index
-    engine = SearchEngine.open(index)
-    item = engine.index.item("image", "item0")
+    searcher = Searcher.open(index)
+    item = searcher.index.item("image", "item0")
     assert item is not None and str(item["value"]).endswith("evil.html")
-    with ThreadedServer(create_app(engine)) as srv, httpx.Client(base_url=srv.url) as c:
+    with ThreadedServer(create_app(searcher)) as srv, httpx.Client(base_url=srv.url) as c:
         res = c.get("/media/image:item0")
         assert res.status_code == 200
         assert res.headers["content-type"] == "image/png"

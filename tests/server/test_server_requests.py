@@ -10,7 +10,7 @@ from test_server import LIMITS, error_field
 
 from modalign.server import ServeSettings
 from modalign.server.app import create_app
-from modalign.server.engine import SearchEngine
+from modalign.server.searcher import Searcher
 
 from helpers.serve import ThreadedServer, TinyIndex, tiny_index_once
 
@@ -18,8 +18,8 @@ from helpers.serve import ThreadedServer, TinyIndex, tiny_index_once
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory):
     tiny: TinyIndex = tiny_index_once(tmp_path_factory.getbasetemp())
-    engine = SearchEngine.open(tiny.index)
-    app = create_app(engine, ServeSettings(limits=LIMITS))
+    searcher = Searcher.open(tiny.index)
+    app = create_app(searcher, ServeSettings(limits=LIMITS))
     with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         yield c
 

@@ -13,6 +13,7 @@ import pytest
 from modalign.cli import main
 
 from helpers.corpus import WORDS, tiny_overrides, write_tiny_corpus
+from helpers.trained import TinyBundle, copy_tree
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -20,13 +21,12 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("reliability-cli")
-    manifest = write_tiny_corpus(root / "corpus", n=16)
-    model = root / "model"
-    base = [*tiny_overrides(manifest, model, steps=1, batch=8), "model.modalities=[image,audio]"]
-    assert main(["-q", "pretrain", "demo", *_sets(base)]) == 0
-    clf = root / "clf"
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bundle_no_text: TinyBundle
+) -> tuple[Path, Path, Path]:
+    """The shared corpus and image+audio bundle (read-only), and a classifier fine-tuned on it."""
+    manifest, model = tiny_bundle_no_text
+    clf = tmp_path_factory.mktemp("reliability-cli") / "clf"
     ft = [
         f"finetune.model={model}",
         f"finetune.train={manifest}",
@@ -76,7 +76,7 @@ def test_undecodable_query_file_and_duplicate_ids_exit_2(
     rows = [json.loads(x) for x in manifest.read_text().splitlines()]
     rows[5]["id"] = rows[2]["id"]
     rows[9]["id"] = rows[2]["id"]
-    dup = manifest.parent / "dup.jsonl"
+    dup = copy_tree(manifest.parent, tmp_path / "corpus") / "dup.jsonl"  # the corpus is shared
     dup.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "idx"
     argv = ["index", "build", "--model", str(model), "--data", str(dup), "--out", str(out)]

@@ -145,7 +145,7 @@ def test_server_serves_and_decodes_only_files_under_the_corpus_roots(
     from modalign.pretrain.bundle import load_bundle
     from modalign.retrieval.embed import embed_source
     from modalign.server.app import create_app
-    from modalign.server.engine import DecodeError, SearchEngine
+    from modalign.server.searcher import DecodeError, Searcher
     from modalign.server.settings import ServeSettings
 
     from helpers.serve import ThreadedServer, tiny_index_once
@@ -156,16 +156,16 @@ def test_server_serves_and_decodes_only_files_under_the_corpus_roots(
     model = load_bundle(tiny.model)
     emb, _ = embed_source(model, corpus / "train.jsonl", batch_size=32)
     build_corpus_index(emb, tmp_path / "index", model.fingerprint, str(tiny.model))
-    engine = SearchEngine.open(tmp_path / "index")
+    searcher = Searcher.open(tmp_path / "index")
     secret = tmp_path / "secret.png"
     shutil.copy(corpus / "img" / "4.png", secret)
     (corpus / "img" / "3.png").unlink()
     os.symlink(secret, corpus / "img" / "3.png")  # a corpus file swapped for a way out
     with pytest.raises(DecodeError, match="not a file under the corpus folders"):
-        engine.decode("image", engine.item("image", "item3")["value"])
-    engine.decode("image", engine.item("image", "item4")["value"])  # inside: decoded
+        searcher.decode("image", searcher.item("image", "item3")["value"])
+    searcher.decode("image", searcher.item("image", "item4")["value"])  # inside: decoded
     with (
-        ThreadedServer(create_app(engine, ServeSettings())) as srv,
+        ThreadedServer(create_app(searcher, ServeSettings())) as srv,
         httpx.Client(base_url=srv.url, timeout=30) as client,
     ):
         assert client.get("/media/image%3Aitem4").status_code == 200

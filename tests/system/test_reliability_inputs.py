@@ -13,7 +13,8 @@ from modalign.config import load_config
 from modalign.core.errors import ConfigError, DataError, UserInputError
 from modalign.data.inspect import inspect_source
 from modalign.data.preflight import check_source, refuse_pipe
-from modalign.run_checks import check_finetune_inputs, check_pretrain_inputs
+from modalign.finetune import check_finetune_inputs
+from modalign.pretrain import check_pretrain_inputs
 
 from helpers.corpus import tiny_overrides, write_tiny_corpus
 from helpers.data import small_config
@@ -61,13 +62,31 @@ def test_each_source_checked_up_front_naming_the_key(tmp_path: Path) -> None:
 def test_finetune_inputs_checked_up_front(tmp_path: Path) -> None:
     good = write_tiny_corpus(tmp_path / "c", n=4)
     with pytest.raises(ConfigError, match="finetune.model is empty"):
-        check_finetune_inputs(load_config("demo", [f"finetune.train={good}"]))
+        check_finetune_inputs(load_config("demo", [f"finetune.train={good}"]).finetune)
     sets = [f"finetune.model={tmp_path}", f"finetune.train={good}"]
     with pytest.raises(DataError, match="^finetune.test: .*missing.jsonl"):
         check_finetune_inputs(
-            load_config("demo", [*sets, f"finetune.test={tmp_path / 'missing.jsonl'}"])
+            load_config("demo", [*sets, f"finetune.test={tmp_path / 'missing.jsonl'}"]).finetune
         )
-    assert set(check_finetune_inputs(load_config("demo", sets))) == {"finetune.train"}
+    assert set(check_finetune_inputs(load_config("demo", sets).finetune)) == {"finetune.train"}
+
+
+def test_layer_entries_check_their_inputs_themselves(tmp_path: Path) -> None:
+    """The one up-front check runs inside the layer entries, so a direct library call
+    (``pretrain``, ``run_finetune``) is refused before any work as the CLI is."""
+    from modalign.finetune import run_finetune
+    from modalign.pretrain import pretrain
+
+    good = write_tiny_corpus(tmp_path / "c", n=4)
+    missing = tmp_path / "missing.jsonl"
+    cfg = load_config("demo", [*tiny_overrides(good, tmp_path / "out"), f"data.val={missing}"])
+    with pytest.raises(DataError, match=f"^data.val: {missing}"):
+        pretrain(cfg)  # no evaluate callback: data.val would otherwise never be read
+    assert not (tmp_path / "out").exists()
+    sets = [f"finetune.model={tmp_path}", f"finetune.train={good}", f"finetune.test={missing}"]
+    with pytest.raises(DataError, match=f"^finetune.test: {missing}"):
+        run_finetune(load_config("demo", sets).finetune, tmp_path / "clf")
+    assert not (tmp_path / "clf").exists()
 
 
 def test_duplicate_ids_named_with_their_lines(tmp_path: Path) -> None:

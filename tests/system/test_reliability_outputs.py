@@ -28,12 +28,7 @@ from modalign.core.artifact import (
 )
 from modalign.core.errors import ConfigError, UserInputError
 
-from helpers.corpus import tiny_overrides, write_tiny_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("outputs"), n=16)
+from helpers.corpus import tiny_overrides
 
 
 def _sets(*pairs: str) -> list[str]:
@@ -89,8 +84,17 @@ def test_a_folder_of_user_files_is_refused_and_left_untouched(
     assert _snapshot(out) == before  # not even a lock file
 
 
-def test_finetune_refuses_a_folder_of_user_files(tmp_path: Path) -> None:
+def _unloadable_model_cfg(tmp_path: Path, corpus: Path):
+    """Inputs that pass the up-front checks (a folder, a real manifest) but whose "bundle" is an
+    empty folder: loading it would fail, so an error about the output comes before any load."""
     from modalign.config import load_config
+
+    (tmp_path / "not-a-bundle").mkdir()
+    sets = [f"finetune.model={tmp_path / 'not-a-bundle'}", f"finetune.train={corpus}"]
+    return load_config("demo", sets)
+
+
+def test_finetune_refuses_a_folder_of_user_files(corpus: Path, tmp_path: Path) -> None:
     from modalign.finetune.pipeline import run_finetune
 
     out = tmp_path / "mine"
@@ -98,7 +102,7 @@ def test_finetune_refuses_a_folder_of_user_files(tmp_path: Path) -> None:
     (out / "notes.txt").write_text("my notes\n")
     (out / "config.yaml").write_text("mine: true\n")
     before = _snapshot(out)
-    cfg = load_config("demo", [f"finetune.model={tmp_path / 'none'}", "finetune.train=x.jsonl"])
+    cfg = _unloadable_model_cfg(tmp_path, corpus)
     with pytest.raises(UserInputError, match=rf"finetune.out={out}: .*refusing to overwrite"):
         run_finetune(cfg.finetune, out)
     assert _snapshot(out) == before
@@ -148,12 +152,11 @@ def test_a_second_writer_stops_at_once(
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
 
 
-def test_a_second_finetune_stops_before_loading_the_model(tmp_path: Path) -> None:
-    from modalign.config import load_config
+def test_a_second_finetune_stops_before_loading_the_model(corpus: Path, tmp_path: Path) -> None:
     from modalign.finetune.pipeline import run_finetune
 
     out = tmp_path / "clf"
-    cfg = load_config("demo", [f"finetune.model={tmp_path / 'none'}", "finetune.train=x.jsonl"])
+    cfg = _unloadable_model_cfg(tmp_path, corpus)
     with _held_by_another(out), pytest.raises(DirectoryLocked, match="pid 4242"):
         run_finetune(cfg.finetune, out)
 
@@ -208,6 +211,7 @@ with lock_dir(sys.argv[1]):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_a_forked_child_does_not_keep_a_killed_writers_lock(tmp_path: Path) -> None:
     """The flock belongs to the open file description a fork shares: before the fix, an
     orphaned child kept a SIGKILLed writer's folder locked until it exited."""
@@ -239,6 +243,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_resume_right_after_sigkill_of_pretrain_with_loader_workers(
     corpus: Path, tmp_path: Path
 ) -> None:

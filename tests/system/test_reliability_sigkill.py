@@ -69,6 +69,8 @@ POINTS = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # each run is a subprocess killed at a chosen point
 @pytest.mark.parametrize(("mode", "n", "complete"), POINTS, ids=[f"{m}-{n}" for m, n, _ in POINTS])
 def test_sigkill_then_resume_equals_uninterrupted(
     mode: str, n: int, complete: list[int], corpus: Path, straight: dict, tmp_path: Path

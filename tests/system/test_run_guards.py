@@ -16,7 +16,7 @@ from modalign.core.artifact import ArtifactWriteError, DirectoryLocked
 from modalign.core.errors import ConfigError
 from modalign.pretrain import trainer
 
-from helpers.corpus import tiny_overrides, write_tiny_corpus
+from helpers.corpus import tiny_overrides
 
 
 @pytest.mark.parametrize(
@@ -42,11 +42,6 @@ def test_bad_config_values_are_refused_naming_the_key(assignment: str) -> None:
     assert main(["-q", "pretrain", "demo", "--set", assignment]) == 2
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("guards"), n=16)
-
-
 def _cfg(corpus: Path, out: Path, *extra: str):
     return load_config(
         None,
@@ -59,6 +54,7 @@ def _cfg(corpus: Path, out: Path, *extra: str):
     )
 
 
+@pytest.mark.distributed  # a lock holder in a subprocess
 def test_second_run_into_a_locked_output_dir_fails_at_once(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -85,6 +81,7 @@ def test_second_run_into_a_locked_output_dir_fails_at_once(corpus: Path, tmp_pat
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # two training runs
 def test_failed_bundle_write_keeps_the_old_bundles_log_and_config(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,6 +77,7 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: MemoryTracker
     return out
 
 
+@pytest.mark.slow
 def test_trackers_get_every_record_and_are_closed(tmp_path: Path, monkeypatch) -> None:
     tracker = MemoryTracker()
     out = _run(tmp_path, monkeypatch, tracker)

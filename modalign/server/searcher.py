@@ -1,8 +1,8 @@
-"""The search engine the server stands on: one model bundle + one corpus index, loaded once.
+"""The searcher the server stands on: one model bundle + one corpus index, loaded once.
 
-:class:`SearchEngine` decodes a query value through the model's
-:class:`~modalign.data.modality.ModalitySpec` (the same ``spec.load`` that
-``BundleModel.encode`` uses, so a query gives the same vector here as in ``modalign search``),
+:class:`Searcher` prepares a query value with
+:meth:`~modalign.pretrain.bundle.BundleModel.prepare` (the one code path ``BundleModel.encode``
+uses, so a query gives the same vector here as in ``modalign search``),
 encodes many decoded values of one modality in one forward pass, and searches many vectors at
 once (:meth:`~modalign.retrieval.index.corpus.CorpusIndex.search_batch`). It knows which files
 the index lists, and serves only those (:meth:`media`).
@@ -24,10 +24,10 @@ from modalign.core.errors import UserInputError
 from modalign.data.decode import BadItem
 from modalign.data.media import SNIFF_BYTES
 from modalign.data.modality import ModalitySpec
-from modalign.pretrain.bundle import BundleModel, load_bundle
+from modalign.pretrain import EmbeddingModel, load_model
 from modalign.retrieval.index.corpus import CorpusIndex, Hit, Query
 
-__all__ = ["DecodeError", "MediaFile", "SearchEngine"]
+__all__ = ["DecodeError", "MediaFile", "Searcher"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ class MediaFile:
     media_type: str
 
 
-class SearchEngine:
-    """Batched encode + search over a :class:`BundleModel` and a :class:`CorpusIndex`."""
+class Searcher:
+    """Batched encode + search over a model (a bundle, or its ONNX export) and a
+    :class:`CorpusIndex`."""
 
-    def __init__(self, model: BundleModel, index: CorpusIndex) -> None:
+    def __init__(self, model: EmbeddingModel, index: CorpusIndex) -> None:
         index.require_model(model.fingerprint)
         self.model, self.index = model, index
         self.specs: dict[str, ModalitySpec] = dict(model.modality_specs())
@@ -65,14 +66,22 @@ class SearchEngine:
         model_dir: str | Path | None = None,
         device: str = "cpu",
         mmap: bool = False,
-    ) -> SearchEngine:
+        runtime: str = "torch",
+    ) -> Searcher:
         """Load the index and its model (the one the index records unless ``model_dir``);
-        ``mmap`` maps the FAISS files read-only instead of reading them into memory."""
+        ``mmap`` maps the FAISS files read-only instead of reading them into memory.
+        ``runtime="onnx"``: ``model_dir`` is an ONNX export of the index's model, run in ONNX
+        Runtime (:func:`modalign.pretrain.load_model`)."""
         index = CorpusIndex.open(index_dir, mmap=mmap)
         model_path = model_dir or index.meta.get("model")
         if not model_path:
             raise UserInputError(f"{index_dir} does not record its model; pass --model DIR")
-        return cls(load_bundle(model_path, device=device), index)
+        if runtime == "onnx" and not model_dir:
+            raise UserInputError(
+                f"--runtime onnx: pass --model EXPORT_DIR (written by `modalign export --model "
+                f"{model_path} --format onnx --out EXPORT_DIR`)"
+            )
+        return cls(load_model(model_path, device=device, runtime=runtime), index)
 
     # -- what can be asked -----------------------------------------------------------------
     @property
@@ -96,7 +105,7 @@ class SearchEngine:
 
     # -- decode / encode / search ----------------------------------------------------------
     def decode(self, modality: str, value: bytes | str) -> Any:
-        """One query value -> model input, exactly as ``BundleModel.encode`` prepares it.
+        """One query value -> model input, by ``BundleModel.prepare`` (as ``encode`` does).
 
         A file modality's value given as a path (a query by indexed id) is read only if it is
         under the folders the index recorded for that modality at build time."""
@@ -108,7 +117,7 @@ class SearchEngine:
                 )
             value = str(allowed)
         try:
-            return self.specs[modality].load(value, False, np.random.default_rng(0))
+            return self.model.prepare(modality, value)
         except BadItem as exc:
             raise DecodeError(str(exc)) from None
         except (OSError, ValueError, RuntimeError, TypeError) as exc:

@@ -10,10 +10,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "dist_scripts"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (then restore): an in-process reference run
+    computed with the thread count of the launched workers (``OMP_NUM_THREADS=1``), since a
+    matmul's blocking, and so its last bits, follows the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from helpers.corpus import tiny_overrides, write_tiny_corpus
-from helpers.multinode import SCRIPTS, run_ok, sets, two_machines
+from helpers.multinode import SCRIPTS, run_ok, sets, torch_threads, two_machines
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -179,7 +179,8 @@ def test_embed_over_two_machines_equals_one_process(
 
     manifest, _ = corpus
     args = ["--model", str(straight), "--data", str(manifest), "--shard-rows", "3", "--json"]
-    assert main(["embed", *args, "--out", str(tmp_path / "one")]) == 0
+    with torch_threads(1):  # the launched ranks run with OMP_NUM_THREADS=1
+        assert main(["embed", *args, "--out", str(tmp_path / "one")]) == 0
     program = ["-m", "modalign", "embed", *args, "--out", str(tmp_path / "two")]
     run_ok(program, tmp_path / "launch1")
     written = [_json_lines(m.read_text())[-1]["written"]

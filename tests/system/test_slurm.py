@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from helpers.corpus import tiny_overrides, write_tiny_corpus
-from helpers.multinode import free_port, run_ok, sets
+from helpers.multinode import free_port, run_ok, sets, torch_threads
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "scripts" / "slurm"
@@ -95,7 +95,8 @@ def test_slurm_recipes_match_the_direct_launch(cluster: dict[str, str], tmp_path
             assert torch.equal(b[key], w), f"{run.name}: {key}"
 
     args = ["--model", str(slurm), "--data", str(manifest), "--shard-rows", "3"]
-    assert main(["embed", *args, "--out", str(tmp_path / "emb-one")]) == 0
+    with torch_threads(1):  # the Slurm tasks run with OMP_NUM_THREADS=1
+        assert main(["embed", *args, "--out", str(tmp_path / "emb-one")]) == 0
     _sbatch(cluster, tmp_path, "embed.sbatch", *args, "--out", str(tmp_path / "emb-slurm"))
     one, _ = read_embedding_shards(tmp_path / "emb-one")
     two, meta = read_embedding_shards(tmp_path / "emb-slurm")

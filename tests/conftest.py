@@ -79,12 +79,14 @@ def text_specs(specs):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files holding a ``slow`` test first (a stable sort: pytest-randomly's shuffle, which runs
-    before this hook, is kept within each group). Under ``--dist loadfile`` xdist hands files out
-    in this order, so the longest files start first instead of one of them starting last and
-    leaving one worker running alone at the end."""
-    heavy = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in heavy)
+    """Files holding a ``heavy`` test first, then files holding a ``slow`` one, then the rest (a
+    stable sort: pytest-randomly's shuffle, which runs before this hook, is kept within each
+    group). Under ``--dist loadfile`` xdist hands files out in this order, so the longest files
+    start first instead of one of them starting last and leaving one worker running alone at
+    the end."""
+    heavy = {item.path for item in items if item.get_closest_marker("heavy")}
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in heavy, item.path not in slow))
 
 
 def pytest_terminal_summary(

@@ -78,6 +78,7 @@ def _figures(node: object) -> list[dict]:
     return []
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_benchmark_report_and_leaderboard(
     bench_setup: dict[str, Path], capsys: pytest.CaptureFixture[str]

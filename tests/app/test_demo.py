@@ -35,6 +35,7 @@ def test_build_demo_corpus_small(tmp_path: Path) -> None:
     ).read_bytes()
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.distributed  # `modalign demo` in a subprocess
 def test_demo_end_to_end(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ def _tune(setup: dict, study: Path, budget: str, *extra: str) -> dict:
     return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_tune_finetune_resumes_and_never_reads_test(
     tune_setup: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

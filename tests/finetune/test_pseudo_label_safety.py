@@ -220,6 +220,7 @@ def _auto(lab: EmbeddedSet, pool: EmbeddedSet, candidates: list[str], **opts):
     return head, reports[0]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow  # two cross-validations: about 15 small heads
 def test_auto_picks_none_when_pseudo_labels_hurt_and_a_labeler_when_they_help() -> None:
     _register_fixed("wrong_test", wrong=True)

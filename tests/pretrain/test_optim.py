@@ -117,6 +117,7 @@ def test_logit_scale_parameter_is_clamped_after_each_step(corpus: Path, tmp_path
     assert state["loss.log_scale.audio__image"].item() <= math.log(100.0) + 1e-6
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_torch_compile_matches_eager(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
     """train.compile=true trains the same weights (up to float rounding) with the same keys."""

@@ -29,7 +29,7 @@ import torch
 from helpers.corpus import tiny_overrides, write_tiny_corpus
 from helpers.multinode import SCRIPTS, run_ok, sets, torch_threads, two_machines
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.heavy]
 
 STEPS = 2
 COMMON = ["train.threads=1", "optim.lr=0.001", "train.keep_checkpoints=0"]

@@ -267,6 +267,7 @@ def add_to_index(
 
     with output_dir(index, INDEX_KIND, "--index"):
         opened = CorpusIndex.open(index)  # a broken index: refused before any embedding
+        opened.check_growable()  # so is a sharded one
         emb, fingerprint, _ = _index_embeddings(model, data, embeddings, batch_size, device)
         added = opened.add(emb, fingerprint)
         opened.save(index, key="--index")

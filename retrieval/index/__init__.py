@@ -205,7 +205,7 @@ class VectorIndex:
         """
         x = as_vectors(embeddings, "embeddings", self.dim)
         new_ids = check_ids(ids, len(x), existing=() if new else self._ids)
-        self._check_growable()
+        self.check_growable()
         self._index.add(x)
         self._ids.extend(new_ids)
 
@@ -274,7 +274,8 @@ class VectorIndex:
         """True for a sharded build's index: inverted lists memory-mapped from index.ivfdata."""
         return self._gpu_resources is None and has_ondisk_lists(self._index)
 
-    def _check_growable(self) -> None:
+    def check_growable(self) -> None:
+        """UserInputError when items cannot be added in place (a sharded, on-disk index)."""
         if self.on_disk:
             raise UserInputError(
                 "a sharded (on-disk) index cannot grow in place: its lists are the verified "

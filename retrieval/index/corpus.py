@@ -264,6 +264,12 @@ class CorpusIndex:
             return None
         return path
 
+    def check_growable(self) -> None:
+        """UserInputError when an indexed modality cannot grow in place (a sharded build), so
+        ``index add`` refuses before it embeds anything."""
+        for ix in self.indexes.values():
+            ix.check_growable()
+
     def add(self, emb: Mapping[str, Embeddings], fingerprint: str) -> dict[str, int]:
         """Append items without retraining (IVF/PQ keep their trained quantisers)."""
         if fingerprint != self.meta["fingerprint"]:

@@ -162,7 +162,7 @@ def run_json(capfd: pytest.CaptureFixture[str], argv: list[str]) -> dict:
 
 @pytest.mark.distributed
 def test_search_and_serve_a_sharded_corpus_index(
-    tiny_bundle, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    tiny_bundle, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from modalign.server import ServeSettings
     from modalign.server.app import create_app
@@ -190,8 +190,16 @@ def test_search_and_serve_a_sharded_corpus_index(
     served = [{k: v for k, v in h.items() if k in hits["single"][0]} for h in res.json()["results"]]
     assert served == hits["single"]
 
-    with pytest.raises(UserInputError, match="give --embeddings DIR"):
-        import modalign
+    import modalign
 
+    def no_embedding(*args: object) -> None:
+        raise AssertionError("embedded before refusing a sharded index")
+
+    monkeypatch.setattr(modalign, "_index_embeddings", no_embedding)
+    with pytest.raises(UserInputError, match="cannot grow in place"):
+        modalign.add_to_index(
+            tmp_path / "sharded", model=tiny_bundle.model, data=tiny_bundle.corpus
+        )
+    with pytest.raises(UserInputError, match="give --embeddings DIR"):
         modalign.build_index(tmp_path / "x", model=tiny_bundle.model, data=tiny_bundle.corpus,
                              shards=2)  # fmt: skip

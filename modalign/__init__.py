@@ -327,7 +327,9 @@ def serve(
     """Serve cross-modal search over HTTP until interrupted (``modalign serve``).
 
     Loads the index and its model (the one the index records unless ``model``) once;
-    ``runtime="onnx"``: ``model`` is an ONNX export of it, run in ONNX Runtime. Without
+    ``runtime="onnx"``: ``model`` is an ONNX export of it, run in ONNX Runtime.
+    ``torch_threads``: the encoders' intra-op threads, with either runtime (PyTorch's, or
+    ONNX Runtime's sessions'). Without
     ``settings``: ``127.0.0.1:8000``, no token, default limits; a non-loopback host without a
     token is refused (exit 2) before the model loads.
     """
@@ -337,7 +339,10 @@ def serve(
 
     settings = settings or ServeSettings()
     check_bind(settings)  # bad settings fail before the model loads
-    searcher = Searcher.open(index, model, device=device, mmap=mmap, runtime=runtime)
+    threads = max(1, torch_threads)  # one setting for both runtimes
+    searcher = Searcher.open(
+        index, model, device=device, mmap=mmap, runtime=runtime, threads=threads
+    )
     log.info(
         "serving %s (%s) on http://%s:%d/%s",
         index,

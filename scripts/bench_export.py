@@ -82,12 +82,16 @@ def p50_ms(fns: dict[str, Any], calls: int) -> dict[str, float]:
 
 
 class Server:
-    """uvicorn serving ``app`` on a free loopback port in a thread (as the tests do)."""
+    """uvicorn serving ``app`` on a free loopback port in a thread (as the tests do).
+
+    The socket is made with ``proto=IPPROTO_TCP``, as uvicorn's own bind for ``modalign
+    serve`` is: asyncio sets ``TCP_NODELAY`` only on such sockets, and with Nagle left on every
+    response (headers and body are two writes) waits ~40 ms for the client's delayed ACK."""
 
     def __init__(self, app: Any) -> None:
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # as `modalign serve` sets it
     from modalign.data.corpora.demo import DemoCorpus, build_demo_corpus
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:

@@ -1,9 +1,9 @@
 """The ASGI application and the uvicorn runner.
 
-``create_app(searcher, settings)`` assembles: token guard (when a token is set) -> body-size limit
--> FastAPI routes, a JSON error for every failure (a broken request never kills the server),
-the web page and its static files, and the micro-batching worker started/stopped with the
-app's lifespan. ``serve(...)`` runs it on uvicorn.
+``create_app(searcher, settings)`` assembles: ``nosniff`` header -> token guard (when a token is
+set) -> body-size limit -> FastAPI routes, a JSON error for every failure (a broken request
+never kills the server), the web page and its static files, and the micro-batching worker
+started/stopped with the app's lifespan. ``serve(...)`` runs it on uvicorn.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modalign.server.batching import MicroBatcher
 from modalign.server.errors import RequestError, error_body
-from modalign.server.guards import BodyLimit, TokenGuard
+from modalign.server.guards import BodyLimit, NoSniff, TokenGuard
 from modalign.server.handling import ServerState
 from modalign.server.routes import build_router
 from modalign.server.searcher import Searcher
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Any:
-    """The ASGI app serving ``searcher`` (FastAPI wrapped in the token and body-size guards)."""
+    """The ASGI app serving ``searcher`` (FastAPI wrapped in the token and body-size guards,
+    every answer ``nosniff``)."""
     settings = settings or ServeSettings()
     limits = settings.limits
     state = ServerState(
@@ -52,13 +53,6 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Any
     app.state.modalign = state
     app.include_router(build_router(state))
     _add_error_handlers(app)
-
-    @app.middleware("http")
-    async def nosniff(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)  # every answer is the type it says it is
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
-
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -71,7 +65,9 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Any
     guarded: Any = BodyLimit(app, limits.max_body_bytes)
     if settings.token:
         guarded = TokenGuard(guarded, settings.token)
-    return guarded
+    # plain ASGI, outermost: also the guards' and the 500 handler's answers (a framework
+    # "http" middleware would add a task and two memory streams to every request)
+    return NoSniff(guarded)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -99,7 +95,9 @@ def serve(
 ) -> None:
     """Run the app on uvicorn until interrupted (refuses a non-loopback bind without a token).
 
-    ``torch_threads`` sets the encoder's intra-op threads for this process. One is the default:
+    ``torch_threads`` sets PyTorch's intra-op threads for this process (an ONNX Runtime model
+    gets the same number for its sessions when it is loaded: ``modalign.serve``). One is the
+    default:
     the server's parallelism is the batch, and on a loaded machine a 2-thread OpenMP region
     waits for a second core (measured on the 2-core box: text 0.8 vs 17 ms, image 6 vs 20 ms
     per query). FAISS gets one thread: it is asked one query at a time.

@@ -86,7 +86,8 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
         "--torch-threads",
         type=arg_type(int, AT_LEAST_1),
         default=1,
-        help="encoder intra-op threads (default 1: batching is the parallelism)",
+        help="encoder intra-op threads, PyTorch's or ONNX Runtime's (default 1: batching is "
+        "the parallelism)",
     )
     p.add_argument(
         "--cors-origin",

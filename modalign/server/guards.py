@@ -1,8 +1,9 @@
-"""ASGI middleware run before any route: token check and request body size limit.
+"""ASGI middleware run before any route: token check, request body size limit, and the
+``nosniff`` header on every answer.
 
-Both are plain ASGI (no framework), so they act before a body is parsed: an unauthorised or
+All are plain ASGI (no framework), so they act before a body is parsed: an unauthorised or
 oversized request costs the server nothing but its headers (and at most ``max_body_bytes``
-when the client sends no ``Content-Length``).
+when the client sends no ``Content-Length``); none adds a task or stream per request.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["BodyLimit", "TokenGuard"]
+__all__ = ["BodyLimit", "NoSniff", "TokenGuard"]
 
 OPEN_PATHS = frozenset({"/healthz"})
 
@@ -142,3 +143,26 @@ class BodyLimit:
         await send_json(
             send, 413, error_body("body", f"request body is larger than the limit of {limit}")
         )
+
+
+class NoSniff:
+    """Every HTTP answer says ``X-Content-Type-Options: nosniff`` (unless it sets the header
+    itself): a browser takes each answer as the type it states, never guesses one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-content-type-options" for name, _ in headers):
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_nosniff)

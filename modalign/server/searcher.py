@@ -11,6 +11,7 @@ the index lists, and serves only those (:meth:`media`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ from modalign.retrieval.index.corpus import CorpusIndex, Hit, Query
 __all__ = ["DecodeError", "MediaFile", "Searcher"]
 
 log = logging.getLogger(__name__)
+
+SNIFFED_KEYS = 65536
+"""Media keys whose sniffed type :meth:`Searcher.served_type` keeps (oldest dropped first)."""
 
 
 class DecodeError(ValueError):
@@ -58,6 +62,8 @@ class Searcher:
             for (m, item_id), r in index.items.items()
             if m in self.specs and not self.specs[m].inline
         }
+        # media key -> (its file's stat signature, the type media() gave for that version)
+        self._sniffed: dict[str, tuple[tuple[int, ...], str | None]] = {}
 
     @classmethod
     def open(
@@ -67,11 +73,13 @@ class Searcher:
         device: str = "cpu",
         mmap: bool = False,
         runtime: str = "torch",
+        threads: int = 0,
     ) -> Searcher:
         """Load the index and its model (the one the index records unless ``model_dir``);
         ``mmap`` maps the FAISS files read-only instead of reading them into memory.
         ``runtime="onnx"``: ``model_dir`` is an ONNX export of the index's model, run in ONNX
-        Runtime (:func:`modalign.pretrain.load_model`)."""
+        Runtime (:func:`modalign.pretrain.load_model`) on ``threads`` intra-op threads (> 0;
+        0: its default)."""
         index = CorpusIndex.open(index_dir, mmap=mmap)
         model_path = model_dir or index.meta.get("model")
         if not model_path:
@@ -81,7 +89,7 @@ class Searcher:
                 f"--runtime onnx: pass --model EXPORT_DIR (written by `modalign export --model "
                 f"{model_path} --format onnx --out EXPORT_DIR`)"
             )
-        return cls(load_model(model_path, device=device, runtime=runtime), index)
+        return cls(load_model(model_path, device=device, runtime=runtime, threads=threads), index)
 
     # -- what can be asked -----------------------------------------------------------------
     @property
@@ -193,11 +201,38 @@ class Searcher:
         key = media_key(hit.modality, hit.id)
         listed = key in self._media
         out["caption"] = self._caption(hit)
-        out["media_url"] = f"{base_url}/media/{quote(key, safe='')}" if listed else None
-        found = self.media(key) if listed else None  # what /media would serve, sniffed
-        out["media_url"] = out["media_url"] if found is not None else None
-        out["media_type"] = found.media_type if found is not None else None
+        media_type = self.served_type(key) if listed else None  # what /media would serve
+        out["media_url"] = f"{base_url}/media/{quote(key, safe='')}" if media_type else None
+        out["media_type"] = media_type
         return out
+
+    def served_type(self, key: str) -> str | None:
+        """The media type :meth:`media` serves a listed key's file as (None: not served).
+
+        Sniffed once per version of the file: the result is kept with the file's stat
+        signature (device, inode, size, mtime, ctime; the path's symlinks followed) and used
+        while a ``stat`` gives the same, so a search answer does not open and read each hit's
+        file. A file replaced, rewritten or re-linked after that is sniffed again.
+        ``/media`` itself always checks and sniffs live (:meth:`media`)."""
+        listed = self._media.get(key)
+        record = self.index.items.get(listed) if listed is not None else None
+        if record is None:
+            return None
+        try:
+            st = os.stat(str(record["value"]))
+        except (OSError, ValueError):
+            self._sniffed.pop(key, None)
+            return None
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        kept = self._sniffed.get(key)
+        if kept is not None and kept[0] == signature:
+            return kept[1]
+        found = self.media(key)
+        media_type = found.media_type if found is not None else None
+        if key not in self._sniffed and len(self._sniffed) >= SNIFFED_KEYS:
+            del self._sniffed[next(iter(self._sniffed))]
+        self._sniffed[key] = (signature, media_type)
+        return media_type
 
     def _caption(self, hit: Hit) -> str | None:
         """The item's own text if inline, else the first inline value indexed under its id."""

@@ -200,7 +200,9 @@ def _load_torch(
     device: str,
     tower_builders: Mapping[str, TowerBuilder] | None,
     modalities: Mapping[str, ModalitySpec] | None,
+    threads: int = 0,
 ) -> EmbeddingModel:
+    # PyTorch's intra-op threads are the process's (torch.set_num_threads), not the model's
     return load_bundle(path, device=device, tower_builders=tower_builders, modalities=modalities)
 
 
@@ -209,17 +211,20 @@ def _load_onnx(
     device: str,
     tower_builders: Mapping[str, TowerBuilder] | None,
     modalities: Mapping[str, ModalitySpec] | None,
+    threads: int = 0,
 ) -> EmbeddingModel:
     if not (Path(path) / "export.json").is_file() and (Path(path) / "modalign.json").is_file():
         raise UserInputError(
             f"{path}: a model bundle, not an ONNX export; runtime='onnx' loads the folder written "
             f"by `modalign export --model {path} --format onnx --out DIR`"
         )
-    return OnnxModel(path, device, modalities)
+    return OnnxModel(path, device, modalities, threads)
 
 
 RUNTIMES: dict[str, Callable[..., EmbeddingModel]] = {"torch": _load_torch, "onnx": _load_onnx}
-"""Runtime name -> loader ``(path, device, tower_builders, modalities) -> model``."""
+"""Runtime name -> loader ``(path, device, tower_builders, modalities, threads) -> model``
+(``threads``: the model's own intra-op threads where the runtime has them per model, as ONNX
+Runtime's sessions do; 0 = the runtime's default)."""
 
 
 def load_model(
@@ -228,12 +233,14 @@ def load_model(
     tower_builders: Mapping[str, TowerBuilder] | None = None,
     modalities: Mapping[str, ModalitySpec] | None = None,
     runtime: str = "torch",
+    threads: int = 0,
 ) -> EmbeddingModel:
     """A model for ``encode``/serving: ``runtime="torch"`` loads a bundle (:func:`load_bundle`),
-    ``runtime="onnx"`` an ONNX export of one (:class:`OnnxModel`)."""
+    ``runtime="onnx"`` an ONNX export of one (:class:`OnnxModel`, its sessions on ``threads``
+    intra-op threads when > 0; PyTorch's are set per process, ``torch.set_num_threads``)."""
     if runtime not in RUNTIMES:
         raise UserInputError(f"runtime={runtime!r}: valid: {', '.join(RUNTIMES)}")
-    return RUNTIMES[runtime](path, device, tower_builders, modalities)
+    return RUNTIMES[runtime](path, device, tower_builders, modalities, threads)
 
 
 def _read_config(path: Path) -> PretrainConfig:

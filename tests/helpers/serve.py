@@ -64,7 +64,9 @@ class ThreadedServer:
     def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
         import uvicorn
 
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, as uvicorn's own bind is: asyncio sets TCP_NODELAY only on such
+        # sockets; with Nagle on, every response (two writes) waits ~40 ms for a delayed ACK
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
         self.port = self._sock.getsockname()[1]

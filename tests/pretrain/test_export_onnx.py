@@ -15,6 +15,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -288,7 +289,10 @@ def test_served_ids_are_the_same_on_both_runtimes(shipped: Path, tiny_bundle: Ti
     files = [("image", rows[1]["image"]), ("audio", rows[2]["audio"])]
     ids: dict[str, list[list[str]]] = {}
     for runtime, model_dir in (("torch", None), ("onnx", shipped)):
-        searcher = Searcher.open(index, model_dir, runtime=runtime)
+        searcher = Searcher.open(index, model_dir, runtime=runtime, threads=1)
+        if runtime == "onnx":  # serve's --torch-threads is also ONNX Runtime's intra-op threads
+            sessions = searcher.model.sessions.values()
+            assert {s.get_session_options().intra_op_num_threads for s in sessions} == {1}
         with ThreadedServer(create_app(searcher)) as srv, httpx.Client(base_url=srv.url) as c:
             served = [c.post("/search", json={"text": t, "k": 6}).json() for t in texts]
         ids[runtime] = [[h["id"] for h in body["results"]] for body in served]
@@ -372,6 +376,22 @@ def test_serve_flag_runtime_reaches_modalign_serve(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(modalign, "serve", lambda *a, **kw: seen.update(kw))
     assert main(["serve", "--index", "idx", "--model", "exp", "--runtime", "onnx"]) == 0
     assert seen["runtime"] == "onnx"
+
+
+def test_serve_threads_are_both_runtimes_intra_op_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modalign.server import app
+    from modalign.server.searcher import Searcher
+
+    opened: dict[str, Any] = {}
+
+    def fake_open(*args: Any, **kw: Any) -> Any:
+        opened.update(kw)
+        return SimpleNamespace(target_modalities=["image"])
+
+    monkeypatch.setattr(Searcher, "open", fake_open)
+    monkeypatch.setattr(app, "serve", lambda searcher, settings, **kw: opened.update(run=kw))
+    modalign.serve("idx", "exp", runtime="onnx", torch_threads=3)
+    assert opened["threads"] == 3 and opened["run"]["torch_threads"] == 3
 
 
 def test_onnx_providers_cpu_by_default_and_cuda_needs_the_gpu_extra() -> None:

@@ -143,11 +143,20 @@ def test_media_is_served_as_its_bytes_with_nosniff_and_csp(evil_index) -> None:
         assert res.headers["x-content-type-options"] == "nosniff"
         csp = res.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "sandbox" in csp
-        hits = c.post("/search", json={"text": "the sound zero", "target": "image", "k": 20})
-        record = next(r for r in hits.json()["results"] if r["id"] == "item0")
-        assert record["media_type"] == "image/png"
+        every = {
+            "text": "the sound zero",
+            "target": "image",
+            "k": len(searcher.index.indexes["image"]),
+        }
+        records = {r["id"]: r for r in c.post("/search", json=every).json()["results"]}
+        assert records["item0"]["media_type"] == "image/png"
+        assert records["item3"]["media_url"] == "/media/image%3Aitem3"
         assert c.get("/healthz").headers["x-content-type-options"] == "nosniff"
-        # a listed file whose bytes became HTML is no declared image type: not served
+        # a listed file whose bytes became HTML is no declared image type: not served, and
+        # search answers stop linking it (the type kept from an earlier answer is not reused)
         (root / "img" / "3.png").write_bytes(b"<html><script>alert(1)</script></html>")
         gone = c.get("/media/image:item3")
         assert gone.status_code == 404 and b"script" not in gone.content
+        records = {r["id"]: r for r in c.post("/search", json=every).json()["results"]}
+        assert records["item3"]["media_url"] is None and records["item3"]["media_type"] is None
+        assert records["item0"]["media_type"] == "image/png"

@@ -5,7 +5,8 @@ The public surface of the layer (one import path per thing)::
     from modalign.finetune import run_finetune, load_classifier, HEADS, PSEUDO_LABELERS, THRESHOLDS
 
 Importing the package registers the built-in pseudo-labelers (``none``, ``zero_shot``, ``knn``,
-``propagation``, ``zero_shot_mix``, ``self_training`` and the default ``auto``), fusion heads and
+``propagation``, ``zero_shot_mix``, ``balanced_kmeans``, ``self_training`` and the default
+``auto``), fusion heads and
 threshold policies; plugins add theirs through the ``modalign.pseudo_labelers``,
 ``modalign.heads`` and ``modalign.thresholds`` entry-point groups.
 """

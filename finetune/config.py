@@ -72,8 +72,8 @@ class FinetuneConfig:
         0  # labeled validation rows per class (early stopping); 0 = off
     )
     label_seed: Annotated[int, SEED] = 0
-    # auto (CV over the labels picks none / propagation / zero_shot_mix), none, zero_shot, knn,
-    # propagation, zero_shot_mix, self_training, or a plugin's name
+    # auto (CV over the labels picks none / propagation / zero_shot_mix / balanced_kmeans), none,
+    # zero_shot, knn, propagation, zero_shot_mix, balanced_kmeans, self_training, or a plugin's name
     pseudo_label: str = "auto"
     pseudo_label_options: dict[str, Any] = field(default_factory=dict)
     # zero-shot class prompts ("{}" = the class name); [] = generic templates per input modality
@@ -91,6 +91,9 @@ class FinetuneConfig:
     tau: Annotated[float, FRACTION] = 0.95
     head: Any = field(default_factory=HeadSpec)  # HeadSpec, its mapping, or a kind name
     epochs: Annotated[int, AT_LEAST_1] = 60
+    # a head trains for at least this many optimizer steps (epochs are raised when the training
+    # set is small: 40 labels are one batch, so 60 epochs were 60 steps); 0 = epochs alone
+    min_steps: Annotated[int, Range(ge=0, note="0 = epochs alone")] = 300
     batch_size: Annotated[int, AT_LEAST_1] = 128
     lr: Annotated[float, POSITIVE] = 2e-3
     weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4

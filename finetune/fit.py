@@ -106,6 +106,13 @@ def fit_head(
     return head
 
 
+def epochs_for(rows: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """``epochs``, raised so that ``rows`` in batches of ``batch_size`` get at least
+    ``min_steps`` optimizer steps (``0`` = ``epochs`` alone)."""
+    steps_per_epoch = max(1, (rows + batch_size - 1) // batch_size)
+    return max(epochs, -(-min_steps // steps_per_epoch))
+
+
 def cosine_adamw(
     params: Iterable[Any], lr: float, weight_decay: float, total_steps: int
 ) -> tuple[torch.optim.Optimizer, Any]:
@@ -126,10 +133,15 @@ def train_cached(
     weight_decay: float,
     dropout: float,
     score: Callable[[FusionHead], float] | None = None,
+    min_steps: int = 0,
 ) -> FusionHead:
-    """Weighted cross-entropy on cached embeddings, shuffled with ``gen``, modality dropout."""
+    """Weighted cross-entropy on cached embeddings, shuffled with ``gen``, modality dropout.
+
+    Trains for ``epochs`` epochs, or more when that would be fewer than ``min_steps`` optimizer
+    steps (a few labels make one batch per epoch: :func:`epochs_for`)."""
     n = len(train)
     steps_per_epoch = max(1, (n + batch_size - 1) // batch_size)
+    epochs = epochs_for(n, batch_size, epochs, min_steps)
     opt, sched = cosine_adamw(head.parameters(), lr, weight_decay, epochs * steps_per_epoch)
 
     def batches(epoch: int) -> Iterable[torch.Tensor]:
@@ -144,4 +156,4 @@ def train_cached(
     return fit_head(head, batches, loss_fn, opt, epochs, scheduler=sched, score=score)
 
 
-__all__ = ["cosine_adamw", "fit_head", "local_rng", "preserved_rng", "train_cached"]
+__all__ = ["cosine_adamw", "epochs_for", "fit_head", "local_rng", "preserved_rng", "train_cached"]

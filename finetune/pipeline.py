@@ -80,6 +80,7 @@ def train_head(
             weight_decay=cfg.weight_decay,
             dropout=cfg.modality_dropout,
             score=score,
+            min_steps=cfg.min_steps,
         )
 
 

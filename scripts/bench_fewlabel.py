@@ -189,6 +189,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "propagation (soft)": ("propagation", {}),
     "propagation (hard)": ("propagation", {"weighting": "hard"}),
     "propagation (top 30%)": ("propagation", {"fraction": 0.3}),
+    "balanced_kmeans": ("balanced_kmeans", {}),
+    "balanced_kmeans (top 30%)": ("balanced_kmeans", {"fraction": 0.3}),
     "auto (default)": ("auto", {}),
     "zero_shot_mix": ("zero_shot_mix", {}),
 }

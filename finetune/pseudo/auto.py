@@ -44,7 +44,9 @@ class AutoOptions:
     validation), else ``none``; ``one_label: none`` always trains on the labels alone.
     """
 
-    candidates: list[str] = field(default_factory=lambda: ["none", "propagation", "zero_shot_mix"])
+    candidates: list[str] = field(
+        default_factory=lambda: ["none", "propagation", "zero_shot_mix", "balanced_kmeans"]
+    )
     candidate_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     folds: Annotated[int, Range(ge=2)] = 4
     min_gain: Annotated[float, Range(ge=-1, le=1)] = 0.0

@@ -33,6 +33,7 @@ from modalign.finetune.pseudo.fewshot import mix_zero_and_few_shot
 from modalign.finetune.pseudo.labels import NO_LABEL, PseudoLabels
 from modalign.finetune.pseudo.selection import balance_classes, soft_weights
 from modalign.finetune.pseudo.selftrain import embed_strong_views, fixmatch_train
+from modalign.finetune.pseudo.transport import balanced_kmeans
 from modalign.pretrain.bundle import BundleModel
 
 
@@ -251,6 +252,81 @@ def _propagation(ctx: LabelContext, opts: PropagationOptions) -> LabelerOutput:
 PSEUDO_LABELERS.add("propagation", Labeler(_propagation), PropagationOptions)
 
 
+# -- class-balanced soft k-means (PT-MAP, Hu et al. 2021) ------------------------------------
+@dataclass(frozen=True)
+class BalancedKMeansOptions(SelectOptions):
+    """``balanced_kmeans``: prototypes from the labels, refined on the pool by soft k-means whose
+    assignments are a Sinkhorn transport plan with a fixed class marginal
+    (:func:`~modalign.finetune.pseudo.transport.balanced_kmeans`); the selection options of
+    :class:`SelectOptions` then choose and weight its pseudo-labels.
+
+    ``power``: signed power transform (1 = off); ``dims``: PCA components fitted on the rows
+    being labelled (0 = all), ``whiten`` them; ``sharpness``: inverse temperature on squared
+    distances; ``step``: how far prototypes move per round; ``iterations``: rounds;
+    ``marginal``: ``uniform`` (every class gets ``N / C`` of the pool) or ``labels`` (the labeled
+    rows' class shares) or ``none`` (no transport: plain soft k-means, an ablation);
+    ``sinkhorn_iterations``: normalisation steps per assignment.
+    """
+
+    # Defaults chosen on unlabeled-pool accuracy (CIFAR-10 identity 1280-d substrate, label
+    # seeds 100-102, 4 labels per class; never the test items): PCA-whitened 64 components
+    # 0.505, all 1280 unwhitened 0.479, label propagation 0.470. Its confidence ranks well
+    # (precision of each class's top 30% 0.73, propagation's 0.58), so by default only each
+    # class's most confident 30% of the pool joins the labels (head accuracy on the pool 0.517
+    # vs 0.512 at 50% and 0.504 with all; labels only 0.438).
+    fraction: Annotated[float, Range(gt=0, le=1)] = 0.3
+    power: Annotated[float, Range(gt=0, le=1)] = 0.5
+    dims: Annotated[int, Range(ge=0, note="0 = all")] = 64
+    whiten: bool = True
+    sharpness: Annotated[float, POSITIVE] = 100.0
+    step: Annotated[float, Range(gt=0, le=1)] = 0.2
+    iterations: Annotated[int, Range(ge=0)] = 30
+    marginal: str = "uniform"
+    sinkhorn_iterations: Annotated[int, AT_LEAST_1] = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.power <= 1.0:
+            raise ValueError(f"power must be in (0, 1], got {self.power!r}")
+        if self.dims < 0:
+            raise ValueError(f"dims must be >= 0 (0 = all components), got {self.dims!r}")
+        if self.sharpness <= 0:
+            raise ValueError(f"sharpness must be > 0, got {self.sharpness!r}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"step must be in (0, 1], got {self.step!r}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations!r}")
+        if self.marginal not in ("uniform", "labels", "none"):
+            raise ValueError(
+                f"marginal must be 'uniform', 'labels' or 'none', got {self.marginal!r}"
+            )
+        if self.sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations!r}")
+
+
+def _balanced_kmeans(ctx: LabelContext, opts: BalancedKMeansOptions) -> LabelerOutput:
+    num_classes = len(ctx.class_names)
+    labels = balanced_kmeans(
+        fused_embedding(ctx.pool),
+        fused_embedding(ctx.labeled),
+        ctx.labeled.y,
+        num_classes,
+        power=opts.power,
+        dims=opts.dims,
+        whiten=opts.whiten,
+        sharpness=opts.sharpness,
+        step=opts.step,
+        iterations=opts.iterations,
+        marginal=opts.marginal,
+        sinkhorn_iterations=opts.sinkhorn_iterations,
+    )
+    weights = select_weights(labels, ctx.labeled.y, num_classes, opts)
+    return LabelerOutput(labels, weights=weights)
+
+
+PSEUDO_LABELERS.add("balanced_kmeans", Labeler(_balanced_kmeans), BalancedKMeansOptions)
+
+
 # -- zero-shot + few-shot interpolation (Tip-Adapter / LP++ / WiSE-FT style) ------------------
 @dataclass(frozen=True)
 class ZeroShotMixOptions(SelectOptions):
@@ -325,6 +401,7 @@ PSEUDO_LABELERS.add(
 
 __all__ = [
     "PSEUDO_LABELERS",
+    "BalancedKMeansOptions",
     "KnnOptions",
     "LabelContext",
     "Labeler",

@@ -48,7 +48,15 @@ class FinetuneSpace:
     heads: list[str] = field(default_factory=list)  # [] = every registered head
     # auto: modalign's default labeler, so a trial can keep it and change the head, lr, epochs
     pseudo_labels: list[str] = field(
-        default_factory=lambda: ["none", "zero_shot", "knn", "propagation", "auto"]
+        default_factory=lambda: [
+            "none",
+            "zero_shot",
+            "knn",
+            "propagation",
+            "zero_shot_mix",
+            "balanced_kmeans",
+            "auto",
+        ]
     )
     # the base config's labeler options, kept for that labeler (others get their defaults)
     labeler_options: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -59,7 +59,7 @@ def bench_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "inputs": ["image", "audio"],
             }
         },
-        "finetune": {"epochs": 10, "labels_per_class": 3, "head": "late"},
+        "finetune": {"epochs": 10, "min_steps": 0, "labels_per_class": 3, "head": "late"},
         "tasks": TASKS,
     }
     path = root / "suite.yaml"
@@ -268,6 +268,7 @@ def test_benchmark_avmnist_builtin(tmp_path: Path) -> None:
         f"corpora.avmnist.train={train}",
         f"corpora.avmnist.test={test}",
         "finetune.epochs=5",
+        "finetune.min_steps=0",
         "tasks=[{kind: retrieval}, {kind: few_label, options: {shots: [1], seeds: 1,"
         " heads: [late]}}, {kind: missing_modality}, {kind: calibration}]",
     ]

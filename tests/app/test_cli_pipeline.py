@@ -140,6 +140,7 @@ def test_finetune_and_classify(
         f"finetune.class_names=[{', '.join(WORDS)}]",
         "finetune.labels_per_class=2",
         "finetune.epochs=5",
+        "finetune.min_steps=0",
         "finetune.threshold=0.0",
     ]
     res = run_json(capsys, ["finetune", "demo", *[x for s in sets for x in ("--set", s)]])
@@ -226,6 +227,7 @@ def test_robustness_curves(
         f"finetune.test={manifest}",
         "finetune.labels_per_class=3",
         "finetune.epochs=3",
+        "finetune.min_steps=0",
         "finetune.pseudo_label=none",
     ]
     run_json(capsys, ["finetune", "demo", *[x for s in sets for x in ("--set", s)]])
@@ -306,6 +308,7 @@ def test_finetune_other_pseudo_labelers(
             "finetune.class_names=[]",
             "finetune.labels_per_class=2",
             "finetune.epochs=2",
+            "finetune.min_steps=0",
             f"finetune.pseudo_label={method}",
             "finetune.threshold_policy=flexmatch",
             "finetune.tau=0.0",

@@ -117,7 +117,7 @@ def test_every_command_on_a_depth_corpus(
     ft = [f"finetune.model={model}", f"finetune.train={train}", f"finetune.test={test}",
           f"finetune.out={clf}", f"finetune.class_names=[{','.join(WORDS)}]",
           "finetune.inputs=[image,depth]", "finetune.labels_per_class=2", "finetune.epochs=5",
-          "finetune.threshold=0.0"]  # fmt: skip
+          "finetune.min_steps=0", "finetune.threshold=0.0"]  # fmt: skip
     res = run_json(capsys, ["finetune", "demo", "--set", *ft])
     assert "depth" in json.dumps(res["fused"]["by_subset"])
     cl = run_json(capsys, ["evaluate", "classify", "--model", str(clf), "--data", str(test),

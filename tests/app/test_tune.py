@@ -24,7 +24,8 @@ def tune_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main(["-q", "pretrain", "demo", "--set", *sets]) == 0
     ft = [f"finetune.model={model}", f"finetune.train={train}", f"finetune.test={test}",
           f"finetune.class_names={json.dumps(WORDS)}", "finetune.labels_per_class=1",
-          "finetune.epochs=10", f"finetune.out={root / 'clf'}"]  # fmt: skip
+          "finetune.epochs=10", "finetune.min_steps=0",
+          f"finetune.out={root / 'clf'}"]  # fmt: skip
     return {"root": root, "train": train, "test": test, "model": model, "sets": sets + ft}
 
 

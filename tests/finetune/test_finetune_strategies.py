@@ -81,6 +81,7 @@ def _cfg(manifest: Path, model: Path, *extra: str):
             f"finetune.class_names=[{', '.join(WORDS)}]",
             "finetune.labels_per_class=2",
             "finetune.epochs=2",
+            "finetune.min_steps=0",
             "finetune.pseudo_label=knn",
             "finetune.threshold=0.0",
             *extra,
@@ -209,7 +210,7 @@ def test_train_head_itself_never_touches_global_rng() -> None:
         {"image": torch.rand(n, generator=gen) > 0.2, "audio": torch.rand(n, generator=gen) > 0.2},
         torch.arange(n) % 3,
     )
-    cfg = FinetuneConfig(head="transformer", epochs=2, batch_size=8)  # dropout inside the head
+    cfg = FinetuneConfig(head="transformer", epochs=2, min_steps=0, batch_size=8)  # dropout inside
     before = torch.get_rng_state()
     a = train_head(s, torch.ones(n), 3, cfg, val=s)
     assert torch.equal(before, torch.get_rng_state())
@@ -343,7 +344,8 @@ def test_classifier_and_robustness_read_shards(setup, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_auto_records_its_decision_in_classifier_json(setup, tmp_path: Path) -> None:
-    """The default ``auto`` labeler cross-validates none / propagation / zero_shot_mix on the
+    """The default ``auto`` labeler cross-validates none / propagation / zero_shot_mix /
+    balanced_kmeans on the
     labels (text tower present) and ``classifier.json`` keeps the scores and the choice."""
     import json
 
@@ -354,7 +356,9 @@ def test_default_auto_records_its_decision_in_classifier_json(setup, tmp_path: P
     decision = meta["results"]["pseudo"][0]["auto"]
     assert decision == res.pseudo[0]["auto"]
     assert decision["criterion"] == "cross_validation" and decision["folds"] == 2
-    assert set(decision["cv_accuracy"]) == {"none", "propagation", "zero_shot_mix"}
+    assert set(decision["cv_accuracy"]) == {
+        "none", "propagation", "zero_shot_mix", "balanced_kmeans",
+    }  # fmt: skip
     assert decision["chosen"] in decision["cv_accuracy"] and not decision["skipped"]
     best = max(decision["cv_accuracy"].values())
     if decision["chosen"] != "none":

@@ -75,7 +75,8 @@ def _split(x: torch.Tensor, y: torch.Tensor, per_class: int, classes: int):
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    base = {"inputs": ["image"], "class_names": NAMES, "epochs": 15, "batch_size": 64}
+    base = {"inputs": ["image"], "class_names": NAMES, "epochs": 15, "min_steps": 0,
+            "batch_size": 64}  # fmt: skip
     return FinetuneConfig(**{**base, **kw})
 
 

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers.corpus import write_tiny_corpus
+# Under pytest-xdist each worker (and every process a test starts from it) gets its share of
+# the cores as torch/OpenMP threads, set before torch is imported. Two workers each running
+# torch's default two OpenMP threads on two cores spin at every barrier: small tensor ops ran
+# about 3x slower and CI went past its budget (issue 22). A value already set is kept.
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = str(max(1, len(os.sched_getaffinity(0)) // int(_workers)))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _share)
+
+from helpers.corpus import write_tiny_corpus  # after the thread share above
 from helpers.trained import (
     TinyBundle,
     check_unchanged,

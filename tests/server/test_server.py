@@ -344,6 +344,7 @@ def test_token_guards_every_route_but_healthz(searcher: Searcher) -> None:
                              ("GET", "/indices-list")):  # fmt: skip
             missing = httpx.request(method, f"{url}{path}", json={"text": "x"})
             assert missing.status_code == 401 and error_field(missing) == "authorization"
+            assert missing.headers["x-content-type-options"] == "nosniff"  # the guards' too
             wrong = httpx.request(method, f"{url}{path}", headers={"authorization": "Bearer no"})
             assert wrong.status_code == 401
         assert httpx.get(f"{url}/info", headers=good).status_code == 200

@@ -59,8 +59,8 @@ def _st_major() -> int:
 class SentenceTransformerTrunk(StringTrunk):
     """list[str] -> sentence embeddings. Locked: no grad, embeddings cached per string."""
 
-    def __init__(self, path: str, cache_size: int = 200_000) -> None:
-        super().__init__(cache_items=cache_size)
+    def __init__(self, path: str, cache_items: int = 200_000) -> None:
+        super().__init__(cache_items=cache_items)
         local_path(path, "model.towers(sentence_transformer).arch", "sentence-transformers dir")
         self._path = path
         with hub_offline():  # never reach for a hub: weights come from a local path only
@@ -92,7 +92,7 @@ class SentenceTransformerTrunk(StringTrunk):
 def build_sentence_transformer(cfg: TowerConfig, data_cfg: DataConfig) -> TowerParts:
     """A string-input trunk (not compilable) whose weights stay outside the bundle."""
     path = cfg.arch or bundled_text_model_path()
-    trunk = SentenceTransformerTrunk(path)
+    trunk = SentenceTransformerTrunk(path, cfg.cache_items)
     external = external_weights(path, TEXT_MODEL_PACKAGE if not cfg.arch else "")
     return TowerParts(
         nn.Identity(),

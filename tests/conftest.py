@@ -12,8 +12,12 @@ import pytest
 # the cores as torch/OpenMP threads, set before torch is imported. Two workers each running
 # torch's default two OpenMP threads on two cores spin at every barrier: small tensor ops ran
 # about 3x slower and CI went past its budget (issue 22). A value already set is kept.
+try:
+    _cores = len(os.sched_getaffinity(0))  # the cores this process may use (Linux)
+except AttributeError:  # macOS, Windows
+    _cores = os.cpu_count() or 1
 if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _share = str(max(1, len(os.sched_getaffinity(0)) // int(_workers)))
+    _share = str(max(1, _cores // int(_workers)))
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, _share)
 

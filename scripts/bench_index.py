@@ -310,20 +310,9 @@ def build_rss(x: np.ndarray, rows: int) -> tuple[int, int]:
     import tempfile
     from pathlib import Path
 
-    from modalign.core.artifact import atomic_files, write_meta
-    from modalign.retrieval.embed_shards import FORMAT, FORMAT_VERSION, META
-
     with tempfile.TemporaryDirectory() as tmp:
-        root, n_shards = Path(tmp) / "emb", (len(x) + rows - 1) // rows
-        write_meta(root / META, FORMAT, FORMAT_VERSION, {
-            "key": {}, "dim": x.shape[1], "modalities": ["image"], "shard_rows": rows,
-            "shards": n_shards, "fingerprint": "bench", "model": "",
-        })  # fmt: skip
-        for s in range(n_shards):
-            ids = [str(i) for i in range(s * rows, min(len(x), (s + 1) * rows))]
-            with atomic_files(root / "image", f"part-{s:06d}.json") as (d, meta):
-                np.save(d / f"part-{s:06d}.npy", x[s * rows : (s + 1) * rows])
-                meta.update({"rows": len(ids), "ids": ids, "values": [""] * len(ids)})
+        root = Path(tmp) / "emb"
+        write_embedding_dir(x, root, rows)
         out = Path(tmp) / "index"
         peak = child_peak_rss(RSS_CHILD, str(root), str(out), str(budget_bytes(*x.shape)))
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -103,6 +103,8 @@ class Server:
     def __enter__(self) -> Server:
         self.thread.start()
         while not self.server.started:
+            if not self.thread.is_alive():  # uvicorn failed to start: say so, never spin
+                raise RuntimeError("the benchmark's server did not start")
             time.sleep(0.02)
         return self
 

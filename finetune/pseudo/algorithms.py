@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.core.errors import UserInputError
-from modalign.finetune.pseudo.labels import NO_LABEL, PseudoLabels, from_probs
+from modalign.finetune.pseudo.labels import NO_LABEL, PseudoLabels, check_seed_rows, from_probs
 from modalign.finetune.pseudo.selection import balance_classes, pseudo_label_report
 from modalign.finetune.pseudo.thresholds import (
     ConfidenceThreshold,
@@ -187,15 +187,7 @@ def _check_propagation_args(
     alpha: float,
     iterations: int,
 ) -> None:
-    if unlabeled.dim() != 2 or labeled.dim() != 2 or unlabeled.shape[1] != labeled.shape[1]:
-        raise UserInputError(
-            f"knn_propagate: need (N, D) and (L, D) features, got {tuple(unlabeled.shape)} "
-            f"and {tuple(labeled.shape)}"
-        )
-    if labeled.shape[0] < 1 or tuple(labels.shape) != (labeled.shape[0],):
-        raise UserInputError("knn_propagate: need at least one labeled row and one label per row")
-    if num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
-        raise UserInputError(f"knn_propagate: labels must lie in [0, {num_classes})")
+    check_seed_rows("knn_propagate", unlabeled, labeled, labels, num_classes)
     if k < 1 or not 0.0 < alpha < 1.0 or iterations < 1:
         raise UserInputError(
             f"knn_propagate: need k >= 1, 0 < alpha < 1, iterations >= 1 "

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from modalign.core.errors import UserInputError
+
 NO_LABEL = -1
 
 
@@ -33,4 +35,21 @@ def from_probs(probs: Tensor, labeled: Tensor, confidence: Tensor, method: str) 
     return PseudoLabels(labels=labels, confidence=confidence, method=method, probs=probs)
 
 
-__all__ = ["NO_LABEL", "PseudoLabels", "from_probs"]
+def check_seed_rows(
+    method: str, unlabeled: Tensor, labeled: Tensor, labels: Tensor, num_classes: int
+) -> None:
+    """UserInputError (naming ``method``) unless ``unlabeled`` (N, D) and ``labeled`` (L, D)
+    share ``D``, there is one label per labeled row (at least one), and every label lies in
+    ``[0, num_classes)``: what every labeler that starts from labeled rows takes."""
+    if unlabeled.dim() != 2 or labeled.dim() != 2 or unlabeled.shape[1] != labeled.shape[1]:
+        raise UserInputError(
+            f"{method}: need (N, D) and (L, D) features, got {tuple(unlabeled.shape)} "
+            f"and {tuple(labeled.shape)}"
+        )
+    if labeled.shape[0] < 1 or tuple(labels.shape) != (labeled.shape[0],):
+        raise UserInputError(f"{method}: need at least one labeled row and one label per row")
+    if num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
+        raise UserInputError(f"{method}: labels must lie in [0, {num_classes})")
+
+
+__all__ = ["NO_LABEL", "PseudoLabels", "check_seed_rows", "from_probs"]

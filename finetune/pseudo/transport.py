@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.core.errors import UserInputError
-from modalign.finetune.pseudo.labels import PseudoLabels, from_probs
+from modalign.finetune.pseudo.labels import PseudoLabels, check_seed_rows, from_probs
 
 _MARGINALS = ("uniform", "labels", "none")
 
@@ -82,19 +82,10 @@ def balanced_kmeans(
     Every class needs at least one labeled row; an unlabeled row with no modality present (all
     zeros) gets :data:`NO_LABEL` and takes no part.
     """
-    if unlabeled.dim() != 2 or labeled.dim() != 2 or unlabeled.shape[1] != labeled.shape[1]:
-        raise UserInputError(
-            f"balanced_kmeans: need (N, D) unlabeled and (M, D) labeled rows, got "
-            f"{tuple(unlabeled.shape)} and {tuple(labeled.shape)}"
-        )
-    if tuple(labels.shape) != (labeled.shape[0],):
-        raise UserInputError(
-            f"balanced_kmeans: {labeled.shape[0]} labeled rows but labels of shape "
-            f"{tuple(labels.shape)}"
-        )
+    check_seed_rows("balanced_kmeans", unlabeled, labeled, labels, num_classes)
     counts = torch.bincount(labels.cpu(), minlength=num_classes)
-    if len(counts) != num_classes or bool((counts == 0).any()):
-        missing = (counts[:num_classes] == 0).nonzero().flatten().tolist()
+    if bool((counts == 0).any()):  # labels lie in [0, num_classes): check_seed_rows
+        missing = (counts == 0).nonzero().flatten().tolist()
         raise UserInputError(
             f"balanced_kmeans needs at least one labeled row in each of the {num_classes} "
             f"classes; classes {missing} have none (add labels, or use pseudo_label=propagation)"

@@ -80,6 +80,10 @@ def test_balanced_assignment_beats_unbalanced_and_nearest_prototype() -> None:
     assert (out_empty.labels[:-1] >= 0).all()
     with pytest.raises(UserInputError, match="at least one labeled row"):
         balanced_kmeans(x[rest], x[lab[:4]], y[lab[:4]], 3)
+    with pytest.raises(UserInputError, match=r"labels must lie in \[0, 2\)"):
+        balanced_kmeans(x[rest], x[lab], y[lab], 2)  # a label of class 2 with 2 classes
+    with pytest.raises(UserInputError, match=r"balanced_kmeans: need \(N, D\)"):
+        balanced_kmeans(x[rest][:, :3], x[lab], y[lab], 3)
 
 
 def test_balanced_kmeans_labeler_through_the_pipeline_and_bad_options() -> None:

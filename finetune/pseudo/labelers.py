@@ -33,7 +33,7 @@ from modalign.finetune.pseudo.fewshot import mix_zero_and_few_shot
 from modalign.finetune.pseudo.labels import NO_LABEL, PseudoLabels
 from modalign.finetune.pseudo.selection import balance_classes, soft_weights
 from modalign.finetune.pseudo.selftrain import embed_strong_views, fixmatch_train
-from modalign.finetune.pseudo.transport import balanced_kmeans
+from modalign.finetune.pseudo.transport import MARGINALS, balanced_kmeans
 from modalign.pretrain.bundle import BundleModel
 
 
@@ -296,10 +296,8 @@ class BalancedKMeansOptions(SelectOptions):
             raise ValueError(f"step must be in (0, 1], got {self.step!r}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations!r}")
-        if self.marginal not in ("uniform", "labels", "none"):
-            raise ValueError(
-                f"marginal must be 'uniform', 'labels' or 'none', got {self.marginal!r}"
-            )
+        if self.marginal not in MARGINALS:
+            raise ValueError(f"marginal must be one of {MARGINALS}, got {self.marginal!r}")
         if self.sinkhorn_iterations < 1:
             raise ValueError(f"sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations!r}")
 

@@ -18,7 +18,8 @@ from torch import Tensor
 from modalign.core.errors import UserInputError
 from modalign.finetune.pseudo.labels import PseudoLabels, check_seed_rows, from_probs
 
-_MARGINALS = ("uniform", "labels", "none")
+MARGINALS = ("uniform", "labels", "none")
+"""The class marginals :func:`balanced_kmeans` knows (``none``: no transport, an ablation)."""
 
 
 def sinkhorn(logits: Tensor, class_mass: Tensor, iterations: int = 100) -> Tensor:
@@ -90,9 +91,9 @@ def balanced_kmeans(
             f"balanced_kmeans needs at least one labeled row in each of the {num_classes} "
             f"classes; classes {missing} have none (add labels, or use pseudo_label=propagation)"
         )
-    if marginal not in _MARGINALS:
+    if marginal not in MARGINALS:
         raise UserInputError(
-            f"balanced_kmeans: marginal must be one of {_MARGINALS}, got {marginal!r}"
+            f"balanced_kmeans: marginal must be one of {MARGINALS}, got {marginal!r}"
         )
     # a row with no modality present (an all-zero fused embedding) cannot be placed: NO_LABEL
     reached = unlabeled.detach().abs().sum(dim=1).cpu() > 0
@@ -134,4 +135,4 @@ def _assign(
     return sinkhorn(-sharpness * torch.cdist(rows, protos).pow(2), mass, iterations)
 
 
-__all__ = ["balanced_kmeans", "sinkhorn", "transform_features"]
+__all__ = ["MARGINALS", "balanced_kmeans", "sinkhorn", "transform_features"]

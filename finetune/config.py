@@ -67,13 +67,17 @@ class FinetuneConfig:
     out: str = ""  # classifier bundle dir ("" = <output.dir>/classifier)
     class_names: list[str] = field(default_factory=list)  # "" = sorted distinct labels
     inputs: list[str] = field(default_factory=lambda: ["image", "audio"])  # classifier modalities
+    # other modalities of the training items that pseudo-labelers may read (co-training: e.g.
+    # [text] when items carry captions but the classifier reads images); never head inputs
+    views: list[str] = field(default_factory=list)
     labels_per_class: Annotated[int, AT_LEAST_1] = 5
     val_per_class: Annotated[int, Range(ge=0, note="0 = off")] = (
         0  # labeled validation rows per class (early stopping); 0 = off
     )
     label_seed: Annotated[int, SEED] = 0
-    # auto (CV over the labels picks none / propagation / zero_shot_mix / balanced_kmeans), none,
-    # zero_shot, knn, propagation, zero_shot_mix, balanced_kmeans, self_training, or a plugin's name
+    # auto (CV over the labels picks none / propagation / zero_shot_mix / balanced_kmeans /
+    # cross_view), none, zero_shot, knn, propagation, zero_shot_mix, balanced_kmeans, cross_view,
+    # self_training, or a plugin's name
     pseudo_label: str = "auto"
     pseudo_label_options: dict[str, Any] = field(default_factory=dict)
     # zero-shot class prompts ("{}" = the class name); [] = generic templates per input modality
@@ -103,6 +107,14 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.head = _head_spec(self.head)
+        both = [m for m in self.views if m in self.inputs]
+        if both:
+            raise ConfigError(
+                f"finetune.views {both} are also finetune.inputs; a view is a modality the "
+                "classifier does not read: remove it from one of the two"
+            )
+        if len(set(self.views)) != len(self.views):
+            raise ConfigError(f"finetune.views {self.views} names a modality twice")
         bad = [p for p in self.prompts if "{}" not in p]
         if bad:
             raise ConfigError(f"finetune.prompts: {bad} have no '{{}}' for the class name")

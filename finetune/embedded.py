@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -17,19 +17,25 @@ import torch.nn.functional as F
 from modalign.core.errors import UserInputError
 from modalign.finetune.pseudo.labels import NO_LABEL
 from modalign.pretrain.bundle import BundleModel
-from modalign.retrieval.embed import embed_source
+from modalign.retrieval.embed import Embeddings, embed_source
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EmbeddedSet:
-    """Row-aligned embeddings of the classifier inputs, presence masks and class indices."""
+    """Row-aligned embeddings of the classifier inputs, presence masks and class indices.
+
+    ``views`` / ``view_present`` hold other modalities of the same items (``finetune.views``):
+    pseudo-labelers may read them (co-training, the ``cross_view`` labeler), heads never do.
+    """
 
     ids: list[str]
     x: dict[str, torch.Tensor]  # (N, D) per modality, zeros where absent
     present: dict[str, torch.Tensor]  # (N,) bool
     y: torch.Tensor  # (N,) long, NO_LABEL when unknown
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, D), zeros where absent
+    view_present: dict[str, torch.Tensor] = field(default_factory=dict)  # (N,) bool
 
     def subset(self, idx: torch.Tensor) -> EmbeddedSet:
         return EmbeddedSet(
@@ -37,6 +43,8 @@ class EmbeddedSet:
             {m: v[idx] for m, v in self.x.items()},
             {m: v[idx] for m, v in self.present.items()},
             self.y[idx],
+            {m: v[idx] for m, v in self.views.items()},
+            {m: v[idx] for m, v in self.view_present.items()},
         )
 
     def __len__(self) -> int:
@@ -49,18 +57,22 @@ def embed_labeled(
     inputs: Sequence[str],
     class_names: Sequence[str] | None,
     batch_size: int = 128,
+    views: Sequence[str] = (),
 ) -> tuple[EmbeddedSet, list[str]]:
-    """Embed ``inputs`` modalities of a manifest; map labels to class indices.
+    """Embed ``inputs`` (and ``views``) modalities of a manifest; map labels to class indices.
 
-    ``class_names`` None -> the sorted distinct labels of this manifest. A label outside the
-    class list is an error naming the item.
+    Rows are the items with at least one input modality; ``views`` (``finetune.views``) are
+    embedded in the same pass into :attr:`EmbeddedSet.views`. ``class_names`` None -> the
+    sorted distinct labels of this manifest. A label outside the class list is an error naming
+    the item.
     """
-    missing = [m for m in inputs if m not in model.modalities]
-    if missing:
-        raise UserInputError(
-            f"finetune.inputs {missing}: the model has no such tower; it has {model.modalities}"
-        )
-    emb, bad = embed_source(model, src, inputs, batch_size=batch_size)
+    for key, names in (("finetune.inputs", inputs), ("finetune.views", views)):
+        missing = [m for m in names if m not in model.modalities]
+        if missing:
+            raise UserInputError(
+                f"{key} {missing}: the model has no such tower; it has {model.modalities}"
+            )
+    emb, bad = embed_source(model, src, [*inputs, *views], batch_size=batch_size)
     if bad.total:
         log.warning("%s: %s", src, bad.summary())
     ids = list(dict.fromkeys(i for m in inputs if m in emb for i in emb[m].ids))
@@ -78,18 +90,30 @@ def embed_labeled(
             f"{src}: item {example!r} has label {unknown[0]!r}, not in the class list {list(class_names)}; fix the label or finetune.class_names"
         )
     n = len(ids)
-    x, present = {}, {}
-    for m in inputs:
-        x[m] = torch.zeros(n, model.embed_dim)
-        present[m] = torch.zeros(n, dtype=torch.bool)
-        if m in emb:
-            rows = torch.tensor([pos[i] for i in emb[m].ids], dtype=torch.long)
-            x[m][rows] = torch.from_numpy(emb[m].vectors)
-            present[m][rows] = True
+    x, present = _rows(emb, inputs, pos, n, model.embed_dim)
+    vx, vpresent = _rows(emb, views, pos, n, model.embed_dim)
     y = torch.tensor(
         [index[lab] if (lab := labels[i]) is not None else NO_LABEL for i in ids], dtype=torch.long
     )
-    return EmbeddedSet(ids, x, present, y), list(class_names)
+    return EmbeddedSet(ids, x, present, y, vx, vpresent), list(class_names)
+
+
+def _rows(
+    emb: dict[str, Embeddings], modalities: Sequence[str], pos: dict[str, int], n: int, dim: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(N, dim)`` vectors and ``(N,)`` presence per modality, rows placed by ``pos`` (an item
+    that is not a row, e.g. one with a caption but no classifier input, is dropped)."""
+    x, present = {}, {}
+    for m in modalities:
+        x[m] = torch.zeros(n, dim)
+        present[m] = torch.zeros(n, dtype=torch.bool)
+        if m in emb:
+            keep = [(r, pos[i]) for r, i in enumerate(emb[m].ids) if i in pos]
+            src = torch.tensor([r for r, _ in keep], dtype=torch.long)
+            rows = torch.tensor([p for _, p in keep], dtype=torch.long)
+            x[m][rows] = torch.from_numpy(emb[m].vectors)[src]
+            present[m][rows] = True
+    return x, present
 
 
 @dataclass
@@ -132,11 +156,14 @@ def fused_embedding(s: EmbeddedSet) -> torch.Tensor:
 
 
 def concat_sets(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:
+    """The rows of ``a`` then ``b`` (same inputs and views)."""
     return EmbeddedSet(
         a.ids + b.ids,
         {m: torch.cat([a.x[m], b.x[m]]) for m in a.x},
         {m: torch.cat([a.present[m], b.present[m]]) for m in a.present},
         torch.cat([a.y, b.y]),
+        {m: torch.cat([a.views[m], b.views[m]]) for m in a.views},
+        {m: torch.cat([a.view_present[m], b.view_present[m]]) for m in a.view_present},
     )
 
 

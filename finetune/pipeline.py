@@ -135,7 +135,9 @@ def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
             cfg.pseudo_label, cfg.pseudo_label_options, "finetune.pseudo_label_options"
         )
         labeler.factory.check(cfg, opts, model.modalities)
-    data, class_names = embed_labeled(model, cfg.train, cfg.inputs, cfg.class_names or None)
+    data, class_names = embed_labeled(
+        model, cfg.train, cfg.inputs, cfg.class_names or None, views=cfg.views
+    )
     num_classes = len(class_names)
     split = few_label_split(
         data.y, class_names, cfg.labels_per_class, cfg.val_per_class, cfg.label_seed

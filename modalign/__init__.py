@@ -394,13 +394,15 @@ def run_tune(
     seed: int = 0,
     val_per_class: int = 5,
     metric: str | None = None,
+    label_splits: int = 1,
 ) -> TuneResult:
     """Optuna search over fine-tuning or pretraining settings (``modalign tune``).
 
     ``budget``: trials (``20``) or wall time (``"90s"``, ``"30m"``, ``"2h"``). The study folder
     (default ``runs/tune/<config>-<stage>``) holds its SQLite storage, so a re-run resumes;
     it gets ``best.yaml``, ``trials.csv``/``.md`` and plots. ``metric`` (finetune stage):
-    ``subsets`` (default) or ``accuracy``.
+    ``subsets`` (default) or ``accuracy``; ``label_splits`` (finetune stage): each trial is
+    scored on this many seeded splits of the training labels, averaged.
     """
     from modalign.tune.budget import parse_budget
     from modalign.tune.study import run_tune as run
@@ -417,6 +419,7 @@ def run_tune(
         seed=seed,
         val_per_class=val_per_class,
         metric=metric,
+        label_splits=label_splits,
     )
 
 

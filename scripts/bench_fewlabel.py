@@ -155,15 +155,16 @@ def embed_corpus(args: argparse.Namespace) -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     model = load_bundle(args.model)
     t0 = time.perf_counter()
-    pool, classes = embed_labeled(model, str(args.train), args.inputs, None)
+    pool, classes = embed_labeled(model, str(args.train), args.inputs, None, views=args.views)
     test, _ = embed_labeled(model, str(args.test), args.inputs, classes)
     print(f"embeddings: {time.perf_counter() - t0:.0f} s")
+    views = {"views": pool.views, "view_present": pool.view_present}
     torch.save(
         {
             "classes": classes,
-            "pool": {"x": pool.x, "present": pool.present, "y": pool.y, "ids": pool.ids},
+            "pool": {"x": pool.x, "present": pool.present, "y": pool.y, "ids": pool.ids, **views},
             "test": {"x": test.x, "present": test.present, "y": test.y, "ids": test.ids},
-            "recipe": {"model": str(args.model), "inputs": args.inputs},
+            "recipe": {"model": str(args.model), "inputs": args.inputs, "views": args.views},
         },
         args.cache / "embeddings.pt",
     )
@@ -173,7 +174,8 @@ def _load_set(part: dict):
     from modalign.finetune.embedded import EmbeddedSet
 
     if isinstance(part["x"], dict):
-        return EmbeddedSet(part["ids"], part["x"], part["present"], part["y"])
+        views = part.get("views", {}), part.get("view_present", {})
+        return EmbeddedSet(part["ids"], part["x"], part["present"], part["y"], *views)
     return _set(part["x"], part["y"], part["ids"])
 
 
@@ -193,6 +195,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "balanced_kmeans (top 30%)": ("balanced_kmeans", {"fraction": 0.3}),
     "auto (default)": ("auto", {}),
     "zero_shot_mix": ("zero_shot_mix", {}),
+    "cross_view": ("cross_view", {}),
+    "cross_view (no class names)": ("cross_view", {"zero_shot": False}),
 }
 
 
@@ -221,7 +225,7 @@ def run_methods(args: argparse.Namespace) -> dict:
         # bundle's text tower never saw a class word (constant captions), so zero-shot
         # candidates are skipped.
         model = SimpleNamespace(modalities=["image"])
-    inputs = list(pool_all.x)
+    inputs, views = list(pool_all.x), list(pool_all.views)
     correct: dict[int, dict[str, list[np.ndarray]]] = {}
     reports: dict[str, list] = {}
     for k in args.shots:
@@ -232,14 +236,15 @@ def run_methods(args: argparse.Namespace) -> dict:
             for name, method in methods.items():
                 if isinstance(method, FinetuneConfig):  # head, lr, epochs... from the file
                     cfg = dataclasses.replace(
-                        method, inputs=inputs, class_names=classes, labels_per_class=k,
-                        label_seed=seed, seed=seed,
+                        method, inputs=inputs, views=views, class_names=classes,
+                        labels_per_class=k, label_seed=seed, seed=seed,
                     )  # fmt: skip
                 else:
                     labeler, opts = method
                     cfg = FinetuneConfig(
-                        inputs=inputs, class_names=classes, labels_per_class=k, label_seed=seed,
-                        seed=seed, pseudo_label=labeler, pseudo_label_options=opts,
+                        inputs=inputs, views=views, class_names=classes, labels_per_class=k,
+                        label_seed=seed, seed=seed, pseudo_label=labeler,
+                        pseudo_label_options=opts,
                     )  # fmt: skip
                 t0 = time.perf_counter()
                 head, rep = pseudo_label_head(model, labeled, pool, classes, cfg)
@@ -317,6 +322,10 @@ def main() -> None:
     p.add_argument("--train", type=Path, default=None, help="labeled train manifest (pool)")
     p.add_argument("--test", type=Path, default=None, help="labeled test manifest")
     p.add_argument("--inputs", nargs="+", default=["image"], help="classifier modalities")
+    p.add_argument(
+        "--views", nargs="+", default=[],
+        help="other modalities of the train items pseudo-labelers may read (finetune.views)",
+    )  # fmt: skip
     p.add_argument("--baseline", default="none", help="also pair every method with this one")
     p.add_argument(
         "--compare", nargs="+", default=[], metavar="NAME=CONFIG",

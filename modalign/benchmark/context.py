@@ -53,6 +53,13 @@ class TaskContext:
     def inputs(self) -> list[str]:
         return [m for m in self.corpus.inputs if m in self.model.modalities]
 
+    @property
+    def views(self) -> list[str]:
+        """The suite's ``finetune.views`` that this model has and this corpus does not take as a
+        classifier input (co-training views of the train split)."""
+        views = self.suite.finetune.get("views", [])
+        return [m for m in views if m in self.model.modalities and m not in self.inputs]
+
     def _cached(self, key: str, make: Any) -> Any:
         if key not in self._cache:
             self._cache[key] = make()
@@ -66,13 +73,16 @@ class TaskContext:
         )
 
     def labeled(self, split: str) -> tuple[EmbeddedSet, list[str]]:
-        """Classifier inputs of ``train`` or ``test`` as an :class:`EmbeddedSet` + class names."""
+        """Classifier inputs of ``train`` or ``test`` as an :class:`EmbeddedSet` + class names
+        (``train`` also carries the :attr:`views` pseudo-labelers may read)."""
         names = self.corpus.class_names or None
+        views: list[str] = self.views
         if split == "test":
-            names = self.labeled("train")[1]
+            names, views = self.labeled("train")[1], []
         src = getattr(self.corpus, split)
         return self._cached(
-            f"labeled:{split}", lambda: embed_labeled(self.model, src, self.inputs, names)
+            f"labeled:{split}",
+            lambda: embed_labeled(self.model, src, self.inputs, names, views=views),
         )
 
     def finetune_cfg(self, **changes: Any) -> FinetuneConfig:
@@ -85,6 +95,7 @@ class TaskContext:
             train=self.corpus.train,
             test=self.corpus.test,
             inputs=self.inputs,
+            views=self.views,
             class_names=class_names,
             **changes,
         )

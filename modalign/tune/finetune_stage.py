@@ -4,12 +4,14 @@
 missing modality); ``accuracy`` is the accuracy with each row's modalities present, the figure
 ``modalign finetune`` reports as test accuracy. The training manifest is embedded once; its
 labels are split (seeded) into ``labels_per_class`` few labels + ``val_per_class`` validation
-rows per class, the rest is the unlabeled pool. The test manifest (``finetune.test``) is never
+rows per class, the rest is the unlabeled pool; with ``--label-splits N`` every trial is scored
+on N such splits (label seeds ``finetune.label_seed`` .. ``+ N - 1``) and the scores averaged. The test manifest (``finetune.test``) is never
 read by the search: only ``best.yaml`` is later evaluated on it (by ``modalign finetune``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,14 @@ from modalign.finetune.evaluate import evaluate_head
 from modalign.finetune.pipeline import pseudo_label_head
 from modalign.pretrain.bundle import BundleModel, load_bundle
 
-__all__ = ["METRICS", "FinetuneData", "FinetuneObjective", "config_with", "load_finetune_data"]
+__all__ = [
+    "METRICS",
+    "FinetuneData",
+    "FinetuneObjective",
+    "LabelSplit",
+    "config_with",
+    "load_finetune_data",
+]
 
 # what a fine-tuning trial maximises: a function of evaluate_head's result on the validation rows
 METRICS: dict[str, Callable[[dict[str, Any]], float]] = {
@@ -54,34 +63,56 @@ def config_with(base_tree: dict[str, Any], params: Mapping[str, Any]) -> Config:
 
 
 @dataclass
-class FinetuneData:
-    """Cached embeddings of the training manifest and the search's own split of its labels."""
+class LabelSplit:
+    """One seeded split of the training labels: few labels, validation rows, unlabeled pool."""
 
-    model: BundleModel
+    seed: int  # the label seed it was drawn with
     labeled: EmbeddedSet
     pool: EmbeddedSet
     val: EmbeddedSet
+
+
+@dataclass
+class FinetuneData:
+    """Cached embeddings of the training manifest and the search's own splits of its labels."""
+
+    model: BundleModel
+    splits: list[LabelSplit]  # a trial is scored on each and the scores averaged
     class_names: list[str]
     sources: list[str]  # what was read (tests assert the test manifest is not among them)
 
 
-def load_finetune_data(cfg: FinetuneConfig, val_per_class: int) -> FinetuneData:
-    """Embed ``cfg.train`` once; split its labels into few-label train / validation / pool."""
+def load_finetune_data(
+    cfg: FinetuneConfig, val_per_class: int, label_splits: int = 1
+) -> FinetuneData:
+    """Embed ``cfg.train`` once; draw ``label_splits`` splits of its labels into few-label
+    train / validation / pool (label seeds ``finetune.label_seed``, ``+1``, ...).
+
+    With few labels one validation split of a few rows per class ranks many configurations
+    alike and by chance; averaging a trial over several splits scores what a user meets: a
+    configuration applied to labels it was not chosen on."""
     if not cfg.model or not cfg.train:
         raise UserInputError("finetune.model and finetune.train must be set to tune fine-tuning")
     if val_per_class < 1:
         raise UserInputError("--val-per-class must be >= 1 (validation rows drawn from train)")
+    if label_splits < 1:
+        raise UserInputError("--label-splits must be >= 1 (label splits each trial is scored on)")
     model = load_bundle(cfg.model)
-    data, names = embed_labeled(model, cfg.train, cfg.inputs, cfg.class_names or None)
-    split = few_label_split(data.y, names, cfg.labels_per_class, val_per_class, cfg.label_seed)
-    return FinetuneData(
-        model,
-        data.subset(split.labeled),
-        data.subset(split.unlabeled),
-        data.subset(split.val),
-        names,
-        [cfg.train],
+    data, names = embed_labeled(
+        model, cfg.train, cfg.inputs, cfg.class_names or None, views=cfg.views
     )
+    splits = []
+    for seed in range(cfg.label_seed, cfg.label_seed + label_splits):
+        split = few_label_split(data.y, names, cfg.labels_per_class, val_per_class, seed)
+        splits.append(
+            LabelSplit(
+                seed,
+                data.subset(split.labeled),
+                data.subset(split.unlabeled),
+                data.subset(split.val),
+            )
+        )
+    return FinetuneData(model, splits, names, [cfg.train])
 
 
 @dataclass
@@ -97,15 +128,23 @@ class FinetuneObjective:
         return self.space.suggest(trial)
 
     def score(self, params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
-        """The metric on the validation rows, and the figures it came from (accuracy, subsets)."""
-        cfg = config_with(self.base_tree, params).finetune
+        """The metric on the validation rows, averaged over the label splits, and the figures
+        it came from (accuracy, subsets, and the metric per split)."""
+        base = config_with(self.base_tree, params).finetune
         d = self.data
-        head, _ = pseudo_label_head(d.model, d.labeled, d.pool, d.class_names, cfg)
-        ev = evaluate_head(head, d.val, len(d.class_names))
-        return METRICS[self.metric](ev), {
-            "accuracy": float(ev["accuracy"]),
-            "by_subset": ev["by_subset"],
-        }
+        values, accuracy, subsets = [], [], []
+        for split in d.splits:
+            cfg = dataclasses.replace(base, label_seed=split.seed)
+            head, _ = pseudo_label_head(d.model, split.labeled, split.pool, d.class_names, cfg)
+            ev = evaluate_head(head, split.val, len(d.class_names))
+            values.append(METRICS[self.metric](ev))
+            accuracy.append(float(ev["accuracy"]))
+            subsets.append(ev["by_subset"])
+        by_subset = {k: float(np.mean([s[k] for s in subsets])) for k in subsets[0]}
+        figures: dict[str, Any] = {"accuracy": float(np.mean(accuracy)), "by_subset": by_subset}
+        if len(d.splits) > 1:
+            figures["by_split"] = values
+        return float(np.mean(values)), figures
 
     def __call__(self, trial: Any) -> float:
         value, figures = self.score(self.params(trial))

@@ -55,6 +55,7 @@ class FinetuneSpace:
             "propagation",
             "zero_shot_mix",
             "balanced_kmeans",
+            "cross_view",
             "auto",
         ]
     )

@@ -57,7 +57,7 @@ def _pruner(kind: str) -> Any:
 
 
 def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
-               val_per_class: int, metric: str) -> Any:  # fmt: skip
+               val_per_class: int, metric: str, label_splits: int = 1) -> Any:  # fmt: skip
     from modalign.tune.finetune_stage import (
         FinetuneObjective,
         default_tree,
@@ -76,7 +76,7 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
     from modalign.config import load_config
 
     cfg = load_config(config, overrides).finetune
-    data = load_finetune_data(cfg, val_per_class)
+    data = load_finetune_data(cfg, val_per_class, label_splits)
     labelers = usable_labelers(list(FinetuneSpace().pseudo_labels), cfg, data.model)
     finetune_space = FinetuneSpace(
         pseudo_labels=labelers,
@@ -97,7 +97,13 @@ def _check_metric(stage: str, metric: str | None) -> str:
 
 
 def _open_study(
-    stage: str, study_dir: Path, sampler: str, pruner: str, seed: int, metric: str
+    stage: str,
+    study_dir: Path,
+    sampler: str,
+    pruner: str,
+    seed: int,
+    metric: str,
+    label_splits: int = 1,
 ) -> Any:
     """Create or load the study in ``study_dir/study.db``; checked before any long work.
 
@@ -125,6 +131,7 @@ def _open_study(
         raise _unreadable_db(db, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     fail_interrupted_trials(study, storage)
     _same_metric(study, metric, _check_metric(stage, None), study_dir)
+    _same_splits(study, label_splits, study_dir)
     return study
 
 
@@ -187,6 +194,19 @@ def _same_metric(study: Any, metric: str, default: str, study_dir: Path) -> None
         )
 
 
+def _same_splits(study: Any, label_splits: int, study_dir: Path) -> None:
+    """A resumed study keeps the number of label splits its trials were averaged over."""
+    before = study.user_attrs.get("label_splits", 1 if study.trials else None)
+    if before is None:
+        study.set_user_attr("label_splits", label_splits)
+    elif before != label_splits:
+        raise UserInputError(
+            f"{study_dir}: this study's trials were scored on {before} label split(s), not "
+            f"{label_splits}; pass --label-splits {before} to resume it, or use a new --study "
+            "folder"
+        )
+
+
 def run_tune(
     config: str,
     budget: Budget,
@@ -198,12 +218,15 @@ def run_tune(
     seed: int = 0,
     val_per_class: int = 5,
     metric: str | None = None,
+    label_splits: int = 1,
 ) -> TuneResult:
     """Run (or resume) the study in ``study_dir`` until ``budget``; write best.yaml and friends.
 
     Trial counts in ``budget`` are the study's total: a resumed study runs only the rest.
     ``metric`` (finetune stage, a key of :data:`~modalign.tune.finetune_stage.METRICS`; default
     ``subsets``) is what a trial maximises on the validation rows; a study keeps its metric.
+    ``label_splits`` (finetune stage): each trial is scored on this many seeded splits of the
+    training labels and the scores averaged; a study keeps it too.
     Every trial runs inside ``process_state_guard`` (the process is left as found).
     """
     from modalign.pretrain.process_state import process_state_guard
@@ -215,8 +238,12 @@ def run_tune(
     study_dir = Path(study_dir)
     # the whole study (loading the model draws weight init from the default RNG) and each trial
     with output_dir(study_dir, STUDY_KIND, "--study"), process_state_guard():
-        study = _open_study(stage, study_dir, sampler, pruner, seed, metric)
-        objective = _objective(stage, config, list(overrides), study_dir, val_per_class, metric)
+        if stage == "pretrain" and label_splits != 1:
+            raise UserInputError("--label-splits applies to --stage finetune")
+        study = _open_study(stage, study_dir, sampler, pruner, seed, metric, label_splits)
+        objective = _objective(
+            stage, config, list(overrides), study_dir, val_per_class, metric, label_splits
+        )
         done = len([t for t in study.trials if t.state.is_finished()])
         todo = None if budget.trials is None else max(0, budget.trials - done)
 

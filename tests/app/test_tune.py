@@ -94,12 +94,15 @@ def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
     import optuna
 
     study = tmp_path / "study"
-    res = _tune(tune_setup, study, "2", "--metric", "accuracy")
+    res = _tune(tune_setup, study, "1", "--metric", "accuracy", "--label-splits", "2")
     trials = optuna.load_study(study_name="finetune", storage=f"sqlite:///{study / 'study.db'}")
-    assert trials.user_attrs["metric"] == "accuracy"
+    assert trials.user_attrs["metric"] == "accuracy" and trials.user_attrs["label_splits"] == 2
     for t in trials.trials:  # each trial's value is its validation accuracy, not the subset mean
         assert t.value == pytest.approx(t.user_attrs["accuracy"])
         assert set(t.user_attrs["by_subset"]) == {"audio", "image", "audio+image"}
+        # scored on two label splits (seeds 0 and 1), the value their mean
+        assert len(t.user_attrs["by_split"]) == 2
+        assert t.value == pytest.approx(sum(t.user_attrs["by_split"]) / 2)
     assert res["best_value"] == pytest.approx(max(t.value for t in trials.trials))
 
     import modalign.finetune.embedded as embedded
@@ -111,6 +114,7 @@ def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
     argv = ["-q", "tune", "demo", "--budget", "3", "--study", str(study), "--set",
             *tune_setup["sets"]]  # fmt: skip
     assert main(argv) == 2  # resumed with the default metric (subsets): refused, nothing embedded
+    assert main([*argv, "--metric", "accuracy"]) == 2  # resumed with one label split: refused
     assert main([*argv, "--metric", "f1"]) == 2  # unknown metric
     assert main([*argv[:-len(tune_setup["sets"]) - 1], "--stage", "pretrain", "--metric",
                  "accuracy"]) == 2  # fmt: skip

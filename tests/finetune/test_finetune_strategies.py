@@ -345,19 +345,20 @@ def test_classifier_and_robustness_read_shards(setup, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_default_auto_records_its_decision_in_classifier_json(setup, tmp_path: Path) -> None:
     """The default ``auto`` labeler cross-validates none / propagation / zero_shot_mix /
-    balanced_kmeans on the
-    labels (text tower present) and ``classifier.json`` keeps the scores and the choice."""
+    balanced_kmeans / cross_view on the labels (text tower present; the captions are the
+    co-training view, read from the manifest in the same embedding pass) and
+    ``classifier.json`` keeps the scores and the choice."""
     import json
 
     manifest, model = setup
-    cfg = _cfg(manifest, model, "finetune.pseudo_label=auto")
+    cfg = _cfg(manifest, model, "finetune.pseudo_label=auto", "finetune.views=[text]")
     res = run_finetune(cfg, tmp_path / "clf")
     meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
     decision = meta["results"]["pseudo"][0]["auto"]
     assert decision == res.pseudo[0]["auto"]
     assert decision["criterion"] == "cross_validation" and decision["folds"] == 2
     assert set(decision["cv_accuracy"]) == {
-        "none", "propagation", "zero_shot_mix", "balanced_kmeans",
+        "none", "propagation", "zero_shot_mix", "balanced_kmeans", "cross_view",
     }  # fmt: skip
     assert decision["chosen"] in decision["cv_accuracy"] and not decision["skipped"]
     best = max(decision["cv_accuracy"].values())

@@ -201,7 +201,7 @@ class _Hard:
     pass
 
 
-def _register_fixed(name: str, wrong: bool) -> None:
+def _register_fixed(name: str, wrong: bool, other_view: bool = False) -> None:
     """A labeler that returns every pool row's true label (or a wrong one), confidence 1."""
 
     def run(ctx, opts) -> LabelerOutput:
@@ -212,7 +212,7 @@ def _register_fixed(name: str, wrong: bool) -> None:
         labels = PseudoLabels(y, known.float(), name)
         return LabelerOutput(labels, weights=known.float())
 
-    PSEUDO_LABELERS.add(name, Labeler(run), _Hard, replace=True)
+    PSEUDO_LABELERS.add(name, Labeler(run, other_view=other_view), _Hard, replace=True)
 
 
 def _auto(lab: EmbeddedSet, pool: EmbeddedSet, candidates: list[str], **opts):
@@ -250,6 +250,16 @@ def test_auto_with_one_label_per_class_uses_reverse_validation() -> None:
     assert good["auto"]["reverse_accuracy"]["right_test"] == 1.0
     _, off = _auto(lab, pool, ["right_test"], one_label="none")
     assert off["auto"]["chosen"] == "none"
+    # a labeler that reads another view is not judged by reverse validation (anchored on the
+    # labeled rows' inputs): the default takes the first such candidate, ``reverse`` does not
+    _register_fixed("view_test", wrong=True, other_view=True)
+    _, view = _auto(lab, pool, ["wrong_test", "right_test", "view_test"])
+    assert view["auto"]["criterion"] == "one_label_other_view"
+    assert view["auto"]["chosen"] == "view_test" and view["auto"]["other_view"] == ["view_test"]
+    _, rev = _auto(lab, pool, ["right_test", "view_test"], one_label="reverse")
+    assert (
+        rev["auto"]["criterion"] == "reverse_validation" and rev["auto"]["chosen"] == "right_test"
+    )
 
 
 @pytest.mark.slow

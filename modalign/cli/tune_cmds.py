@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from modalign.cli.common import add_common, add_set, emit, set_pairs
+from modalign.tune.outputs import comparison_text
 
 
 def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
@@ -32,12 +33,15 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
         "trials": res.trials,
         "new_trials": res.new_trials,
         "files": res.files,
+        "baseline": res.baseline,
     }
     text = (
         f"{res.trials} trials ({res.new_trials} new); best validation score "
         f"{res.best_value:.4f}\nbest config: {res.files['best']} "
         f"(use it as: modalign {res.stage} {res.files['best']})"
     )
+    if res.baseline is not None:
+        text += "\n" + comparison_text(res.baseline)
     emit(args, result, text)
     return result
 

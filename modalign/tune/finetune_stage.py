@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from modalign.benchmark.figures import pack_outcomes
 from modalign.config import Config, load_config
 from modalign.core.config_io import apply_override, to_dict
 from modalign.core.errors import UserInputError
 from modalign.finetune.config import FinetuneConfig
 from modalign.finetune.embedded import EmbeddedSet, embed_labeled, few_label_split
-from modalign.finetune.evaluate import evaluate_head
+from modalign.finetune.evaluate import evaluate_head, predict
 from modalign.finetune.pipeline import pseudo_label_head
 from modalign.pretrain.bundle import BundleModel, load_bundle
 
@@ -127,12 +128,16 @@ class FinetuneObjective:
     def params(self, trial: Any) -> dict[str, Any]:
         return self.space.suggest(trial)
 
+    def baseline_params(self) -> dict[str, Any]:
+        """Trial parameters that replay the base config (see ``FinetuneSpace.baseline``)."""
+        return self.space.baseline(self.base_tree["finetune"])
+
     def score(self, params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
         """The metric on the validation rows, averaged over the label splits, and the figures
         it came from (accuracy, subsets, and the metric per split)."""
         base = config_with(self.base_tree, params).finetune
         d = self.data
-        values, accuracy, subsets = [], [], []
+        values, accuracy, subsets, hits = [], [], [], []
         for split in d.splits:
             cfg = dataclasses.replace(base, label_seed=split.seed)
             head, _ = pseudo_label_head(d.model, split.labeled, split.pool, d.class_names, cfg)
@@ -140,8 +145,16 @@ class FinetuneObjective:
             values.append(METRICS[self.metric](ev))
             accuracy.append(float(ev["accuracy"]))
             subsets.append(ev["by_subset"])
+            hits.append((predict(head, split.val).argmax(1) == split.val.y).numpy())
         by_subset = {k: float(np.mean([s[k] for s in subsets])) for k in subsets[0]}
-        figures: dict[str, Any] = {"accuracy": float(np.mean(accuracy)), "by_subset": by_subset}
+        figures: dict[str, Any] = {
+            "accuracy": float(np.mean(accuracy)),
+            "by_subset": by_subset,
+            # each validation row right or wrong (all inputs present), split after split, packed:
+            # the paired comparison with the study's baseline trial reads them
+            "hits": pack_outcomes(np.concatenate(hits)),
+            "rows": int(sum(len(h) for h in hits)),
+        }
         if len(d.splits) > 1:
             figures["by_split"] = values
         return float(np.mean(values)), figures

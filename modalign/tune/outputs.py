@@ -9,16 +9,43 @@ from modalign.core.artifact import atomic_path, atomic_write_text
 from modalign.core.config_io import dump_yaml
 from modalign.report import table
 
-__all__ = ["best_config_text", "write_outputs"]
+__all__ = ["best_config_text", "comparison_text", "write_outputs"]
 
 
-def best_config_text(config: str, overrides: list[str], params: dict[str, Any]) -> str:
-    """The whole root config with the best trial's keys applied (loadable as is)."""
+def best_config_text(
+    config: str,
+    overrides: list[str],
+    params: dict[str, Any],
+    comparison: dict[str, Any] | None = None,
+) -> str:
+    """The whole root config with the best trial's keys applied (loadable as is); its header
+    says how it compares with the base config on validation when the study scored both."""
     from modalign.tune.finetune_stage import config_with, default_tree
 
     cfg = config_with(default_tree(config, overrides), params)
     head = f"# modalign tune: best trial of {config} (keys changed: {', '.join(sorted(params))})\n"
+    if comparison is not None:
+        head += f"# {comparison_text(comparison)}\n"
     return head + dump_yaml(cfg)
+
+
+def comparison_text(c: dict[str, Any]) -> str:
+    """One line: the best trial against the base config's trial on validation."""
+    if c["best_trial"] == c["baseline_trial"]:
+        return f"the base config (trial {c['baseline_trial']}) is the best trial"
+    lo, hi = c["interval"]
+    verdict = (
+        "beyond the interval"
+        if c["distinguishable"]
+        else "within the interval: not told apart from the base config on these rows"
+    )
+    return (
+        f"best trial {c['best_trial']} vs the base config (trial {c['baseline_trial']}): "
+        f"validation accuracy {c['best_accuracy']:.3f} vs {c['baseline_accuracy']:.3f}, "
+        f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% bootstrap, n = {c['rows']} rows; "
+        f"McNemar p = {c['mcnemar_p']:.3g}), "
+        f"{verdict}"
+    )
 
 
 def _trial_rows(study: Any) -> tuple[list[str], list[list[Any]]]:
@@ -72,12 +99,19 @@ def _importances_png(study: Any, png: Path) -> Path | None:
     return save_png(fig, png)
 
 
-def write_outputs(study: Any, config: str, overrides: list[str], study_dir: Path) -> dict[str, str]:
+def write_outputs(
+    study: Any,
+    config: str,
+    overrides: list[str],
+    study_dir: Path,
+    comparison: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """best.yaml, trials.csv, trials.md, history.png, importances.png (when computable)."""
     files: dict[str, str] = {}
     best = study.best_trial
     atomic_write_text(
-        study_dir / "best.yaml", best_config_text(config, overrides, best.user_attrs["config"])
+        study_dir / "best.yaml",
+        best_config_text(config, overrides, best.user_attrs["config"], comparison),
     )
     files["best"] = str(study_dir / "best.yaml")
     headers, rows = _trial_rows(study)

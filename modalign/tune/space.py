@@ -5,40 +5,53 @@ so the best trial is written back as a config ``modalign finetune``/``pretrain``
 Head options come from each head's options dataclass: ints from {default/4, default/2, default}
 (never above the registered default: a head's default size is already its generous one, and
 larger sizes multiply a trial's cost -- the transformer head's step already costs ~20x the late
-head's at default size, and 4 layers double that), floats from a range around it, bools both
-ways; other types keep their default.
+head's at default size, and 4 layers double that; the base config's own value joins the grid),
+floats from a range around it, bools both ways; other types keep the base config's value.
+:meth:`FinetuneSpace.baseline` gives the parameters that replay the base config: a study's
+first trial, the reference its best is compared with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from modalign.core.errors import UserInputError
 from modalign.finetune.heads import HEADS
 
 __all__ = ["FinetuneSpace", "PretrainSpace", "head_option_params"]
 
 
-def _suggest_field(trial: Any, name: str, f: dataclasses.Field, default: Any) -> Any:
+def _suggest_field(
+    trial: Any, name: str, f: dataclasses.Field, default: Any, given: Any = None
+) -> Any:
     if isinstance(default, bool):
         return trial.suggest_categorical(name, [True, False])
     if isinstance(default, int) and default >= 1:
-        grid = sorted({max(1, default // 4), max(1, default // 2), default})
-        return trial.suggest_categorical(name, grid)
+        grid = {max(1, default // 4), max(1, default // 2), default}
+        if isinstance(given, int) and not isinstance(given, bool) and given >= 1:
+            grid.add(given)  # the base config's own value, so its trial can be replayed
+        return trial.suggest_categorical(name, sorted(grid))
     if isinstance(default, float) and 0.0 <= default < 1.0:
         return trial.suggest_float(name, 0.0, min(0.6, max(0.3, 3 * default)))
     if isinstance(default, float) and default >= 1.0:
         return trial.suggest_float(name, default / 4, default * 4, log=True)
-    return default
+    return default if given is None else given  # not searched: the base config's value
 
 
-def head_option_params(trial: Any, kind: str) -> dict[str, Any]:
-    """Every option of head ``kind`` suggested from its dataclass field (named per kind)."""
+def head_option_params(
+    trial: Any, kind: str, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every option of head ``kind`` suggested from its dataclass field (named per kind);
+    ``given`` (the base config's options of this head) join the integer grids."""
     cls = HEADS.get(kind).options
-    defaults = cls()
+    defaults, given = cls(), given or {}
     return {
-        f.name: _suggest_field(trial, f"head.{kind}.{f.name}", f, getattr(defaults, f.name))
+        f.name: _suggest_field(
+            trial, f"head.{kind}.{f.name}", f, getattr(defaults, f.name), given.get(f.name)
+        )
         for f in dataclasses.fields(cls)
     }
 
@@ -61,12 +74,15 @@ class FinetuneSpace:
     )
     # the base config's labeler options, kept for that labeler (others get their defaults)
     labeler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the base config's head options by kind: their integer values join the grids
+    head_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         kind = trial.suggest_categorical("head", list(self.heads) or HEADS.names())
         pl = trial.suggest_categorical("pseudo_label", list(self.pseudo_labels))
+        options = head_option_params(trial, kind, self.head_options.get(kind))
         out: dict[str, Any] = {
-            "finetune.head": {"kind": kind, "options": head_option_params(trial, kind)},
+            "finetune.head": {"kind": kind, "options": options},
             "finetune.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
             "finetune.weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
             "finetune.epochs": trial.suggest_int("epochs", 10, 120, step=10),
@@ -77,6 +93,37 @@ class FinetuneSpace:
         if pl != "none":
             out["finetune.threshold"] = trial.suggest_float("threshold", 0.0, 0.95)
         return out
+
+    def baseline(self, ft: Mapping[str, Any]) -> dict[str, Any]:
+        """The trial parameters that replay the base config's ``finetune`` block ``ft`` (the
+        study's first trial, so every study scores the configuration it is asked to improve).
+
+        A value outside a float range is replayed as is (Optuna warns); the head and labeler
+        must be among the space's choices (UserInputError naming the key otherwise)."""
+        kind, pl = ft["head"]["kind"], ft["pseudo_label"]
+        if kind not in (list(self.heads) or HEADS.names()):
+            raise UserInputError(f"finetune.head.kind {kind!r} is not in the tune space")
+        if pl not in self.pseudo_labels:
+            raise UserInputError(
+                f"finetune.pseudo_label {pl!r} is not usable here (tune space: "
+                f"{', '.join(self.pseudo_labels)}); the labeler's own check says why when "
+                "`modalign finetune` runs this config"
+            )
+        opts = HEADS.options_dict(
+            kind, HEADS.options(kind, ft["head"].get("options"), "finetune.head.options")
+        )
+        params: dict[str, Any] = {
+            "head": kind,
+            "pseudo_label": pl,
+            **{f"head.{kind}.{k}": v for k, v in opts.items()},
+            "lr": ft["lr"],
+            "weight_decay": ft["weight_decay"],
+            "epochs": ft["epochs"],
+            "modality_dropout": ft["modality_dropout"],
+        }
+        if pl != "none":
+            params["threshold"] = ft["threshold"]
+        return params
 
 
 def _targets_name(targets: list[str]) -> str:

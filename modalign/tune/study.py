@@ -13,9 +13,10 @@ from modalign.tune.budget import Budget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "TuneResult", "make_sampler", "run_tune"]
+__all__ = ["BASELINE", "STAGES", "TuneResult", "compare_with_baseline", "make_sampler", "run_tune"]
 
 STAGES = ("finetune", "pretrain")
+BASELINE = "baseline"  # user attribute of the trial that replays the base config
 STUDY_KIND = OutputKind("modalign.tune-study", "tuning study", (("study.db", None),))
 """A study folder: ``study.db`` (SQLite, Optuna) plus best.yaml, trials.csv, trial runs."""
 
@@ -29,6 +30,8 @@ class TuneResult:
     trials: int  # finished trials in the study (this run and earlier ones)
     new_trials: int
     files: dict[str, str]
+    # the best trial against the base config's trial on the same validation rows (finetune)
+    baseline: dict[str, Any] | None = None
 
 
 def make_sampler(kind: str, seed: int) -> Any:
@@ -81,6 +84,7 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
     finetune_space = FinetuneSpace(
         pseudo_labels=labelers,
         labeler_options={cfg.pseudo_label: dict(cfg.pseudo_label_options)},
+        head_options={cfg.head.kind: dict(tree["finetune"]["head"].get("options") or {})},
     )
     return FinetuneObjective(tree, data, finetune_space, metric)
 
@@ -130,8 +134,8 @@ def _open_study(
     except Exception as exc:  # SQLAlchemy / sqlite3 errors of a damaged database
         raise _unreadable_db(db, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     fail_interrupted_trials(study, storage)
-    _same_metric(study, metric, _check_metric(stage, None), study_dir)
-    _same_splits(study, label_splits, study_dir)
+    _same_setting(study, "--metric", metric, _check_metric(stage, None), study_dir)
+    _same_setting(study, "--label-splits", label_splits, 1, study_dir)
     return study
 
 
@@ -181,29 +185,17 @@ def fail_interrupted_trials(study: Any, storage: Any) -> list[int]:
     return failed
 
 
-def _same_metric(study: Any, metric: str, default: str, study_dir: Path) -> None:
-    """A resumed study keeps the metric its trials were scored with."""
-    # studies made before metrics were recorded scored the stage's default (then the only one)
-    before = study.user_attrs.get("metric", default if study.trials else None)
+def _same_setting(study: Any, flag: str, value: Any, default: Any, study_dir: Path) -> None:
+    """A resumed study keeps the setting (``--metric``, ``--label-splits``) its trials were scored
+    with; a study made before the setting was recorded used ``default``. Recorded on first use."""
+    key = flag.removeprefix("--").replace("-", "_")
+    before = study.user_attrs.get(key, default if study.trials else None)
     if before is None:
-        study.set_user_attr("metric", metric)
-    elif before != metric:
+        study.set_user_attr(key, value)
+    elif before != value:
         raise UserInputError(
-            f"{study_dir}: this study's trials maximise {before!r}, not {metric!r}; "
-            f"pass --metric {before} to resume it, or use a new --study folder"
-        )
-
-
-def _same_splits(study: Any, label_splits: int, study_dir: Path) -> None:
-    """A resumed study keeps the number of label splits its trials were averaged over."""
-    before = study.user_attrs.get("label_splits", 1 if study.trials else None)
-    if before is None:
-        study.set_user_attr("label_splits", label_splits)
-    elif before != label_splits:
-        raise UserInputError(
-            f"{study_dir}: this study's trials were scored on {before} label split(s), not "
-            f"{label_splits}; pass --label-splits {before} to resume it, or use a new --study "
-            "folder"
+            f"{study_dir}: this study's trials were scored with {flag} {before}, not {value}; "
+            f"pass {flag} {before} to resume it, or use a new --study folder"
         )
 
 
@@ -246,6 +238,9 @@ def run_tune(
         )
         done = len([t for t in study.trials if t.state.is_finished()])
         todo = None if budget.trials is None else max(0, budget.trials - done)
+        if stage == "finetune" and not study.trials and todo != 0:
+            # trial 0 replays the base config: the reference the best trial is compared with
+            study.enqueue_trial(objective.baseline_params(), user_attrs={BASELINE: True})
 
         def guarded(trial: Any) -> float:
             with process_state_guard():
@@ -256,7 +251,8 @@ def run_tune(
 
         if todo != 0:
             study.optimize(guarded, n_trials=todo, timeout=budget.seconds, catch=())
-        files = write_outputs(study, config, list(overrides), study_dir)
+        comparison = compare_with_baseline(study)
+        files = write_outputs(study, config, list(overrides), study_dir, comparison)
         best = study.best_trial
         finished = len([t for t in study.trials if t.state.is_finished()])
     return TuneResult(
@@ -267,4 +263,36 @@ def run_tune(
         finished,
         finished - done,
         files,
+        comparison,
     )
+
+
+def compare_with_baseline(study: Any, seed: int = 0) -> dict[str, Any] | None:
+    """The best trial against the study's baseline trial (the base config replayed), paired on
+    the same validation rows: validation accuracy (all inputs present) of each, their
+    difference with its 95% bootstrap interval over the rows, the exact McNemar p-value, and
+    ``distinguishable`` (the interval excludes 0). None when the study has no finished baseline trial (a pretrain
+    study, or one made before baselines were recorded)."""
+    from modalign.benchmark.figures import bootstrap, mcnemar, unpack_outcomes
+
+    done = [t for t in study.trials if t.state.is_finished() and t.value is not None]
+    base = next((t for t in done if t.user_attrs.get(BASELINE)), None)
+    if base is None or "hits" not in base.user_attrs:
+        return None
+    best = study.best_trial
+    a, b = (unpack_outcomes(t.user_attrs["hits"], t.user_attrs["rows"]) for t in (best, base))
+    diff = a.astype(float) - b.astype(float)
+    fig = bootstrap(lambda idx: float(diff[idx].mean()), len(diff), seed=seed)
+    _, _, p_value = mcnemar(a, b)
+    return {
+        "baseline_trial": base.number,
+        "baseline_value": float(base.value),
+        "best_trial": best.number,
+        "best_accuracy": float(a.mean()),
+        "baseline_accuracy": float(b.mean()),
+        "difference": fig.value,
+        "interval": [fig.ci_low, fig.ci_high],
+        "mcnemar_p": p_value,
+        "rows": len(diff),
+        "distinguishable": bool(fig.ci_low > 0 or fig.ci_high < 0),
+    }

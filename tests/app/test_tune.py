@@ -68,6 +68,18 @@ def test_tune_finetune_resumes_and_never_reads_test(
     assert first["trials"] == 3 and first["new_trials"] == 3
     assert read and str(tune_setup["test"]) not in read  # the search never sees test data
     assert (study / "study.db").is_file()
+    import optuna
+
+    storage = f"sqlite:///{study / 'study.db'}"
+    t0 = optuna.load_study(study_name="finetune", storage=storage).trials[0]
+    assert t0.user_attrs["baseline"]  # trial 0 replays the base config (demo + --set)
+    base = t0.user_attrs["config"]
+    assert base["finetune.head"]["kind"] == "late" and base["finetune.epochs"] == 10
+    assert base["finetune.pseudo_label"] == "zero_shot" and base["finetune.lr"] == 2e-3
+    cmp = first["baseline"]
+    assert cmp["baseline_trial"] == 0 and cmp["rows"] == 3 * len(WORDS)
+    assert cmp["difference"] == pytest.approx(cmp["best_accuracy"] - cmp["baseline_accuracy"])
+    assert cmp["interval"][0] <= cmp["difference"] <= cmp["interval"][1]
     again = _tune(tune_setup, study, "5")  # resumes from the SQLite storage
     assert again["trials"] == 5 and again["new_trials"] == 2
     assert again["best_value"] >= first["best_value"]
@@ -78,6 +90,7 @@ def test_tune_finetune_resumes_and_never_reads_test(
     rows = (study / "trials.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 5
     best = yaml.safe_load((study / "best.yaml").read_text())
+    assert "base config (trial 0)" in (study / "best.yaml").read_text().splitlines()[1]
     assert best["finetune"]["head"]["kind"] == again["best_params"]["finetune.head"]["kind"]
     assert best["finetune"]["lr"] == pytest.approx(again["best_params"]["finetune.lr"])
     monkeypatch.undo()
@@ -190,3 +203,66 @@ def test_finetune_space_offers_the_default_labeler() -> None:
     params = space.suggest(trial)
     assert params["finetune.pseudo_label"] == "auto"
     assert params["finetune.head"]["kind"] == "late" and params["finetune.lr"] == 0.006
+
+
+def test_the_baseline_trial_replays_the_base_config() -> None:
+    """``FinetuneSpace.baseline``: an enqueued trial suggests exactly the base config's values,
+    also a head size outside the registered grid and a labeler's own options."""
+    import optuna
+
+    from modalign.core.config_io import to_dict
+    from modalign.core.errors import UserInputError
+    from modalign.finetune.config import FinetuneConfig
+    from modalign.tune.space import FinetuneSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ft = to_dict(FinetuneConfig())
+    ft.update(lr=3e-3, epochs=70, weight_decay=1e-3, modality_dropout=0.2, threshold=0.6,
+              pseudo_label="knn", head={"kind": "gated", "options": {"hidden": 96}})  # fmt: skip
+    space = FinetuneSpace(labeler_options={"knn": {"k": 7}}, head_options={"gated": {"hidden": 96}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(space.baseline(ft))
+    got = space.suggest(study.ask())
+    assert got["finetune.head"]["kind"] == "gated"
+    assert got["finetune.head"]["options"]["hidden"] == 96  # not in {64, 128, 256}'s grid
+    for key in ("lr", "epochs", "weight_decay", "modality_dropout", "threshold", "pseudo_label"):
+        assert got[f"finetune.{key}"] == ft[key], key
+    assert got["finetune.pseudo_label_options"] == {"k": 7}
+    with pytest.raises(UserInputError, match="finetune.pseudo_label 'cross_view'"):
+        FinetuneSpace(pseudo_labels=["none", "knn"]).baseline({**ft, "pseudo_label": "cross_view"})
+
+
+def test_best_against_baseline_is_paired_on_the_validation_rows() -> None:
+    """The comparison reads each trial's per-row outcomes: a best trial right where the
+    baseline is wrong is told apart; one that differs on a few rows is not."""
+    import numpy as np
+    import optuna
+
+    from modalign.benchmark.figures import pack_outcomes
+    from modalign.tune.outputs import comparison_text
+    from modalign.tune.study import compare_with_baseline
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+
+    def trial(hits: np.ndarray, baseline: bool = False) -> optuna.trial.FrozenTrial:
+        attrs = {"hits": pack_outcomes(hits), "rows": len(hits), "baseline": baseline}
+        return optuna.trial.create_trial(
+            params={"x": 0.5}, distributions=dist, value=float(hits.mean()), user_attrs=attrs
+        )
+
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.5
+    for best, apart in ((base | (rng.random(200) < 0.5), True), (base.copy(), False)):
+        best[:3] = True  # three more rows right: never enough on 200 rows
+        study = optuna.create_study(direction="maximize")
+        study.add_trial(trial(base, baseline=True))
+        study.add_trial(trial(best))
+        cmp = compare_with_baseline(study)
+        assert cmp is not None and cmp["rows"] == 200
+        assert cmp["difference"] == pytest.approx(best.mean() - base.mean())
+        assert cmp["distinguishable"] is apart, cmp
+        assert ("beyond the interval" in comparison_text(cmp)) is apart
+    lone = optuna.create_study(direction="maximize")
+    lone.add_trial(trial(base))  # no baseline trial (a study made before 0.3): no comparison
+    assert compare_with_baseline(lone) is None

@@ -99,7 +99,8 @@ class FinetuneSpace:
         study's first trial, so every study scores the configuration it is asked to improve).
 
         A value outside a float range is replayed as is (Optuna warns); the head and labeler
-        must be among the space's choices (UserInputError naming the key otherwise)."""
+        must be among the space's choices (``run_tune`` adds the config's labeler when this model
+        can run it; UserInputError naming the key otherwise)."""
         kind, pl = ft["head"]["kind"], ft["pseudo_label"]
         if kind not in (list(self.heads) or HEADS.names()):
             raise UserInputError(f"finetune.head.kind {kind!r} is not in the tune space")

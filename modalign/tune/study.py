@@ -80,7 +80,9 @@ def _objective(stage: str, config: str, overrides: list[str], study_dir: Path,
 
     cfg = load_config(config, overrides).finetune
     data = load_finetune_data(cfg, val_per_class, label_splits)
-    labelers = usable_labelers(list(FinetuneSpace().pseudo_labels), cfg, data.model)
+    # the space's labelers and the config's own (trial 0 replays it), those this model can run
+    names = list(dict.fromkeys([*FinetuneSpace().pseudo_labels, cfg.pseudo_label]))
+    labelers = usable_labelers(names, cfg, data.model)
     finetune_space = FinetuneSpace(
         pseudo_labels=labelers,
         labeler_options={cfg.pseudo_label: dict(cfg.pseudo_label_options)},

@@ -107,9 +107,13 @@ def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
     import optuna
 
     study = tmp_path / "study"
-    res = _tune(tune_setup, study, "1", "--metric", "accuracy", "--label-splits", "2")
+    # the config's labeler is outside the search space's list: trial 0 still replays it
+    res = _tune(tune_setup, study, "1", "--metric", "accuracy", "--label-splits", "2",
+                "--set", "finetune.pseudo_label=self_training")  # fmt: skip
     trials = optuna.load_study(study_name="finetune", storage=f"sqlite:///{study / 'study.db'}")
     assert trials.user_attrs["metric"] == "accuracy" and trials.user_attrs["label_splits"] == 2
+    assert trials.trials[0].user_attrs["config"]["finetune.pseudo_label"] == "self_training"
+    assert res["baseline"]["best_trial"] == res["baseline"]["baseline_trial"] == 0
     for t in trials.trials:  # each trial's value is its validation accuracy, not the subset mean
         assert t.value == pytest.approx(t.user_attrs["accuracy"])
         assert set(t.user_attrs["by_subset"]) == {"audio", "image", "audio+image"}

@@ -11,6 +11,7 @@ reseeded: every head is trained inside :func:`.fit.local_rng`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,14 +128,20 @@ def run_finetune(
         return _run(cfg, out)
 
 
-def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
+def check_labeler(cfg: FinetuneConfig, modalities: Sequence[str]) -> None:
+    """The configured pseudo-labeler's own up-front check of ``cfg`` (with its options) and a
+    model with ``modalities``: a UserInputError naming why, before anything is embedded."""
     labeler = PSEUDO_LABELERS.get(cfg.pseudo_label, "finetune.pseudo_label")
-    model = load_bundle(cfg.model)
     if labeler.factory.check is not None:
         opts = PSEUDO_LABELERS.options(
             cfg.pseudo_label, cfg.pseudo_label_options, "finetune.pseudo_label_options"
         )
-        labeler.factory.check(cfg, opts, model.modalities)
+        labeler.factory.check(cfg, opts, list(modalities))
+
+
+def _run(cfg: FinetuneConfig, out: Path) -> FinetuneResult:
+    model = load_bundle(cfg.model)
+    check_labeler(cfg, model.modalities)
     data, class_names = embed_labeled(
         model, cfg.train, cfg.inputs, cfg.class_names or None, views=cfg.views
     )
@@ -316,6 +323,7 @@ __all__ = [
     "Classifier",
     "EmbeddedSet",
     "FinetuneResult",
+    "check_labeler",
     "embed_labeled",
     "evaluate_head",
     "few_label_split",

@@ -25,7 +25,7 @@ from modalign.core.errors import UserInputError
 from modalign.finetune.config import FinetuneConfig
 from modalign.finetune.embedded import EmbeddedSet, embed_labeled, few_label_split
 from modalign.finetune.evaluate import evaluate_head, predict
-from modalign.finetune.pipeline import pseudo_label_head
+from modalign.finetune.pipeline import check_labeler, pseudo_label_head
 from modalign.pretrain.bundle import BundleModel, load_bundle
 
 __all__ = [
@@ -99,6 +99,7 @@ def load_finetune_data(
     if label_splits < 1:
         raise UserInputError("--label-splits must be >= 1 (label splits each trial is scored on)")
     model = load_bundle(cfg.model)
+    check_labeler(cfg, model.modalities)  # the base config's labeler, replayed as trial 0
     data, names = embed_labeled(
         model, cfg.train, cfg.inputs, cfg.class_names or None, views=cfg.views
     )

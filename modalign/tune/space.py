@@ -77,8 +77,12 @@ class FinetuneSpace:
     # the base config's head options by kind: their integer values join the grids
     head_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def head_kinds(self) -> list[str]:
+        """The heads searched: ``heads``, or every registered head when it is empty."""
+        return list(self.heads) or HEADS.names()
+
     def suggest(self, trial: Any) -> dict[str, Any]:
-        kind = trial.suggest_categorical("head", list(self.heads) or HEADS.names())
+        kind = trial.suggest_categorical("head", self.head_kinds())
         pl = trial.suggest_categorical("pseudo_label", list(self.pseudo_labels))
         options = head_option_params(trial, kind, self.head_options.get(kind))
         out: dict[str, Any] = {
@@ -102,7 +106,7 @@ class FinetuneSpace:
         must be among the space's choices (``run_tune`` adds the config's labeler when this model
         can run it; UserInputError naming the key otherwise)."""
         kind, pl = ft["head"]["kind"], ft["pseudo_label"]
-        if kind not in (list(self.heads) or HEADS.names()):
+        if kind not in self.head_kinds():
             raise UserInputError(f"finetune.head.kind {kind!r} is not in the tune space")
         if pl not in self.pseudo_labels:
             raise UserInputError(

@@ -131,6 +131,11 @@ def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
     argv = ["-q", "tune", "demo", "--budget", "3", "--study", str(study), "--set",
             *tune_setup["sets"]]  # fmt: skip
     assert main(argv) == 2  # resumed with the default metric (subsets): refused, nothing embedded
+    # a new study whose own labeler this config cannot run (cross_view without views): trial 0
+    # could not replay it; refused naming the key, before anything is embedded
+    fresh = ["-q", "tune", "demo", "--budget", "3", "--study", str(tmp_path / "fresh"), "--set",
+             *tune_setup["sets"], "finetune.pseudo_label=cross_view"]  # fmt: skip
+    assert main(fresh) == 2
     assert main([*argv, "--metric", "accuracy"]) == 2  # resumed with one label split: refused
     assert main([*argv, "--metric", "f1"]) == 2  # unknown metric
     assert main([*argv[:-len(tune_setup["sets"]) - 1], "--stage", "pretrain", "--metric",

@@ -20,6 +20,10 @@ paired), the across-seed interval (t, over the per-seed differences) and n.
 ``pca_whiten`` (fitted on the unlabeled pool images, ``model.towers.image.projection_init``)
 keeps the ImageNet tower's geometry instead of a random projection.
 
+``--keep DIR`` (with ``--data``) keeps the bundle (``DIR/model``, plus the ImageNet weights file
+its locked tower is rebuilt from) and the manifests (``DIR/pool.jsonl``, ``DIR/test.jsonl``), so
+``modalign finetune`` / ``modalign tune`` can run on the same corpus and model.
+
 A tuned configuration (``modalign tune``'s ``best.yaml``) runs beside the methods with
 ``--compare NAME=best.yaml`` (its whole ``finetune`` block: head, lr, epochs, labeler), and
 ``--baseline NAME`` pairs every method with NAME as well as with labels only.
@@ -107,7 +111,8 @@ def build_and_embed(args: argparse.Namespace) -> None:
     spec.loader.exec_module(bp)
     args.cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(tmp) if args.keep is None else args.keep  # --keep: bundle + manifests stay
+        root.mkdir(parents=True, exist_ok=True)
         weights = bp.to_timm(bp.packaged_weights(), root / "lite0.safetensors")
         n_pre = args.pool if args.projection_init in ("pca", "pca_whiten") else 256
         pre, pool, test = write_manifests(args.data, root, args.pool, args.test_items, n_pre)
@@ -317,6 +322,11 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS)[:-1], choices=list(METHODS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
+    p.add_argument(
+        "--keep", type=Path, default=None,
+        help="with --data: write the bundle (DIR/model) and manifests (DIR/pool.jsonl, "
+        "DIR/test.jsonl) here and keep them, e.g. for `modalign tune` on the same corpus",
+    )  # fmt: skip
     p.add_argument("--pool-use", type=int, default=0, help="use the first N cached pool items")
     p.add_argument("--model", type=Path, default=None, help="bundle for --train/--test corpora")
     p.add_argument("--train", type=Path, default=None, help="labeled train manifest (pool)")

@@ -133,6 +133,10 @@ class FinetuneObjective:
         """Trial parameters that replay the base config (see ``FinetuneSpace.baseline``)."""
         return self.space.baseline(self.base_tree["finetune"])
 
+    def neighbour_params(self) -> list[dict[str, Any]]:
+        """The base config with each other labeler (see ``FinetuneSpace.neighbours``)."""
+        return self.space.neighbours(self.base_tree["finetune"])
+
     def score(self, params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
         """The metric on the validation rows, averaged over the label splits, and the figures
         it came from (accuracy, subsets, and the metric per split)."""

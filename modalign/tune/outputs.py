@@ -48,11 +48,18 @@ def comparison_text(c: dict[str, Any]) -> str:
     )
 
 
+def _ran_states() -> tuple[Any, ...]:
+    """Every trial state but WAITING: queued trials (the baseline's neighbours a budget did not
+    reach) stay in the storage for a resumed study, out of trials.csv / trials.md."""
+    from optuna.trial import TrialState
+
+    return tuple(s for s in TrialState if s != TrialState.WAITING)
+
+
 def _trial_rows(study: Any) -> tuple[list[str], list[list[Any]]]:
-    names = sorted({k for t in study.trials for k in t.params})
-    rows = [
-        [t.number, t.state.name, t.value, *(t.params.get(n) for n in names)] for t in study.trials
-    ]
+    ran = study.get_trials(deepcopy=False, states=_ran_states())
+    names = sorted({k for t in ran for k in t.params})
+    rows = [[t.number, t.state.name, t.value, *(t.params.get(n) for n in names)] for t in ran]
     return ["trial", "state", "value", *names], rows
 
 
@@ -116,7 +123,8 @@ def write_outputs(
     files["best"] = str(study_dir / "best.yaml")
     headers, rows = _trial_rows(study)
     with atomic_path(study_dir / "trials.csv") as tmp:
-        study.trials_dataframe().to_csv(tmp, index=False)
+        frame = study.trials_dataframe()
+        frame[frame["state"] != "WAITING"].to_csv(tmp, index=False)
     files["trials_csv"] = str(study_dir / "trials.csv")
     atomic_write_text(study_dir / "trials.md", "# Trials\n\n" + table(headers, rows) + "\n")
     files["trials_md"] = str(study_dir / "trials.md")

@@ -8,7 +8,8 @@ larger sizes multiply a trial's cost -- the transformer head's step already cost
 head's at default size, and 4 layers double that; the base config's own value joins the grid),
 floats from a range around it, bools both ways; other types keep the base config's value.
 :meth:`FinetuneSpace.baseline` gives the parameters that replay the base config: a study's
-first trial, the reference its best is compared with.
+first trial, the reference its best is compared with; :meth:`FinetuneSpace.neighbours` the base
+config with each other labeler, the trials that follow it.
 """
 
 from __future__ import annotations
@@ -129,6 +130,26 @@ class FinetuneSpace:
         if pl != "none":
             params["threshold"] = ft["threshold"]
         return params
+
+    def neighbours(self, ft: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The base config with its labeler swapped for each other labeler of the space, in the
+        space's order (head, lr, epochs, threshold kept; the labeler's own default options).
+
+        A study scores these right after the baseline: the labeler is the choice that moves
+        accuracy most on the few-label suites, and a sampler's first (random) trials change
+        every key at once, so a short budget would otherwise rarely compare labelers on equal
+        terms."""
+        base = self.baseline(ft)
+        out = []
+        for pl in self.pseudo_labels:
+            if pl == base["pseudo_label"]:
+                continue
+            params = {k: v for k, v in base.items() if k != "threshold"}
+            params["pseudo_label"] = pl
+            if pl != "none":
+                params["threshold"] = ft["threshold"]
+            out.append(params)
+        return out
 
 
 def _targets_name(targets: list[str]) -> str:

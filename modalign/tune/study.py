@@ -13,10 +13,19 @@ from modalign.tune.budget import Budget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BASELINE", "STAGES", "TuneResult", "compare_with_baseline", "make_sampler", "run_tune"]
+__all__ = [
+    "BASELINE",
+    "NEIGHBOUR",
+    "STAGES",
+    "TuneResult",
+    "compare_with_baseline",
+    "make_sampler",
+    "run_tune",
+]
 
 STAGES = ("finetune", "pretrain")
 BASELINE = "baseline"  # user attribute of the trial that replays the base config
+NEIGHBOUR = "neighbour"  # user attribute: the labeler a queued one-change trial swapped in
 STUDY_KIND = OutputKind("modalign.tune-study", "tuning study", (("study.db", None),))
 """A study folder: ``study.db`` (SQLite, Optuna) plus best.yaml, trials.csv, trial runs."""
 
@@ -243,6 +252,10 @@ def run_tune(
         if stage == "finetune" and not study.trials and todo != 0:
             # trial 0 replays the base config: the reference the best trial is compared with
             study.enqueue_trial(objective.baseline_params(), user_attrs={BASELINE: True})
+            # then one change at a time: the base config with each other labeler (queued in
+            # the storage, so a study resumed with a larger budget runs the rest first)
+            for params in objective.neighbour_params():
+                study.enqueue_trial(params, user_attrs={NEIGHBOUR: params["pseudo_label"]})
 
         def guarded(trial: Any) -> float:
             with process_state_guard():

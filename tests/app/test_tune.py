@@ -76,6 +76,12 @@ def test_tune_finetune_resumes_and_never_reads_test(
     base = t0.user_attrs["config"]
     assert base["finetune.head"]["kind"] == "late" and base["finetune.epochs"] == 10
     assert base["finetune.pseudo_label"] == "zero_shot" and base["finetune.lr"] == 2e-3
+    # trials 1, 2: the base config with the next labelers of the space, nothing else changed
+    t1, t2 = optuna.load_study(study_name="finetune", storage=storage).trials[1:3]
+    for t, labeler in ((t1, "none"), (t2, "knn")):
+        assert t.user_attrs["neighbour"] == labeler
+        assert t.user_attrs["config"] == {**base, "finetune.pseudo_label": labeler,
+                                          "finetune.pseudo_label_options": {}}  # fmt: skip
     cmp = first["baseline"]
     assert cmp["baseline_trial"] == 0 and cmp["rows"] == 3 * len(WORDS)
     assert cmp["difference"] == pytest.approx(cmp["best_accuracy"] - cmp["baseline_accuracy"])
@@ -88,7 +94,16 @@ def test_tune_finetune_resumes_and_never_reads_test(
     for name in ("best.yaml", "trials.csv", "trials.md", "history.png"):
         assert (study / name).stat().st_size > 100, name
     rows = (study / "trials.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 5
+    assert len(rows) == 1 + 5  # the neighbours still queued are not listed as trials
+    waiting = optuna.load_study(study_name="finetune", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.WAITING,)
+    )
+    assert [t.user_attrs["neighbour"] for t in waiting] == [
+        "zero_shot_mix",
+        "balanced_kmeans",
+        "auto",
+    ]
+    assert "WAITING" not in (study / "trials.md").read_text()
     best = yaml.safe_load((study / "best.yaml").read_text())
     assert "base config (trial 0)" in (study / "best.yaml").read_text().splitlines()[1]
     assert best["finetune"]["head"]["kind"] == again["best_params"]["finetune.head"]["kind"]
@@ -114,13 +129,15 @@ def test_tune_metric_accuracy_and_a_study_keeps_its_metric(
     assert trials.user_attrs["metric"] == "accuracy" and trials.user_attrs["label_splits"] == 2
     assert trials.trials[0].user_attrs["config"]["finetune.pseudo_label"] == "self_training"
     assert res["baseline"]["best_trial"] == res["baseline"]["baseline_trial"] == 0
-    for t in trials.trials:  # each trial's value is its validation accuracy, not the subset mean
+    ran = trials.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(ran) == 1  # the budget; the base config's neighbours wait in the storage
+    for t in ran:  # each trial's value is its validation accuracy, not the subset mean
         assert t.value == pytest.approx(t.user_attrs["accuracy"])
         assert set(t.user_attrs["by_subset"]) == {"audio", "image", "audio+image"}
         # scored on two label splits (seeds 0 and 1), the value their mean
         assert len(t.user_attrs["by_split"]) == 2
         assert t.value == pytest.approx(sum(t.user_attrs["by_split"]) / 2)
-    assert res["best_value"] == pytest.approx(max(t.value for t in trials.trials))
+    assert res["best_value"] == pytest.approx(max(t.value for t in ran))
 
     import modalign.finetune.embedded as embedded
 
@@ -239,6 +256,38 @@ def test_the_baseline_trial_replays_the_base_config() -> None:
     assert got["finetune.pseudo_label_options"] == {"k": 7}
     with pytest.raises(UserInputError, match="finetune.pseudo_label 'cross_view'"):
         FinetuneSpace(pseudo_labels=["none", "knn"]).baseline({**ft, "pseudo_label": "cross_view"})
+
+
+def test_neighbours_change_only_the_labeler() -> None:
+    """``FinetuneSpace.neighbours``: one trial per other labeler of the space, in its order, each
+    replaying the base config but for the labeler (and a threshold only where one is used)."""
+    import optuna
+
+    from modalign.core.config_io import to_dict
+    from modalign.finetune.config import FinetuneConfig
+    from modalign.tune.space import FinetuneSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ft = to_dict(FinetuneConfig())
+    ft.update(lr=3e-3, epochs=70, threshold=0.6, pseudo_label="knn", head={"kind": "late"})
+    space = FinetuneSpace(pseudo_labels=["none", "knn", "propagation", "auto"],
+                          labeler_options={"knn": {"k": 7}})  # fmt: skip
+    base = space.baseline(ft)
+    near = space.neighbours(ft)
+    assert [p["pseudo_label"] for p in near] == ["none", "propagation", "auto"]
+    assert near[0] == {k: v for k, v in base.items() if k != "threshold"} | {"pseudo_label": "none"}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for params in near:
+        study.enqueue_trial(params)
+    for params in near:
+        got = space.suggest(study.ask())
+        assert got["finetune.pseudo_label"] == params["pseudo_label"]
+        assert got["finetune.pseudo_label_options"] == {}  # the swapped-in labeler's defaults
+        for key in ("lr", "epochs", "weight_decay", "modality_dropout"):
+            assert got[f"finetune.{key}"] == ft[key], key
+        assert got.get("finetune.threshold") == (None if params["pseudo_label"] == "none" else 0.6)
+    none_base = space.neighbours({**ft, "pseudo_label": "none"})  # a threshold comes back
+    assert [p.get("threshold") for p in none_base] == [0.6, 0.6, 0.6]
 
 
 def test_best_against_baseline_is_paired_on_the_validation_rows() -> None:

@@ -343,6 +343,8 @@ def main() -> None:
     )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(max(1, args.threads))
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        p.error(f"--keep {args.keep}: the folder is not empty; give a new folder")
     if not (args.cache / "embeddings.pt").exists():
         if args.model is not None:
             embed_corpus(args)

@@ -124,7 +124,7 @@ def write_outputs(
     headers, rows = _trial_rows(study)
     with atomic_path(study_dir / "trials.csv") as tmp:
         frame = study.trials_dataframe()
-        frame[frame["state"] != "WAITING"].to_csv(tmp, index=False)
+        frame[frame["state"].isin([s.name for s in _ran_states()])].to_csv(tmp, index=False)
     files["trials_csv"] = str(study_dir / "trials.csv")
     atomic_write_text(study_dir / "trials.md", "# Trials\n\n" + table(headers, rows) + "\n")
     files["trials_md"] = str(study_dir / "trials.md")

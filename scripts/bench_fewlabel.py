@@ -343,8 +343,11 @@ def main() -> None:
     )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(max(1, args.threads))
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        p.error(f"--keep {args.keep}: the folder is not empty; give a new folder")
+    if args.keep is not None:  # it keeps what building the bundle writes: nothing else
+        if args.data is None or args.model is not None or (args.cache / "embeddings.pt").exists():
+            p.error("--keep needs --data and a --cache folder without embeddings.pt (a new build)")
+        if args.keep.exists() and any(args.keep.iterdir()):
+            p.error(f"--keep {args.keep}: the folder is not empty; give a new folder")
     if not (args.cache / "embeddings.pt").exists():
         if args.model is not None:
             embed_corpus(args)

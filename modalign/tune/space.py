@@ -139,17 +139,12 @@ class FinetuneSpace:
         accuracy most on the few-label suites, and a sampler's first (random) trials change
         every key at once, so a short budget would otherwise rarely compare labelers on equal
         terms."""
-        base = self.baseline(ft)
-        out = []
-        for pl in self.pseudo_labels:
-            if pl == base["pseudo_label"]:
-                continue
-            params = {k: v for k, v in base.items() if k != "threshold"}
-            params["pseudo_label"] = pl
-            if pl != "none":
-                params["threshold"] = ft["threshold"]
-            out.append(params)
-        return out
+        self.baseline(ft)  # the base config itself must fit the space
+        return [
+            self.baseline({**ft, "pseudo_label": pl})
+            for pl in self.pseudo_labels
+            if pl != ft["pseudo_label"]
+        ]
 
 
 def _targets_name(targets: list[str]) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from modalign.retrieval.embed import Embeddings, EncoderModel, embed_source
-from modalign.retrieval.metrics import NoPositivesError, retrieval_metrics
+from modalign.retrieval.metrics import NoPositivesError, QueryRanks, query_ranks
 
 Level = Literal["auto", "class", "instance"]
 
@@ -45,20 +45,26 @@ def evaluate_pairs(
     ks: Sequence[int] = (1, 5, 10),
     pairs: Sequence[tuple[str, str]] | None = None,
     chunk_size: int = 1024,
+    on_ranks: Callable[[str, QueryRanks], None] | None = None,
 ) -> dict[str, Any]:
     """Recall@K, mAP, median/mean rank for each ``query->gallery`` pair of modalities.
 
     Returns the ``evaluate retrieval`` JSON shape: ``{"pairs": {"audio->image": {...}},
-    "queries": N, "level": "class"|"instance"}``.
+    "queries": N, "level": "class"|"instance"}``. ``on_ranks(pair, ranks)``, when given,
+    receives each pair's per-query ranks (:class:`~modalign.retrieval.metrics.QueryRanks`),
+    e.g. for a paired comparison of two models on the same queries.
     """
     groups, used = positive_groups(emb, level)
     mods = sorted(emb)
     pairs = pairs or [(q, g) for q in mods for g in mods if q != g]
     result: dict[str, Any] = {"pairs": {}, "level": used}
     for q, g in pairs:
-        metrics = retrieval_metrics(
-            emb[q].vectors, emb[g].vectors, groups[q], groups[g], ks=ks, chunk_size=chunk_size
+        ranks = query_ranks(
+            emb[q].vectors, emb[g].vectors, groups[q], groups[g], chunk_size=chunk_size
         )
+        metrics = ranks.metrics(ks)  # raises NoPositivesError before on_ranks sees the pair
+        if on_ranks is not None:
+            on_ranks(f"{q}->{g}", ranks)
         result["pairs"][f"{q}->{g}"] = metrics.to_dict()
     result["queries"] = len({i for e in emb.values() for i in e.ids})
     return result
@@ -72,6 +78,7 @@ def make_validator(
     max_items: int | None = 5000,
     batch_size: int = 128,
     num_workers: int = 0,
+    on_ranks: Callable[[str, QueryRanks], None] | None = None,
 ) -> Callable[[EncoderModel, int], dict[str, Any]]:
     """An ``evaluate(model, step)`` callback for ``pretrain(..., evaluate=...)``.
 
@@ -79,7 +86,8 @@ def make_validator(
     (:func:`modalign.retrieval.embed.embed_source`) and scores every ordered modality pair with
     :func:`evaluate_pairs`, exactly as ``modalign evaluate retrieval`` does (pessimistic ties).
     Returns ``{"audio->image": {"recall@1": ..., "map": ..., ...}, ...}``; a pair without any
-    positive is left out rather than stopping the training run.
+    positive is left out rather than stopping the training run. ``on_ranks`` is passed to
+    :func:`evaluate_pairs` (each validation's per-query ranks, pair by pair).
     """
 
     def evaluate(model: EncoderModel, step: int) -> dict[str, Any]:
@@ -90,7 +98,11 @@ def make_validator(
         out: dict[str, Any] = {}
         for pair in [(q, g) for q in mods for g in mods if q != g]:
             try:  # same groups as the all-pairs call: one pair at a time gives the same figures
-                out.update(evaluate_pairs(emb, level=level, ks=ks, pairs=[pair])["pairs"])
+                out.update(
+                    evaluate_pairs(emb, level=level, ks=ks, pairs=[pair], on_ranks=on_ranks)[
+                        "pairs"
+                    ]
+                )
             except NoPositivesError:
                 continue  # a pair with no positives (e.g. disjoint items) is left out, not fatal
         return out

@@ -90,6 +90,11 @@ class QueryRanks:
         """``(q,)`` 0/1: whether each query has a positive in its top ``k``."""
         return (self.first_rank <= k).astype(np.float64)
 
+    def metrics(self, ks: Sequence[int] = (1, 5, 10)) -> RetrievalMetrics:
+        """The averages :func:`retrieval_metrics` reports (``NoPositivesError`` when no query
+        has a positive)."""
+        return _summarise(self, _validate_ks(ks))
+
 
 def retrieval_metrics(
     queries: np.ndarray,
@@ -120,8 +125,8 @@ def retrieval_metrics(
         NoPositivesError: when no query has a positive.
     """
     ks = _validate_ks(ks)
-    return _summarise(
-        query_ranks(queries, gallery, query_groups, gallery_groups, chunk_size, exclude), ks
+    return query_ranks(queries, gallery, query_groups, gallery_groups, chunk_size, exclude).metrics(
+        ks
     )
 
 

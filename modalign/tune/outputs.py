@@ -41,8 +41,8 @@ def comparison_text(c: dict[str, Any]) -> str:
     )
     return (
         f"best trial {c['best_trial']} vs the base config (trial {c['baseline_trial']}): "
-        f"validation accuracy {c['best_accuracy']:.3f} vs {c['baseline_accuracy']:.3f}, "
-        f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% bootstrap, n = {c['rows']} rows; "
+        f"validation {c['measure']} {c['best_score']:.3f} vs {c['baseline_score']:.3f}, "
+        f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% bootstrap, n = {c['rows']} {c['unit']}; "
         f"McNemar p = {c['mcnemar_p']:.3g}), "
         f"{verdict}"
     )

@@ -3,7 +3,9 @@
 Each trial pretrains into ``STUDY/trials/N`` with the suggested keys; the trainer's
 ``evaluate`` callback (every ``train.val_every`` steps) scores ``data.val`` with the same
 metrics as ``modalign evaluate retrieval``, reports the mean Recall@1 over modality pairs to
-Optuna and stops the run when the pruner says so.
+Optuna and stops the run when the pruner says so. A finished trial keeps its last validation's
+per-query hits at rank 1 (every ordered pair's queries, packed), so a study can pair its best
+trial with the base config's trial on the same queries.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from modalign.benchmark.figures import pack_outcomes
 from modalign.core.errors import UserInputError
 from modalign.tune.finetune_stage import config_with
 
@@ -42,6 +45,14 @@ class PretrainObjective:
     def params(self, trial: Any) -> dict[str, Any]:
         return self.space.suggest(trial)
 
+    def baseline_params(self) -> dict[str, Any]:
+        """Trial parameters that replay the base config (see ``PretrainSpace.baseline``)."""
+        return self.space.baseline(self.base_tree)
+
+    def neighbour_params(self) -> list[dict[str, Any]]:
+        """None: a pretraining study has no one-change trials queued after its baseline."""
+        return []
+
     def __call__(self, trial: Any) -> float:
         import optuna
 
@@ -51,7 +62,8 @@ class PretrainObjective:
         params = self.params(trial)
         out = self.study_dir / "trials" / f"{trial.number:04d}"
         cfg = config_with(self.base_tree, {**params, "output.dir": str(out)})
-        validate = make_validator(cfg.data.val)
+        ranks: dict[str, Any] = {}  # each pair's per-query ranks at the latest validation
+        validate = make_validator(cfg.data.val, on_ranks=ranks.__setitem__)
         last = {"value": 0.0}
 
         def evaluate(view: Any, step: int) -> dict[str, Any]:
@@ -63,4 +75,8 @@ class PretrainObjective:
             return metrics
 
         modalign.run_pretrain(cfg, resume=None, evaluate=evaluate)
+        if ranks:
+            hits = np.concatenate([ranks[p].first_rank <= 1 for p in sorted(ranks)])
+            trial.set_user_attr("hits", pack_outcomes(hits))
+            trial.set_user_attr("rows", len(hits))
         return last["value"]

@@ -7,9 +7,10 @@ Head options come from each head's options dataclass: ints from {default/4, defa
 larger sizes multiply a trial's cost -- the transformer head's step already costs ~20x the late
 head's at default size, and 4 layers double that; the base config's own value joins the grid),
 floats from a range around it, bools both ways; other types keep the base config's value.
-:meth:`FinetuneSpace.baseline` gives the parameters that replay the base config: a study's
-first trial, the reference its best is compared with; :meth:`FinetuneSpace.neighbours` the base
-config with each other labeler, the trials that follow it.
+:meth:`FinetuneSpace.baseline` / :meth:`PretrainSpace.baseline` give the parameters that replay
+the base config: a study's first trial, the reference its best is compared with;
+:meth:`FinetuneSpace.neighbours` the base config with each other labeler, the trials that follow
+it in a fine-tuning study.
 """
 
 from __future__ import annotations
@@ -151,16 +152,41 @@ def _targets_name(targets: list[str]) -> str:
     return ",".join(targets) or "default"
 
 
+def _adapter_options(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Each adapted tower's adapter options (``model.towers.<m>.adapter``), typed."""
+    from modalign.pretrain.towers.adapters import ADAPTERS
+
+    out: dict[str, Any] = {}
+    for m in tree["model"]["modalities"]:
+        tower = tree["model"]["towers"].get(m) or {}
+        adapter = tower.get("adapter") or {}
+        if adapter.get("kind"):
+            out[m] = ADAPTERS.options(
+                adapter["kind"], adapter.get("options"), f"model.towers.{m}.adapter.options"
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class PretrainSpace:
     """Pretraining keys; for adapted towers (``model.towers.<m>.adapter``) also the adapter's
     rank (``adapter_ranks[m]``, for kinds with an ``r`` option) and target set
-    (``adapter_targets[m]``: lists of module names, [] = the tower's default targets)."""
+    (``adapter_targets[m]``: lists of module names, [] = the tower's default targets).
+
+    ``augmentation`` (one float in [0, 1]) scales the image augmentation from none (0: whole
+    image, no flips) to the base config's own (1: its ``data.image.train_scale_min`` and
+    ``hflip``, kept in ``image_scale_min`` / ``image_hflip``), so the search can weaken
+    augmentation a corpus does not suit (a flipped arrow icon is another icon) but never goes
+    beyond what the config asked for; with an audio modality ``spec_augment`` is searched on
+    and off (the config's mask sizes)."""
 
     embed_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
     adapter_ranks: dict[str, list[int]] = field(default_factory=dict)
     adapter_targets: dict[str, list[list[str]]] = field(default_factory=dict)
+    image_scale_min: float = 0.08
+    image_hflip: float = 0.5
+    audio: bool = False
 
     def adapter_params(self, trial: Any) -> dict[str, Any]:
         """The adapter dimensions: ``model.towers.<m>.adapter.options.r`` / ``target_modules``."""
@@ -177,45 +203,62 @@ class PretrainSpace:
     @classmethod
     def around(cls, tree: dict[str, Any]) -> PretrainSpace:
         """The space around a config tree's own sizes: embed dim {d/2, d, 2d}, batch {b/2, b},
-        adapter rank {r/2, r, 2r} and target set {the config's, the tower's default}."""
-        from modalign.pretrain.towers.adapters import ADAPTERS
-
+        adapter rank {r/2, r, 2r} and target set {the config's, the tower's default}, and its
+        augmentation as the strongest one searched."""
         d, b = tree["model"]["embed_dim"], tree["train"]["batch_size"]
         ranks: dict[str, list[int]] = {}
         targets: dict[str, list[list[str]]] = {}
-        for m in tree["model"]["modalities"]:
-            adapter = (
-                (tree["model"]["towers"][m].get("adapter") or {})
-                if m in tree["model"]["towers"]
-                else {}
-            )
-            if not adapter.get("kind"):
-                continue
-            opts = ADAPTERS.options(
-                adapter["kind"], adapter.get("options"), f"model.towers.{m}.adapter.options"
-            )
+        for m, opts in _adapter_options(tree).items():
             if "r" in {f.name for f in dataclasses.fields(opts)}:  # a rank to search
                 ranks[m] = sorted({max(1, opts.r // 2), opts.r, opts.r * 2})
             own = list(opts.target_modules)
             targets[m] = [own, []] if own else [[]]
+        image = tree["data"]["image"]
         return cls(
             embed_dims=sorted({max(8, d // 2), d, d * 2}),
             batch_sizes=sorted({max(2, b // 2), b}),
             adapter_ranks=ranks,
             adapter_targets={m: t for m, t in targets.items() if len(t) > 1},
+            image_scale_min=float(image["train_scale_min"]),
+            image_hflip=float(image["hflip"]),
+            audio="audio" in tree["model"]["modalities"],
         )
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         aug = trial.suggest_float("augmentation", 0.0, 1.0)
-        return {
+        out = {
             **self.adapter_params(trial),
             "optim.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
             "loss.init_temperature": trial.suggest_float("init_temperature", 0.02, 0.2, log=True),
             "model.embed_dim": trial.suggest_categorical("embed_dim", list(self.embed_dims)),
             "train.batch_size": trial.suggest_categorical("batch_size", list(self.batch_sizes)),
-            # one strength in [0, 1] drives every augmentation knob
-            "data.image.train_scale_min": round(1.0 - 0.7 * aug, 3),
-            "data.audio.spec_augment": aug > 0.05,
-            "data.audio.freq_mask": round(12 * aug),
-            "data.audio.time_mask": round(12 * aug),
+            # aug = 1 gives the base values exactly (the baseline trial replays them)
+            "data.image.train_scale_min": self.image_scale_min
+            + (1.0 - self.image_scale_min) * (1.0 - aug),
+            "data.image.hflip": self.image_hflip * aug,
         }
+        if self.audio:
+            out["data.audio.spec_augment"] = trial.suggest_categorical(
+                "spec_augment", [False, True]
+            )
+        return out
+
+    def baseline(self, tree: Mapping[str, Any]) -> dict[str, Any]:
+        """The trial parameters that replay the base config ``tree`` (a pretrain study's first
+        trial, the reference its best is compared with). A value outside a float range (lr,
+        temperature) is replayed as is (Optuna warns)."""
+        params: dict[str, Any] = {
+            "augmentation": 1.0,
+            "lr": tree["optim"]["lr"],
+            "init_temperature": tree["loss"]["init_temperature"],
+            "embed_dim": tree["model"]["embed_dim"],
+            "batch_size": tree["train"]["batch_size"],
+        }
+        if self.audio:
+            params["spec_augment"] = bool(tree["data"]["audio"]["spec_augment"])
+        adapters = _adapter_options(tree)
+        for m in self.adapter_ranks:
+            params[f"adapter.{m}.r"] = adapters[m].r
+        for m in self.adapter_targets:
+            params[f"adapter.{m}.targets"] = _targets_name(list(adapters[m].target_modules))
+        return params

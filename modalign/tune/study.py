@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 STAGES = ("finetune", "pretrain")
+# what a trial's packed hits measure per stage, and what one of them is: the baseline comparison
+MEASURES = {"finetune": ("accuracy", "rows"), "pretrain": ("recall@1", "queries")}
 BASELINE = "baseline"  # user attribute of the trial that replays the base config
 NEIGHBOUR = "neighbour"  # user attribute: the labeler a queued one-change trial swapped in
 STUDY_KIND = OutputKind("modalign.tune-study", "tuning study", (("study.db", None),))
@@ -39,7 +41,7 @@ class TuneResult:
     trials: int  # finished trials in the study (this run and earlier ones)
     new_trials: int
     files: dict[str, str]
-    # the best trial against the base config's trial on the same validation rows (finetune)
+    # the best trial against the base config's trial on the same validation rows / queries
     baseline: dict[str, Any] | None = None
 
 
@@ -249,11 +251,11 @@ def run_tune(
         )
         done = len([t for t in study.trials if t.state.is_finished()])
         todo = None if budget.trials is None else max(0, budget.trials - done)
-        if stage == "finetune" and not study.trials and todo != 0:
+        if not study.trials and todo != 0:
             # trial 0 replays the base config: the reference the best trial is compared with
             study.enqueue_trial(objective.baseline_params(), user_attrs={BASELINE: True})
-            # then one change at a time: the base config with each other labeler (queued in
-            # the storage, so a study resumed with a larger budget runs the rest first)
+            # then one change at a time (finetune: the base config with each other labeler),
+            # queued in the storage, so a study resumed with a larger budget runs the rest first
             for params in objective.neighbour_params():
                 study.enqueue_trial(params, user_attrs={NEIGHBOUR: params["pseudo_label"]})
 
@@ -266,7 +268,7 @@ def run_tune(
 
         if todo != 0:
             study.optimize(guarded, n_trials=todo, timeout=budget.seconds, catch=())
-        comparison = compare_with_baseline(study)
+        comparison = compare_with_baseline(study, *MEASURES[stage])
         files = write_outputs(study, config, list(overrides), study_dir, comparison)
         best = study.best_trial
         finished = len([t for t in study.trials if t.state.is_finished()])
@@ -282,12 +284,15 @@ def run_tune(
     )
 
 
-def compare_with_baseline(study: Any, seed: int = 0) -> dict[str, Any] | None:
+def compare_with_baseline(
+    study: Any, measure: str = "accuracy", unit: str = "rows", seed: int = 0
+) -> dict[str, Any] | None:
     """The best trial against the study's baseline trial (the base config replayed), paired on
-    the same validation rows: validation accuracy (all inputs present) of each, their
-    difference with its 95% bootstrap interval over the rows, the exact McNemar p-value, and
-    ``distinguishable`` (the interval excludes 0). None when the study has no finished baseline trial (a pretrain
-    study, or one made before baselines were recorded)."""
+    the same validation rows: ``measure`` of each (what the trials' packed hits are: finetune,
+    the accuracy with all inputs present; pretrain, recall@1 over every ordered pair's
+    queries; ``unit`` names one hit), their difference with its 95% bootstrap interval over
+    them, the exact McNemar p-value, and ``distinguishable`` (the interval excludes 0). None
+    when either trial has no hits (no finished baseline trial, or a study made before they were recorded)."""
     from modalign.benchmark.figures import bootstrap, mcnemar, unpack_outcomes
 
     done = [t for t in study.trials if t.state.is_finished() and t.value is not None]
@@ -295,19 +300,23 @@ def compare_with_baseline(study: Any, seed: int = 0) -> dict[str, Any] | None:
     if base is None or "hits" not in base.user_attrs:
         return None
     best = study.best_trial
+    if "hits" not in best.user_attrs:
+        return None
     a, b = (unpack_outcomes(t.user_attrs["hits"], t.user_attrs["rows"]) for t in (best, base))
     diff = a.astype(float) - b.astype(float)
     fig = bootstrap(lambda idx: float(diff[idx].mean()), len(diff), seed=seed)
     _, _, p_value = mcnemar(a, b)
     return {
+        "measure": measure,
         "baseline_trial": base.number,
         "baseline_value": float(base.value),
         "best_trial": best.number,
-        "best_accuracy": float(a.mean()),
-        "baseline_accuracy": float(b.mean()),
+        "best_score": float(a.mean()),
+        "baseline_score": float(b.mean()),
         "difference": fig.value,
         "interval": [fig.ci_low, fig.ci_high],
         "mcnemar_p": p_value,
         "rows": len(diff),
+        "unit": unit,
         "distinguishable": bool(fig.ci_low > 0 or fig.ci_high < 0),
     }

@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from modalign.cli import main
+from modalign.config import load_config
+from modalign.core.config_io import to_dict
 
 from helpers.corpus import WORDS, tiny_overrides, write_tiny_corpus
 
@@ -86,7 +88,7 @@ def test_tune_finetune_resumes_and_never_reads_test(
         assert t.user_attrs["config"] == want
     cmp = first["baseline"]
     assert cmp["baseline_trial"] == 0 and cmp["rows"] == 3 * len(WORDS)
-    assert cmp["difference"] == pytest.approx(cmp["best_accuracy"] - cmp["baseline_accuracy"])
+    assert cmp["difference"] == pytest.approx(cmp["best_score"] - cmp["baseline_score"])
     assert cmp["interval"][0] <= cmp["difference"] <= cmp["interval"][1]
     again = _tune(tune_setup, study, "5")  # resumes from the SQLite storage
     assert again["trials"] == 5 and again["new_trials"] == 2
@@ -167,10 +169,70 @@ def test_tune_pretrain_stage_best_yaml_pretrains(tune_setup: dict, tmp_path: Pat
     assert res["trials"] == 2 and 0.0 <= res["best_value"] <= 1.0
     assert {"optim.lr", "model.embed_dim", "train.batch_size"} <= set(res["best_params"])
     assert (study / "trials" / "0000" / "model.safetensors").is_file()
+    import optuna
+
+    trials = optuna.load_study(study_name="pretrain", storage=f"sqlite:///{study / 'study.db'}")
+    t0 = trials.trials[0]
+    assert t0.user_attrs["baseline"]  # trial 0 replays the base config (demo + --set)
+    demo = load_config("demo", [*tune_setup["sets"], *extra[3:]])
+    assert t0.user_attrs["config"] == {
+        "optim.lr": demo.optim.lr, "loss.init_temperature": demo.loss.init_temperature,
+        "model.embed_dim": demo.model.embed_dim, "train.batch_size": demo.train.batch_size,
+        "data.image.train_scale_min": demo.data.image.train_scale_min,
+        "data.image.hflip": demo.data.image.hflip,
+        "data.audio.spec_augment": demo.data.audio.spec_augment,
+    }  # fmt: skip
+    # each finished trial keeps its last validation's hits at rank 1, every pair's queries
+    queries = len(tune_setup["test"].read_text().splitlines())
+    for t in trials.trials:
+        pairs = len(demo.model.modalities) * (len(demo.model.modalities) - 1)  # ordered pairs
+        assert t.user_attrs["rows"] == pairs * queries
+    cmp = res["baseline"]
+    assert cmp["measure"] == "recall@1" and cmp["unit"] == "queries"
+    assert cmp["baseline_trial"] == 0
+    assert cmp["difference"] == pytest.approx(cmp["best_score"] - cmp["baseline_score"])
+    assert cmp["best_score"] == pytest.approx(res["best_value"])  # equal query counts per pair
     best = yaml.safe_load((study / "best.yaml").read_text())
     assert best["model"]["embed_dim"] == res["best_params"]["model.embed_dim"]
     assert main(["-q", "pretrain", str(study / "best.yaml")]) == 0
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_pretrain_space_replays_the_base_config_and_never_augments_more() -> None:
+    """Trial 0 of a pretrain study replays the base config exactly (adapter, augmentation and
+    SpecAugment included); any other suggestion weakens the image augmentation at most."""
+    import optuna
+
+    from modalign.tune.finetune_stage import config_with
+    from modalign.tune.space import PretrainSpace
+
+    sets = ["model.modalities=[audio,image]", "data.image.train_scale_min=0.3",
+            "data.image.hflip=0.25", "data.audio.spec_augment=true", "optim.lr=0.003",
+            "loss.init_temperature=0.05", "model.embed_dim=96", "train.batch_size=24",
+            "model.towers.image.adapter.kind=lora", "model.towers.image.adapter.options.r=8",
+            "model.towers.image.adapter.options.target_modules=[conv_pw]"]  # fmt: skip
+    tree = to_dict(load_config(None, sets))
+    space = PretrainSpace.around(tree)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(space.baseline(tree))
+    replay = to_dict(config_with(tree, space.suggest(study.ask())))
+    assert replay == tree
+    scales, flips, spec = set(), set(), set()
+    for _ in range(40):
+        cfg = config_with(tree, space.suggest(study.ask()))
+        assert 0.3 <= cfg.data.image.train_scale_min <= 1.0 and 0.0 <= cfg.data.image.hflip <= 0.25
+        scales.add(round(cfg.data.image.train_scale_min, 1))
+        flips.add(cfg.data.image.hflip == 0.0)
+        spec.add(cfg.data.audio.spec_augment)
+    assert len(scales) > 3 and spec == {True, False}
+    study.enqueue_trial({**space.baseline(tree), "augmentation": 0.0})
+    none = config_with(tree, space.suggest(study.ask()))
+    assert none.data.image.train_scale_min == 1.0 and none.data.image.hflip == 0.0
+    # no audio modality: SpecAugment is not a searched key
+    image_only = to_dict(load_config(None, ["model.modalities=[image,text]"]))
+    trial = optuna.create_study().ask()  # its own study: other embed_dim / batch choices
+    assert "data.audio.spec_augment" not in PretrainSpace.around(image_only).suggest(trial)
 
 
 def test_budget_parsing_and_errors() -> None:
@@ -323,3 +385,8 @@ def test_best_against_baseline_is_paired_on_the_validation_rows() -> None:
     lone = optuna.create_study(direction="maximize")
     lone.add_trial(trial(base))  # no baseline trial (a study made before 0.3): no comparison
     assert compare_with_baseline(lone) is None
+    bare = optuna.trial.create_trial(params={"x": 0.9}, distributions=dist, value=1.0)
+    lone.add_trial(trial(base, baseline=True))
+    lone.add_trial(bare)  # the best trial kept no hits (e.g. its validation had no pair)
+    assert compare_with_baseline(lone) is None
+    assert "n = 200 queries" in comparison_text(compare_with_baseline(study, "recall@1", "queries"))

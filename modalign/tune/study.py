@@ -292,7 +292,8 @@ def compare_with_baseline(
     the accuracy with all inputs present; pretrain, recall@1 over every ordered pair's
     queries; ``unit`` names one hit), their difference with its 95% bootstrap interval over
     them, the exact McNemar p-value, and ``distinguishable`` (the interval excludes 0). None
-    when either trial has no hits (no finished baseline trial, or a study made before they were recorded)."""
+    when either trial has no hits (no finished baseline trial, or a study made before they
+    were recorded)."""
     from modalign.benchmark.figures import bootstrap, mcnemar, unpack_outcomes
 
     done = [t for t in study.trials if t.state.is_finished() and t.value is not None]

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from modalign.retrieval.embed import Embeddings, EncoderModel, embed_source
-from modalign.retrieval.metrics import NoPositivesError, QueryRanks, query_ranks
+from modalign.retrieval.metrics import NoPositivesError, QueryRanks, query_ranks, validate_ks
 
 Level = Literal["auto", "class", "instance"]
 
@@ -54,6 +54,7 @@ def evaluate_pairs(
     receives each pair's per-query ranks (:class:`~modalign.retrieval.metrics.QueryRanks`),
     e.g. for a paired comparison of two models on the same queries.
     """
+    ks = validate_ks(ks)  # a bad cut-off fails before any pair is ranked
     groups, used = positive_groups(emb, level)
     mods = sorted(emb)
     pairs = pairs or [(q, g) for q in mods for g in mods if q != g]

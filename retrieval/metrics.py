@@ -27,7 +27,14 @@ import numpy as np
 
 from modalign.core.errors import UserInputError
 
-__all__ = ["NoPositivesError", "QueryRanks", "RetrievalMetrics", "query_ranks", "retrieval_metrics"]
+__all__ = [
+    "NoPositivesError",
+    "QueryRanks",
+    "RetrievalMetrics",
+    "query_ranks",
+    "retrieval_metrics",
+    "validate_ks",
+]
 
 # Rows of one group are ranked in blocks so the (rows, positives) temporaries stay a few tens
 # of MB even when one group holds most of the gallery.
@@ -93,7 +100,7 @@ class QueryRanks:
     def metrics(self, ks: Sequence[int] = (1, 5, 10)) -> RetrievalMetrics:
         """The averages :func:`retrieval_metrics` reports (``NoPositivesError`` when no query
         has a positive)."""
-        return _summarise(self, _validate_ks(ks))
+        return _summarise(self, validate_ks(ks))
 
 
 def retrieval_metrics(
@@ -124,7 +131,7 @@ def retrieval_metrics(
         UserInputError: on bad shapes, non-finite values or bad arguments.
         NoPositivesError: when no query has a positive.
     """
-    ks = _validate_ks(ks)
+    ks = validate_ks(ks)
     return query_ranks(queries, gallery, query_groups, gallery_groups, chunk_size, exclude).metrics(
         ks
     )
@@ -206,7 +213,8 @@ def _as_vector(x: np.ndarray, length: int, name: str) -> np.ndarray:
     return x.astype(np.int64, copy=False)
 
 
-def _validate_ks(ks: Sequence[int]) -> tuple[int, ...]:
+def validate_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """``ks`` as sorted unique cut-offs; ``UserInputError`` unless each is >= 1."""
     out = tuple(sorted({int(k) for k in ks}))
     if not out or out[0] < 1:
         raise UserInputError(f"ks must be positive integers, got {list(ks)}")

@@ -70,22 +70,22 @@ def query_hits(model_dir: Path, test: Path) -> dict[str, np.ndarray]:
 
 def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000) -> tuple[float, list, list]:
     """(seeds, queries) hits of two configs: mean difference, bootstrap over queries of the
-    seed-averaged difference, t interval over the per-seed differences."""
+    seed-averaged difference (the benchmark's percentile bootstrap), t interval over the
+    per-seed differences."""
     from scipy import stats
+
+    from modalign.benchmark.figures import bootstrap
 
     diff = a - b
     per_query = diff.mean(axis=0)
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(per_query), size=(n_boot, len(per_query)))
-    boots = per_query[idx].mean(axis=1)
-    items = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+    fig = bootstrap(lambda idx: float(per_query[idx].mean()), len(per_query), resamples=n_boot)
     seeds = diff.mean(axis=1)
     if len(seeds) > 1:
         half = float(stats.t.ppf(0.975, len(seeds) - 1) * seeds.std(ddof=1) / math.sqrt(len(seeds)))
         seed_ci = [float(seeds.mean() - half), float(seeds.mean() + half)]
     else:
         seed_ci = [float("nan"), float("nan")]
-    return float(diff.mean()), items, seed_ci
+    return float(diff.mean()), [fig.ci_low, fig.ci_high], seed_ci
 
 
 def main() -> None:

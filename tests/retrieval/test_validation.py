@@ -105,3 +105,33 @@ def test_validation_recall_equals_evaluate_retrieval_with_ties(tmp_path: Path) -
         _optimistic_recall1(emb, q, g) != after[f"{q}->{g}"]["recall@1"]
         for q, g in (("image", "audio"), ("audio", "image"))
     )
+
+
+def test_evaluate_pairs_hands_each_pairs_ranks_and_checks_ks_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``on_ranks`` gets every ordered pair's per-query ranks, whose averages are the pair's
+    figures; a bad cut-off is refused before any pair is ranked."""
+    import modalign.retrieval.evaluate as ev
+    from modalign.core.errors import UserInputError
+    from modalign.retrieval.embed import Embeddings
+
+    rng = np.random.default_rng(0)
+    ids = [f"i{n}" for n in range(12)]
+    emb = {
+        m: Embeddings(m, ids, rng.standard_normal((12, 4)).astype(np.float32), [None] * 12)
+        for m in ("audio", "image")
+    }
+    seen: dict = {}
+    result = evaluate_pairs(emb, ks=(1, 5), on_ranks=seen.__setitem__)["pairs"]
+    assert set(seen) == set(result) == {"audio->image", "image->audio"}
+    for pair, ranks in seen.items():
+        assert ranks.metrics((1, 5)).to_dict() == result[pair]
+        assert result[pair]["recall@1"] == pytest.approx(ranks.recall_at(1).mean())
+
+    def never(*a: object, **kw: object) -> None:
+        raise AssertionError("ranked before the cut-offs were checked")
+
+    monkeypatch.setattr(ev, "query_ranks", never)
+    with pytest.raises(UserInputError, match="ks must be positive"):
+        evaluate_pairs(emb, ks=(0, 5))
